@@ -1,0 +1,132 @@
+"""``megapairs``: one subcommand per stage, one for the whole pipeline.
+
+Every stage command takes ``--config PROFILE.yaml`` and any number of ``--set section.field=value``
+overrides, and resumes: rerunning a finished stage does nothing, an interrupted one finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from megapairs_ray.config import ConfigError, RunConfig, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="MegaPairs data synthesis on Ray.")
+corpus_app = typer.Typer(no_args_is_help=True, help="The bundled default corpus.")
+app.add_typer(corpus_app, name="corpus")
+console = Console(stderr=True)
+
+STAGES = ("ingest", "embed")
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (configs/).")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="Override a field: section.field=value (YAML value).")]
+
+
+def _load(config: Path, overrides: list[str] | None) -> RunConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _run_stages(cfg: RunConfig, stages: list[str]) -> None:
+    from megapairs_ray.pipeline.embed import run_embed
+    from megapairs_ray.pipeline.ingest import run_ingest
+    from megapairs_ray.pipeline.runtime import init_ray
+
+    init_ray(cfg.ray)
+    runners = {"ingest": run_ingest, "embed": run_embed}
+    for name in stages:
+        console.print(f"[bold]{name}[/bold] → {cfg.run_dir}")
+        record = runners[name](cfg)
+        console.print(f"  done in {record.seconds:.1f}s: "
+                      + ", ".join(f"{k}={v}" for k, v in sorted(record.counts.items())))
+        if record.rejects:
+            console.print("  rejects: " + ", ".join(f"{k}={v}" for k, v in
+                                                    sorted(record.rejects.items())))
+
+
+@app.command()
+def run(config: ConfigOpt, set_: SetOpt = None,
+        stages: Annotated[str, typer.Option(help="Comma-separated stages, in order.")] = ",".join(
+            STAGES)) -> None:
+    """Run the pipeline's stages (all by default), resuming whatever is already done."""
+    cfg = _load(config, set_)
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        console.print(f"[red]unknown stage(s) {unknown}; known: {list(STAGES)}[/red]")
+        raise typer.Exit(2)
+    _run_stages(cfg, chosen)
+    show_manifest(cfg.run_dir)
+
+
+@app.command()
+def ingest(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Read shards, gate every record, write the images table and the rejects."""
+    _run_stages(_load(config, set_), ["ingest"])
+
+
+@app.command()
+def embed(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Embed accepted images three ways (CLIP image, DINO image, CLIP text on captions)."""
+    _run_stages(_load(config, set_), ["embed"])
+
+
+@app.command("config")
+def show_config(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Validate a config and print it with every default filled in."""
+    import yaml
+
+    typer.echo(yaml.safe_dump(_load(config, set_).model_dump(mode="json"), sort_keys=False))
+
+
+@app.command("manifest")
+def show_manifest(run_dir: Annotated[str, typer.Argument(help="Run directory.")]) -> None:
+    """Print what each stage of a run consumed, produced, counted and rejected."""
+    from megapairs_ray import manifest
+
+    doc = manifest.load(run_dir)
+    table = Table(title=f"run {run_dir}")
+    for col in ("stage", "seconds", "counts", "rejects"):
+        table.add_column(col)
+    for name, st in doc.get("stages", {}).items():
+        table.add_row(name, f"{st['seconds']:.1f}",
+                      "\n".join(f"{k}: {v}" for k, v in st["counts"].items()),
+                      "\n".join(f"{k}: {v}" for k, v in st["rejects"].items()) or "-")
+    Console().print(table)
+
+
+@corpus_app.command("build")
+def corpus_build(
+    out: Annotated[Path, typer.Option(help="Folder for the webdataset shards.")] = Path(
+        "data/corpus"),
+    n_images: Annotated[int, typer.Option(min=1)] = 1000,
+    shard_size: Annotated[int, typer.Option(min=1)] = 100,
+) -> None:
+    """Build the bundled corpus from Debian's OpenClipArt packages."""
+    from megapairs_ray.corpus import build_corpus
+
+    try:
+        summary = build_corpus(out, n_images=n_images, shard_size=shard_size)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"corpus: {summary['n_images']} images in {summary['shards']} shards at {out}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The run configuration: one validated document per run, loaded from YAML.
+
+Profiles live in ``configs/`` (``tiny.yaml`` for CPU tests and the demo, ``paper.yaml`` for the
+paper's models on GPUs). Model choices are names, resources are numbers: nothing here is derived
+from the machine the driver happens to run on, because the driver is often a CPU-only head node.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the offending field."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a misspelt field must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Strict):
+    """Where the image shards are and how to read them."""
+
+    uris: list[str] = Field(min_length=1, description="Shard files, folders or globs; local or s3://.")
+    format: Literal["auto", "webdataset", "parquet", "folder"] = "auto"
+    # Parquet shards (img2dataset's parquet output and most HF image datasets).
+    image_column: str = "jpg"
+    caption_column: str = "caption"
+    key_column: str | None = "key"
+    # Webdataset / folder: which member extensions hold the image and the caption.
+    image_extensions: list[str] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+    caption_extensions: list[str] = ["txt", "json"]
+    json_caption_field: str = "caption"
+
+
+class IngestConfig(_Strict):
+    """Checks every record passes before an image may enter the pipeline."""
+
+    max_pixels: int = Field(default=89_478_485, gt=0, description="Decompression-bomb guard.")
+    min_side: int = Field(default=32, gt=0)
+    max_aspect_ratio: float = Field(default=8.0, ge=1.0)
+    max_bytes: int = Field(default=50 * 1024**2, gt=0)
+    # CMYK, 16-bit, alpha and palette images: convert to RGB (recorded) or reject with the reason.
+    unusual_modes: Literal["convert", "reject"] = "convert"
+    require_caption: bool = True
+    max_caption_chars: int = Field(default=2000, gt=0)
+    # A full decode at reduced scale (JPEG DCT scaling) catches truncated or corrupt data cheaply.
+    verify_decode: bool = True
+    num_cpus: float = Field(default=1.0, gt=0)
+
+
+class ClipEncoderConfig(_Strict):
+    """A CLIP model from open_clip: the image tower and the text tower of one model."""
+
+    # An open_clip model name (EVA02-L-14 for the paper) or a bundled config (mp-tiny-clip).
+    model: str
+    # An open_clip pretrained tag, a local checkpoint file, or None for random weights.
+    pretrained: str | None = None
+
+
+class DinoEncoderConfig(_Strict):
+    """A DINOv2 image encoder through transformers or timm."""
+
+    library: Literal["transformers", "timm"] = "transformers"
+    model: str = Field(description="HF id or local folder (transformers), or timm model name.")
+    pretrained: bool = True
+    # Random-initialised models: architecture overrides (transformers Dinov2Config / timm kwargs).
+    config_overrides: dict[str, Any] = {}
+    image_size: int = Field(default=224, gt=0)
+    # DINOv2's evaluation transform: resize the short side to 256, centre-crop 224.
+    crop_fraction: float = Field(default=224 / 256, gt=0, le=1)
+    pooling: Literal["cls", "mean"] = "cls"
+
+
+class EmbedConfig(_Strict):
+    """The triple-encoder stage and the Ray actor pool that runs it."""
+
+    clip: ClipEncoderConfig
+    dino: DinoEncoderConfig
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    decode: Literal["cpu", "gpu"] = "cpu"
+    batch_size: int = Field(default=64, gt=0)
+    decode_threads: int = Field(default=4, gt=0)
+    # Actor pool: an autoscaling pool between min and max actors, resources per actor.
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=1, ge=1)
+    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=1.0, gt=0)
+    max_tasks_in_flight_per_actor: int = Field(default=2, ge=1)
+    # Shard readers feeding the pool and the writers after it.
+    reader_num_cpus: float = Field(default=0.5, gt=0)
+    writer_num_cpus: float = Field(default=0.25, gt=0)
+    writer_batch_rows: int = Field(default=4096, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EmbedConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(
+                f"embed.min_actors ({self.min_actors}) > embed.max_actors ({self.max_actors})"
+            )
+        if self.device == "cpu" and self.decode == "gpu":
+            raise ValueError("embed.decode=gpu needs embed.device=cuda")
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError("embed.device=cuda needs embed.num_gpus > 0 (GPUs per actor)")
+        if self.device == "cpu" and self.precision == "fp16":
+            raise ValueError("embed.precision=fp16 is not supported on embed.device=cpu")
+        return self
+
+
+class RayConfig(_Strict):
+    """How the driver reaches Ray. ``address: null`` starts a local Ray for CPU runs."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, gt=0, description="Local Ray only.")
+    object_store_memory: int | None = Field(default=None, gt=0, description="Local Ray only.")
+
+
+class RunConfig(_Strict):
+    """Everything one run needs."""
+
+    profile: str
+    run_dir: str = Field(description="Local folder or s3:// prefix for every stage's output.")
+    input: InputConfig
+    ingest: IngestConfig = IngestConfig()
+    embed: EmbedConfig
+    ray: RayConfig = RayConfig()
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("run_dir must not be empty")
+        return v.rstrip("/")
+
+
+def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = doc
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["embed.batch_size=32", "input.uris=[a, b]"]`` → nested dict; values parsed as YAML."""
+    doc: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(doc, key.strip(), yaml.safe_load(raw))
+    return doc
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid run config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | dict[str, Any] | None = None
+) -> RunConfig:
+    """Load a YAML profile, apply ``section.field=value`` overrides, validate."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        doc = _merge(doc, extra)
+    return config_from_dict(doc, source=str(path))
+
+
+def config_from_dict(doc: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

@@ -1,0 +1,154 @@
+"""Image checks and decoding on the CPU with Pillow.
+
+``inspect_image`` is ingest's gate: it reads the header, guards sizes *before* any pixel is
+decoded (decompression bombs), and verifies the whole compressed stream cheaply — a JPEG is
+decoded at 1/8 scale, which still walks every entropy-coded block, so truncation and corruption
+surface at a fraction of a full decode's cost. ``decode_rgb`` turns any accepted image into 8-bit
+RGB the models can take, at no more resolution than they need.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# Our own pixel guard runs before decoding; Pillow's would raise on exactly what we want to
+# count as a reject, and never load truncated data as if it were whole.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+PLAIN_MODES = frozenset({"RGB", "L"})
+
+
+class Reason:
+    """Reject reasons: short stable codes (they are counted and grouped on) plus a detail text."""
+
+    EMPTY_BYTES = "empty_bytes"
+    TOO_MANY_BYTES = "too_many_bytes"
+    NOT_AN_IMAGE = "not_an_image"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    TOO_SMALL = "too_small"
+    EXTREME_ASPECT = "extreme_aspect_ratio"
+    UNUSUAL_MODE = "unusual_mode"
+    CORRUPT_IMAGE = "corrupt_image"
+    MISSING_IMAGE = "missing_image"
+    MISSING_CAPTION = "missing_caption"
+    EMPTY_CAPTION = "empty_caption"
+    DUPLICATE_KEY = "duplicate_key"
+    TAR_TRUNCATED = "tar_truncated"
+    SHARD_UNREADABLE = "shard_unreadable"
+    MISSING_COLUMN = "missing_column"
+    DECODE_FAILED = "decode_failed"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    mode: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    info: ImageInfo | None
+    reason: str | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def inspect_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    min_side: int,
+    max_aspect_ratio: float,
+    unusual_modes: str = "convert",
+    verify_decode: bool = True,
+) -> Verdict:
+    """Accept or reject one encoded image, with the reason."""
+    if not data:
+        return Verdict(None, Reason.EMPTY_BYTES, "0 bytes")
+    if len(data) > max_bytes:
+        return Verdict(None, Reason.TOO_MANY_BYTES, f"{len(data)} bytes > {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        return Verdict(None, Reason.NOT_AN_IMAGE, f"unrecognised header {data[:8]!r}")
+    except Exception as e:  # Pillow raises many types on hostile headers
+        return Verdict(None, Reason.NOT_AN_IMAGE, f"{type(e).__name__}: {e}")
+    with im:
+        w, h = im.size
+        info = ImageInfo(format=im.format or "?", mode=im.mode, width=w, height=h)
+        if w * h > max_pixels:
+            return Verdict(info, Reason.TOO_MANY_PIXELS, f"{w}x{h} > {max_pixels} pixels")
+        if min(w, h) < min_side:
+            return Verdict(info, Reason.TOO_SMALL, f"{w}x{h}, shorter side < {min_side}")
+        if max(w, h) > max_aspect_ratio * min(w, h):
+            return Verdict(info, Reason.EXTREME_ASPECT, f"{w}x{h}, aspect > {max_aspect_ratio}")
+        if _is_unusual(im) and unusual_modes == "reject":
+            return Verdict(info, Reason.UNUSUAL_MODE, f"mode {im.mode}")
+        if verify_decode:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if im.format == "JPEG":
+                        im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+                    im.load()
+            except Exception as e:
+                return Verdict(info, Reason.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
+    return Verdict(info)
+
+
+def _is_unusual(im: Image.Image) -> bool:
+    return im.mode not in PLAIN_MODES or "transparency" in im.info
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode: alpha composited on white, 16-bit scaled, CMYK converted."""
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if im.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_rgb(data: bytes, min_short_side: int | None = None) -> np.ndarray:
+    """Decode to an HxWx3 uint8 array, shrunk (never below ``min_short_side``) where cheap.
+
+    JPEG uses DCT-domain scaling (``draft``); other formats are box-reduced by an integer factor.
+    Both keep the shorter side >= ``min_short_side`` so the model-side resize only ever shrinks.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        im = Image.open(io.BytesIO(data))
+        if min_short_side and im.format == "JPEG":
+            w, h = im.size
+            scale = max(1, min(w, h) // min_short_side)
+            im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
+        im.load()
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    im = to_rgb(im)
+    if min_short_side:
+        factor = min(im.size) // min_short_side
+        if factor >= 2:
+            im = im.reduce(factor)
+    return np.array(im, dtype=np.uint8)  # owned and writable: torch wraps it without a copy

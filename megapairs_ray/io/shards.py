@@ -1,0 +1,352 @@
+"""Image shards: finding them, streaming their records, and fetching single records back.
+
+Three layouts are read, local or on s3:
+- webdataset tars (img2dataset's output: ``KEY.jpg`` + ``KEY.txt`` / ``KEY.json`` members);
+- parquet with the image bytes in a column (img2dataset's parquet output, or the Hugging Face
+  ``Image`` feature's ``struct<bytes, path>``) and a caption column;
+- a folder of images with a caption file beside each (``cat.jpg`` + ``cat.txt``).
+
+Every record carries where its bytes live (tar member offset and length, parquet row, file path)
+so later stages fetch a handful of images by id without reading their neighbours. Reading never
+raises on bad data: a truncated tar, an unreadable file or a missing column ends that shard's
+stream with a shard-level problem, and everything read before it is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from megapairs_ray.config import InputConfig
+from megapairs_ray.imaging import Reason
+from megapairs_ray.io import storage
+
+ShardFormat = Literal["webdataset", "parquet", "folder"]
+FOLDER_SHARD_SIZE = 1000  # images per shard when the input is a plain folder
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of ingest work, and of resume."""
+
+    uri: str  # the tar or parquet file; for folders, the folder
+    name: str  # path relative to the input root: stable across copies of the corpus
+    format: ShardFormat
+    members: tuple[str, ...] = ()  # folder shards: the image files, as URIs
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe, unique name for this shard's outputs."""
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("_")[-80:]
+        digest = hashlib.blake2b(self.name.encode(), digest_size=4).hexdigest()
+        return f"{stem}-{digest}"
+
+    def to_row(self) -> dict[str, str]:
+        return {"uri": self.uri, "name": self.name, "format": self.format,
+                "members": json.dumps(list(self.members))}
+
+    @staticmethod
+    def from_row(row: dict[str, str]) -> Shard:
+        return Shard(row["uri"], row["name"], row["format"],  # type: ignore[arg-type]
+                     tuple(json.loads(row.get("members") or "[]")))
+
+
+@dataclass
+class Record:
+    """One image (or the attempt at one) read from a shard."""
+
+    key: str
+    image: bytes | None
+    caption: str | None
+    location: dict[str, object] = field(default_factory=dict)
+    problem: str | None = None  # a Reason code when the record itself is broken
+    detail: str = ""
+
+
+@dataclass
+class ShardProblem:
+    """Why a shard's stream ended early (or never started)."""
+
+    reason: str
+    detail: str
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is everything before the first dot of the base name."""
+    base = posixpath.basename(name)
+    head = name[: len(name) - len(base)]
+    if "." not in base:
+        return name, ""
+    stem, ext = base.split(".", 1)
+    return head + stem, ext.lower()
+
+
+def list_shards(cfg: InputConfig) -> list[Shard]:
+    """Every shard the input names, sorted, with a name relative to its root."""
+    shards: list[Shard] = []
+    for uri in cfg.uris:
+        shards.extend(_shards_for(uri, cfg))
+    if not shards:
+        raise FileNotFoundError(f"input.uris matched no shards: {cfg.uris}")
+    names = [s.name for s in shards]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"input.uris name the same shard more than once: {sorted(dupes)[:5]}")
+    return shards
+
+
+def _detect_format(paths: list[str]) -> ShardFormat:
+    if any(p.endswith(".tar") for p in paths):
+        return "webdataset"
+    if any(p.endswith(".parquet") for p in paths):
+        return "parquet"
+    return "folder"
+
+
+def _shards_for(uri: str, cfg: InputConfig) -> list[Shard]:
+    fs, path = storage.filesystem(uri)
+    if any(ch in path for ch in "*?["):
+        root = path.split("*")[0].split("?")[0].split("[")[0]
+        root = root if root.endswith("/") else posixpath.dirname(root)
+        files = sorted(p for p in fs.glob(path) if fs.isfile(p))
+    elif fs.isdir(path):
+        root = path
+        files = sorted(fs.find(path))
+    elif fs.isfile(path):
+        root = posixpath.dirname(path)
+        files = [path]
+    else:
+        raise FileNotFoundError(f"input uri does not exist: {uri}")
+    root = root.rstrip("/")
+    fmt = cfg.format if cfg.format != "auto" else _detect_format(files)
+
+    def rel(p: str) -> str:
+        return posixpath.relpath(p, root) if root else p
+
+    if fmt == "webdataset":
+        return [Shard(storage.with_scheme(fs, p), rel(p), "webdataset")
+                for p in files if p.endswith(".tar")]
+    if fmt == "parquet":
+        return [Shard(storage.with_scheme(fs, p), rel(p), "parquet")
+                for p in files if p.endswith(".parquet")]
+    image_exts = {e.lower() for e in cfg.image_extensions}
+    images = [p for p in files if _split_ext(p)[1] in image_exts]
+    out = []
+    for i in range(0, len(images), FOLDER_SHARD_SIZE):
+        chunk = images[i : i + FOLDER_SHARD_SIZE]
+        name = f"{posixpath.basename(root)}#part-{i // FOLDER_SHARD_SIZE:05d}"
+        out.append(Shard(storage.with_scheme(fs, root), name,
+                         "folder", tuple(storage.with_scheme(fs, p) for p in chunk)))
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _caption_from(ext: str, data: bytes, cfg: InputConfig) -> str | None:
+    text = data.decode("utf-8", errors="replace")
+    if ext == "json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        value = doc.get(cfg.json_caption_field) if isinstance(doc, dict) else None
+        return value if isinstance(value, str) else None
+    return text
+
+
+def _record_from_group(key: str, members: dict[str, tuple[bytes, dict[str, object]]],
+                       cfg: InputConfig) -> Record:
+    image_ext = next((e for e in cfg.image_extensions if e in members), None)
+    caption = None
+    for ext in cfg.caption_extensions:
+        if ext in members:
+            caption = _caption_from(ext, members[ext][0], cfg)
+            if caption is not None:
+                break
+    if image_ext is None:
+        return Record(key, None, caption, problem=Reason.MISSING_IMAGE,
+                      detail=f"members: {sorted(members)}")
+    data, loc = members[image_ext]
+    return Record(key, data, caption, location=loc)
+
+
+def read_webdataset(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProblem]:
+    """Stream a tar once, grouping consecutive members by key, recording byte offsets."""
+    fs, path = storage.filesystem(shard.uri)
+    wanted = set(cfg.image_extensions) | set(cfg.caption_extensions)
+    current: str | None = None
+    group: dict[str, tuple[bytes, dict[str, object]]] = {}
+    seen: set[str] = set()
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = _split_ext(info.name)
+                if key != current:
+                    if current is not None:
+                        yield _finish(current, group, seen, cfg)
+                    current, group = key, {}
+                if ext not in wanted:
+                    continue
+                member = tar.extractfile(info)
+                data = member.read() if member is not None else b""
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} is cut short")
+                group[ext] = (data, {"offset": info.offset_data, "length": info.size})
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        if current is not None and group:
+            # The group in flight may be missing members that sat past the cut: not trusted.
+            yield Record(current, None, None, problem=Reason.TAR_TRUNCATED,
+                         detail=f"{type(e).__name__}: {e}")
+        yield ShardProblem(Reason.TAR_TRUNCATED, f"{type(e).__name__}: {e}")
+        return
+    if current is not None:
+        yield _finish(current, group, seen, cfg)
+
+
+def _finish(key: str, group: dict[str, tuple[bytes, dict[str, object]]], seen: set[str],
+            cfg: InputConfig) -> Record:
+    if key in seen:
+        return Record(key, None, None, problem=Reason.DUPLICATE_KEY,
+                      detail="key appears twice in the shard")
+    seen.add(key)
+    return _record_from_group(key, group, cfg)
+
+
+def _image_column_bytes(column: pa.ChunkedArray | pa.Array) -> list[bytes | None]:
+    if pa.types.is_struct(column.type):  # Hugging Face Image feature: struct<bytes, path>
+        column = pa.chunked_array(
+            [c.field("bytes") for c in (column.chunks if hasattr(column, "chunks") else [column])]
+        )
+    return column.to_pylist()
+
+
+def read_parquet(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProblem]:
+    """Stream a parquet file a record batch at a time; the location is the row index."""
+    fs, path = storage.filesystem(shard.uri)
+    try:
+        f = fs.open(path, "rb")
+        pf = pq.ParquetFile(f)
+    except Exception as e:
+        yield ShardProblem(Reason.SHARD_UNREADABLE, f"{type(e).__name__}: {e}")
+        return
+    with f:
+        names = set(pf.schema_arrow.names)
+        if cfg.image_column not in names:
+            yield ShardProblem(Reason.MISSING_COLUMN,
+                               f"no image column {cfg.image_column!r}; columns: {sorted(names)}")
+            return
+        columns = [cfg.image_column]
+        has_caption = cfg.caption_column in names
+        has_key = cfg.key_column is not None and cfg.key_column in names
+        columns += [cfg.caption_column] if has_caption else []
+        columns += [cfg.key_column] if has_key else []  # type: ignore[list-item]
+        row = 0
+        seen: set[str] = set()
+        try:
+            for batch in pf.iter_batches(batch_size=256, columns=columns):
+                images = _image_column_bytes(batch.column(cfg.image_column))
+                captions = (batch.column(cfg.caption_column).to_pylist() if has_caption
+                            else [None] * len(images))
+                keys = (batch.column(cfg.key_column).to_pylist() if has_key  # type: ignore[arg-type]
+                        else [None] * len(images))
+                for img, cap, key in zip(images, captions, keys):
+                    key = str(key) if key is not None else f"{row:09d}"
+                    if key in seen:
+                        yield Record(key, None, None, problem=Reason.DUPLICATE_KEY,
+                                     detail=f"row {row}")
+                    else:
+                        seen.add(key)
+                        cap = cap if isinstance(cap, str) or cap is None else str(cap)
+                        yield Record(key, img if img is not None else b"", cap,
+                                     location={"row": row})
+                    row += 1
+        except Exception as e:
+            yield ShardProblem(Reason.SHARD_UNREADABLE,
+                               f"after row {row}: {type(e).__name__}: {e}")
+
+
+def read_folder(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProblem]:
+    """Images with a caption file of the same stem beside them."""
+    fs, _ = storage.filesystem(shard.uri)
+    root = storage.filesystem(shard.uri)[1].rstrip("/")
+    for member_uri in shard.members:
+        _, mpath = storage.filesystem(member_uri)
+        stem, _ext = _split_ext(mpath)
+        key = posixpath.relpath(stem, root)
+        try:
+            with fs.open(mpath, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            yield Record(key, None, None, problem=Reason.SHARD_UNREADABLE, detail=str(e))
+            continue
+        caption = None
+        for ext in cfg.caption_extensions:
+            cpath = f"{stem}.{ext}"
+            if fs.exists(cpath):
+                with fs.open(cpath, "rb") as f:
+                    caption = _caption_from(ext, f.read(), cfg)
+                if caption is not None:
+                    break
+        yield Record(key, data, caption,
+                     location={"file": member_uri, "offset": 0, "length": len(data)})
+
+
+def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProblem]:
+    readers = {"webdataset": read_webdataset, "parquet": read_parquet, "folder": read_folder}
+    return readers[shard.format](shard, cfg)
+
+
+# --------------------------------------------------------------------------- fetch by location
+
+
+def fetch_bytes(rows: list[dict[str, object]], cfg: InputConfig) -> list[bytes]:
+    """Image bytes for rows of the ``images`` table, grouped by the file that holds them.
+
+    Tar members are ranged reads (one GET each on s3); parquet rows read only the row groups
+    they sit in; folder images are read whole. Order of the result follows ``rows``.
+    """
+    out: list[bytes | None] = [None] * len(rows)
+    by_file: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_file.setdefault(str(r["file_uri"]), []).append(i)
+    for uri, idxs in by_file.items():
+        fs, path = storage.filesystem(uri)
+        fmt = rows[idxs[0]]["format_kind"]
+        if fmt == "parquet":
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                starts, total = [], 0
+                for g in range(pf.num_row_groups):
+                    starts.append(total)
+                    total += pf.metadata.row_group(g).num_rows
+                need: dict[int, list[int]] = {}
+                for i in idxs:
+                    row = int(rows[i]["row"])  # type: ignore[arg-type]
+                    g = max(j for j, s in enumerate(starts) if s <= row)
+                    need.setdefault(g, []).append(i)
+                for g, members in need.items():
+                    col = pf.read_row_group(g, columns=[cfg.image_column]).column(0)
+                    values = _image_column_bytes(col)
+                    for i in members:
+                        out[i] = values[int(rows[i]["row"]) - starts[g]]  # type: ignore[arg-type]
+        else:
+            with fs.open(path, "rb") as f:
+                for i in sorted(idxs, key=lambda i: int(rows[i]["offset"])):  # type: ignore[arg-type]
+                    f.seek(int(rows[i]["offset"]))  # type: ignore[arg-type]
+                    out[i] = f.read(int(rows[i]["length"]))  # type: ignore[arg-type]
+    return [b if b is not None else b"" for b in out]

@@ -1,0 +1,125 @@
+"""Paths that are local folders or s3:// prefixes, through fsspec.
+
+s3 endpoints and credentials come from the usual AWS environment variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...), which s3fs and pyarrow both honour, so a run directory on MinIO or a
+test server needs no code path of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+
+
+def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
+    """The filesystem holding ``uri`` and the path inside it (no scheme)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_remote(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.join(rest, *parts)}"
+    return posixpath.join(base, *parts)
+
+
+def with_scheme(fs: AbstractFileSystem, path: str) -> str:
+    """Turn a path the filesystem returned (e.g. from ``glob``) back into a full URI."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return f"{protocol}://{path}"
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files directly or recursively under ``uri`` ending with ``suffix``, sorted, as URIs."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    found = fs.find(path)
+    return sorted(with_scheme(fs, p) for p in found if p.endswith(suffix))
+
+
+@contextmanager
+def open_atomic(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write to a temporary name and rename on success, so readers never see half a file.
+
+    On s3 a single PUT is already atomic (the object appears whole or not at all), so there the
+    object is written in place.
+    """
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if is_remote(uri):
+        with fs.open(path, mode) as f:
+            yield f
+        return
+    tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def write_json(uri: str, doc: Any) -> None:
+    with open_atomic(uri, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=True, default=str)
+
+
+def read_json(uri: str) -> Any:
+    fs, path = filesystem(uri)
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    with open_atomic(uri, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table | None:
+    """All parquet files under ``uri`` as one table; None when there are none."""
+    files = list_files(uri, ".parquet")
+    if not files:
+        return None
+    return pa.concat_tables([read_parquet(f, columns) for f in files], promote_options="default")

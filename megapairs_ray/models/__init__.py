@@ -1,0 +1,1 @@
+"""Model builders: names and configs in, ready-to-run encoders out."""

@@ -1,0 +1,132 @@
+"""Embed on Ray Data: shard readers -> an autoscaling pool of encoder actors -> writers.
+
+Resume works per shard. Before the run, any output of a shard without a completion marker is
+removed (it is a partial leftover); during the run the driver counts, from the writers' small
+summary rows, how many of each shard's accepted images have been written or rejected, and writes
+the shard's marker the moment the count is complete. A rerun skips marked shards without reading
+a byte of them, and nothing is ever written twice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray
+
+from megapairs_ray import manifest
+from megapairs_ray.config import RunConfig
+from megapairs_ray.io import storage
+from megapairs_ray.io.shards import Shard, list_shards
+from megapairs_ray.stages import layout
+from megapairs_ray.stages.embed import EmbedStage
+from megapairs_ray.stages.embed_io import read_accepted_images, write_embeddings
+
+
+class IncompleteEmbedError(RuntimeError):
+    """The pipeline ended with shards whose rows were not all accounted for."""
+
+
+def _clear_partial(run_dir: str, slug: str) -> None:
+    for space in layout.SPACES:
+        storage.remove(layout.embeddings_shard_dir(run_dir, space, slug), recursive=True)
+    for f in storage.list_files(layout.rejects_dir(run_dir, "embed"), ".parquet"):
+        if f.rsplit("/", 1)[-1].startswith(f"{slug}-part-"):
+            storage.remove(f)
+
+
+def build_embed_dataset(cfg: RunConfig, todo: list[Shard]) -> ray.data.Dataset:
+    """The streaming pipeline; its output is the writers' per-shard summary rows."""
+    e = cfg.embed
+    ds = ray.data.from_items([s.to_row() for s in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        read_accepted_images,
+        fn_kwargs={"run_dir": cfg.run_dir, "input_cfg": cfg.input},
+        batch_size=1,
+        num_cpus=e.reader_num_cpus,
+    )
+    ds = ds.map_batches(
+        EmbedStage,
+        fn_constructor_kwargs={"cfg": e},
+        batch_size=e.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(
+            min_size=e.min_actors, max_size=e.max_actors,
+            max_tasks_in_flight_per_actor=e.max_tasks_in_flight_per_actor),
+        num_gpus=e.num_gpus,
+        num_cpus=e.num_cpus,
+    )
+    return ds.map_batches(
+        write_embeddings,
+        fn_kwargs={"run_dir": cfg.run_dir},
+        batch_size=e.writer_batch_rows,
+        batch_format="numpy",
+        num_cpus=e.writer_num_cpus,
+    )
+
+
+def run_embed(cfg: RunConfig) -> manifest.StageRecord:
+    record = manifest.StageRecord("embed").start()
+    shards = list_shards(cfg.input)
+    ingested = [s for s in shards if storage.exists(layout.ingest_marker(cfg.run_dir, s.slug))]
+    if len(ingested) < len(shards):
+        raise RuntimeError(f"{len(shards) - len(ingested)} shard(s) are not ingested yet; "
+                           "run `megapairs ingest` first")
+    with ThreadPoolExecutor(16) as pool:
+        ingest_markers = dict(zip(
+            [s.slug for s in shards],
+            pool.map(storage.read_json, [layout.ingest_marker(cfg.run_dir, s.slug)
+                                         for s in shards])))
+    expected = {slug: int(m["counts"].get("images", 0)) for slug, m in ingest_markers.items()}
+    todo = [s for s in shards if not storage.exists(layout.embed_marker(cfg.run_dir, s.slug))]
+    record.inputs = {"shards": len(shards), "images": sum(expected.values())}
+    record.counts["shards_skipped_done"] = len(shards) - len(todo)
+
+    for s in todo:
+        _clear_partial(cfg.run_dir, s.slug)
+    tallies: dict[str, Counter[str]] = {s.slug: Counter() for s in todo}
+    for s in [s for s in todo if expected[s.slug] == 0]:
+        _mark_done(cfg, s.slug, tallies[s.slug])
+    todo = [s for s in todo if expected[s.slug] > 0]
+
+    if todo:
+        for summary in build_embed_dataset(cfg, todo).iter_rows():
+            slug = summary["shard"]
+            t = tallies[slug]
+            for k in ("rows", "embedded", "texts", "rejected"):
+                t[k] += int(summary[k])
+            if t["rows"] == expected[slug]:
+                _mark_done(cfg, slug, t)
+                record.counts["shards_embedded"] += 1
+        unfinished = [s.slug for s in todo
+                      if tallies[s.slug]["rows"] != expected[s.slug]]
+        if unfinished:
+            raise IncompleteEmbedError(
+                f"{len(unfinished)} shard(s) ended with rows unaccounted for: {unfinished[:5]}")
+
+    _tally(cfg, shards, record)
+    record.outputs = {space: layout.embeddings_dir(cfg.run_dir, space) for space in layout.SPACES}
+    record.outputs["rejects"] = layout.rejects_dir(cfg.run_dir, "embed")
+    record.finish()
+    manifest.record_stage(cfg.run_dir, record)
+    return record
+
+
+def _mark_done(cfg: RunConfig, slug: str, tally: Counter[str]) -> None:
+    storage.write_json(layout.embed_marker(cfg.run_dir, slug), {"counts": dict(tally)})
+
+
+def _tally(cfg: RunConfig, shards: list[Shard], record: manifest.StageRecord) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        markers = list(pool.map(storage.read_json,
+                                [layout.embed_marker(cfg.run_dir, s.slug) for s in shards]))
+    for m in markers:
+        record.counts.update({k: v for k, v in m["counts"].items() if k != "rows"})
+    rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, "embed"), ["reason"])
+    if rejects is not None:
+        record.rejects.update(Counter(rejects.column("reason").to_pylist()))
+
+
+def embed_outputs(run_dir: str) -> dict[str, Any]:
+    return {space: layout.embeddings_dir(run_dir, space) for space in layout.SPACES}

@@ -1,0 +1,94 @@
+"""Embed: one batch of encoded images and captions -> three L2-normalised fp16 embeddings.
+
+The constructor builds the CLIP model (image + text towers) and the DINO model once; each call
+decodes the batch (nvJPEG on a GPU, Pillow otherwise), preprocesses it as tensor ops on the
+device, and runs the three encoders. An image that cannot be decoded comes back with a reject
+reason instead of an embedding; it never fails the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from megapairs_ray.config import EmbedConfig
+from megapairs_ray.imaging import Reason
+from megapairs_ray.models.encoders import DTYPES, build_clip, build_dino
+from megapairs_ray.stages import pixels
+
+OUTPUT_COLUMNS = ("image_id", "shard", "status", "detail", "has_text",
+                  "clip_image", "dino_image", "clip_text")
+
+
+class EmbedStage:
+    """Callable stage. Input columns: ``image_id``, ``shard``, ``image`` (bytes), ``caption``,
+    ``format``, ``mode``. Output: ``OUTPUT_COLUMNS``; ``status`` is "" or a reject reason."""
+
+    def __init__(self, cfg: EmbedConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.dtype = DTYPES[cfg.precision]
+        if self.device.type == "cpu":
+            # Ray gives an actor `num_cpus` cores; torch would otherwise spawn one thread per
+            # core of the node and fight the other actors for them.
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0"))
+                                      or max(1, int(cfg.num_cpus))))
+        self.clip = build_clip(cfg.clip, self.device, self.dtype)
+        self.dino = build_dino(cfg.dino, self.device, self.dtype)
+        self.min_side = max(self.clip.spec.min_source_side, self.dino.spec.min_source_side)
+        self.pool = ThreadPoolExecutor(cfg.decode_threads) if cfg.decode_threads > 1 else None
+        self.dims = {"clip_image": self.clip.dim, "dino_image": self.dino.dim,
+                     "clip_text": self.clip.dim}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["image_id"])
+        images: list[bytes] = [bytes(b) for b in batch["image"]]
+        decoded = self._decode(images, batch)
+        status = np.array(["" for _ in range(n)], dtype=object)
+        detail = np.array(["" for _ in range(n)], dtype=object)
+        good = []
+        for i, t in enumerate(decoded):
+            if isinstance(t, torch.Tensor):
+                good.append(i)
+            else:
+                status[i] = Reason.DECODE_FAILED
+                detail[i] = f"{type(t).__name__}: {t}"[:500]
+        out = {space: np.zeros((n, dim), dtype=np.float16) for space, dim in self.dims.items()}
+        if good:
+            tensors = [decoded[i] for i in good]
+            clip_px = pixels.to_model_input(tensors, self.clip.spec, self.dtype)  # type: ignore[arg-type]
+            dino_px = pixels.to_model_input(tensors, self.dino.spec, self.dtype)  # type: ignore[arg-type]
+            out["clip_image"][good] = _fp16(self.clip.encode_image(clip_px))
+            out["dino_image"][good] = _fp16(self.dino.encode_image(dino_px))
+        captions = batch["caption"]
+        has_text = np.array([isinstance(c, str) and bool(c) for c in captions], dtype=bool)
+        has_text &= status == ""
+        text_idx = np.flatnonzero(has_text)
+        if len(text_idx):
+            out["clip_text"][text_idx] = _fp16(self.clip.encode_text(
+                [str(captions[i]) for i in text_idx]))
+        return {"image_id": np.asarray(batch["image_id"], dtype=np.int64),
+                "shard": np.asarray(batch["shard"], dtype=object),
+                "status": status, "detail": detail, "has_text": has_text, **out}
+
+    def _decode(self, images: list[bytes], batch: dict[str, np.ndarray],
+                ) -> list[torch.Tensor | Exception]:
+        if self.cfg.decode == "gpu":
+            fmt = batch.get("format")
+            mode = batch.get("mode")
+            jpeg = [fmt is not None and fmt[i] == "JPEG" and mode is not None
+                    and mode[i] in ("RGB", "L") for i in range(len(images))]
+            return pixels.decode_gpu(images, jpeg, self.min_side, self.device, self.pool)
+        decoded = pixels.decode_cpu(images, self.min_side, self.pool)
+        if self.device.type != "cpu":
+            decoded = [t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+                       for t in decoded]
+        return decoded
+
+
+def _fp16(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float16).cpu().numpy()

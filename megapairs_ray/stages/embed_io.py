@@ -1,0 +1,110 @@
+"""The embed stage's two ends: a shard reader that feeds it, a writer that stores its output.
+
+The reader streams a shard once more (one sequential read beats thousands of ranged GETs) and
+emits only the records ingest accepted, with their ids and captions. The writer stores each space
+as ``embeddings/<space>/<shard>/part-<uuid>.parquet`` — ``image_id`` + a fixed-size fp16 list —
+and decode failures as embed rejects, then reports how many rows of each shard it wrote, so the
+driver can mark a shard finished once every one of its rows is accounted for.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from megapairs_ray.config import InputConfig
+from megapairs_ray.io import storage
+from megapairs_ray.io.shards import Record, Shard, read_shard
+from megapairs_ray.stages import layout
+from megapairs_ray.stages.ingest import REJECTS_SCHEMA
+
+READ_BATCH_ROWS = 256
+
+
+def read_accepted_images(batch: dict[str, np.ndarray], run_dir: str, input_cfg: InputConfig,
+                         rows_per_batch: int = READ_BATCH_ROWS) -> Iterator[dict[str, Any]]:
+    """For each shard row in ``batch``: the ingest-accepted images, with their bytes."""
+    for i in range(len(batch["uri"])):
+        shard = Shard.from_row({k: batch[k][i] for k in batch})
+        accepted = storage.read_parquet(
+            layout.images_file(run_dir, shard.slug),
+            columns=["image_id", "key", "caption", "format", "mode"]).to_pylist()
+        by_key = {r["key"]: r for r in accepted}
+        rows: list[dict[str, Any]] = []
+        for rec in read_shard(shard, input_cfg):
+            if not isinstance(rec, Record) or rec.key not in by_key or rec.image is None:
+                continue
+            meta = by_key.pop(rec.key)
+            rows.append({"image_id": meta["image_id"], "shard": shard.slug, "image": rec.image,
+                         "caption": meta["caption"], "format": meta["format"],
+                         "mode": meta["mode"]})
+            if len(rows) >= rows_per_batch:
+                yield _columns(rows)
+                rows = []
+        for meta in by_key.values():
+            # Accepted at ingest but gone now (the shard changed since): an embed reject, so the
+            # shard's row count still adds up.
+            rows.append({"image_id": meta["image_id"], "shard": shard.slug, "image": b"",
+                         "caption": meta["caption"], "format": "MISSING", "mode": ""})
+        if rows:
+            yield _columns(rows)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image_id": np.array([r["image_id"] for r in rows], dtype=np.int64),
+        "shard": np.array([r["shard"] for r in rows], dtype=object),
+        "image": np.array([r["image"] for r in rows], dtype=object),
+        "caption": np.array([r["caption"] for r in rows], dtype=object),
+        "format": np.array([r["format"] for r in rows], dtype=object),
+        "mode": np.array([r["mode"] for r in rows], dtype=object),
+    }
+
+
+def embedding_table(ids: np.ndarray, vectors: np.ndarray) -> pa.Table:
+    dim = vectors.shape[1]
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float16).reshape(-1), type=pa.float16())
+    return pa.table({"image_id": pa.array(ids, type=pa.int64()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+
+
+def write_embeddings(batch: dict[str, np.ndarray], run_dir: str) -> dict[str, Any]:
+    """Write one batch of embed output; return per-shard counts of the rows it accounted for."""
+    shards = batch["shard"]
+    status = batch["status"]
+    out: dict[str, list[Any]] = {"shard": [], "rows": [], "embedded": [], "texts": [],
+                                 "rejected": []}
+    for slug in sorted(set(shards.tolist())):
+        sel = shards == slug
+        ok = sel & (status == "")
+        bad = sel & (status != "")
+        part = f"part-{uuid.uuid4().hex}.parquet"
+        if ok.any():
+            ids = batch["image_id"][ok]
+            for space in ("clip_image", "dino_image"):
+                storage.write_parquet(
+                    storage.join(layout.embeddings_shard_dir(run_dir, space, slug), part),
+                    embedding_table(ids, batch[space][ok]))
+        text = ok & batch["has_text"].astype(bool)
+        if text.any():
+            storage.write_parquet(
+                storage.join(layout.embeddings_shard_dir(run_dir, "clip_text", slug), part),
+                embedding_table(batch["image_id"][text], batch["clip_text"][text]))
+        if bad.any():
+            rejects = [{"image_id": int(i), "shard": slug, "key": None, "stage": "embed",
+                        "reason": str(r), "detail": str(d)}
+                       for i, r, d in zip(batch["image_id"][bad], status[bad],
+                                          batch["detail"][bad])]
+            storage.write_parquet(
+                storage.join(layout.rejects_dir(run_dir, "embed"), f"{slug}-{part}"),
+                pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
+        out["shard"].append(slug)
+        out["rows"].append(int(sel.sum()))
+        out["embedded"].append(int(ok.sum()))
+        out["texts"].append(int(text.sum()))
+        out["rejected"].append(int(bad.sum()))
+    return {k: np.array(v) for k, v in out.items()}

@@ -1,0 +1,87 @@
+"""Decoding and model preprocessing as batched tensor ops.
+
+Decode: on the GPU, JPEGs go through nvJPEG (``torchvision.io.decode_jpeg`` on a list, one
+batched call); anything else, and any JPEG nvJPEG refuses, falls back to Pillow on a thread pool
+(Pillow releases the GIL while decoding). On the CPU everything is Pillow.
+
+Preprocess: each model wants a centre square crop of a fraction of the short side, resized to
+S x S and normalised. Images that share a shape are stacked and cropped/resized in one call, so a
+corpus resized upstream (img2dataset's usual 256 or 512) costs one interpolate per batch, not one
+per image.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from megapairs_ray.imaging import decode_rgb
+from megapairs_ray.models.encoders import ImageSpec
+
+
+def decode_cpu(images: Sequence[bytes], min_short_side: int, pool: ThreadPoolExecutor | None,
+               ) -> list[torch.Tensor | Exception]:
+    """HWC uint8 tensors (or the exception that stopped each image)."""
+
+    def one(data: bytes) -> torch.Tensor | Exception:
+        try:
+            return torch.from_numpy(decode_rgb(data, min_short_side))
+        except Exception as e:  # counted as a reject by the caller
+            return e
+
+    return list(pool.map(one, images)) if pool is not None else [one(b) for b in images]
+
+
+def decode_gpu(images: Sequence[bytes], jpeg_mask: Sequence[bool], min_short_side: int,
+               device: torch.device, pool: ThreadPoolExecutor | None,
+               ) -> list[torch.Tensor | Exception]:
+    """HWC uint8 tensors on ``device``: nvJPEG for plain JPEGs, Pillow for the rest."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | Exception | None] = [None] * len(images)
+    jpeg_idx = [i for i, m in enumerate(jpeg_mask) if m]
+    cpu_idx = [i for i, m in enumerate(jpeg_mask) if not m]
+    if jpeg_idx:
+        raw = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in jpeg_idx]
+        try:
+            decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+            for i, t in zip(jpeg_idx, decoded):
+                out[i] = t.permute(1, 2, 0)
+        except RuntimeError:
+            # One bad stream fails the batched call: retry singly, send failures to Pillow.
+            for i, r in zip(jpeg_idx, raw):
+                try:
+                    out[i] = decode_jpeg(r, mode=ImageReadMode.RGB, device=device).permute(1, 2, 0)
+                except RuntimeError:
+                    cpu_idx.append(i)
+    if cpu_idx:
+        for i, t in zip(cpu_idx, decode_cpu([images[i] for i in cpu_idx], min_short_side, pool)):
+            out[i] = t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+    return out  # type: ignore[return-value]
+
+
+def to_model_input(images: Sequence[torch.Tensor], spec: ImageSpec, dtype: torch.dtype,
+                   ) -> torch.Tensor:
+    """HWC uint8 tensors (any sizes, one device) -> N x 3 x S x S normalised ``dtype``."""
+    device = images[0].device
+    out = torch.empty((len(images), 3, spec.size, spec.size), dtype=dtype, device=device)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, im in enumerate(images):
+        groups[(im.shape[0], im.shape[1])].append(i)
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
+    for (h, w), idx in groups.items():
+        side = max(1, round(spec.crop_fraction * min(h, w)))
+        top, left = (h - side) // 2, (w - side) // 2
+        stack = torch.stack([images[i] for i in idx]) if len(idx) > 1 else images[idx[0]][None]
+        crop = stack[:, top : top + side, left : left + side].permute(0, 3, 1, 2).float()
+        if side != spec.size:
+            crop = F.interpolate(crop, size=(spec.size, spec.size), mode="bicubic",
+                                 antialias=side > spec.size, align_corners=False)
+        crop = ((crop.clamp_(0, 255) - mean) / std).to(dtype)
+        out[torch.tensor(idx, device=device)] = crop
+    return out

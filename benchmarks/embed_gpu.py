@@ -132,6 +132,15 @@ def main() -> None:
     }
     bare = timed(bare_all, args.iters, sync)
     stage_t = timed(lambda: stage(batch), args.iters, sync)
+    # Two calls at once, as Ray runs them with embed.concurrent_calls_per_actor=2.
+    from concurrent.futures import ThreadPoolExecutor
+
+    callers = ThreadPoolExecutor(2)
+
+    def two_calls() -> None:
+        list(callers.map(lambda _: stage(batch), range(2)))
+
+    stage2_t = timed(two_calls, args.iters, sync) / 2
     jpeg_mask = [True] * B
     if cuda:
         decode_t = timed(lambda: pixels.decode_gpu(jpegs, jpeg_mask, stage.min_side, dev,
@@ -152,6 +161,8 @@ def main() -> None:
         "bare_three_encoders_img_per_s": round(B / bare, 1),
         "stage_img_per_s": round(B / stage_t, 1),
         "stage_over_bare": round(bare / stage_t, 3),
+        "stage_2_concurrent_calls_img_per_s": round(B / stage2_t, 1),
+        "stage_2_concurrent_calls_over_bare": round(bare / stage2_t, 3),
         "decode_img_per_s": round(B / decode_t, 1),
         "cpu_decode_img_per_s": round(B / cpu_decode_t, 1),
         "cpu_decode_threads": args.decode_threads,

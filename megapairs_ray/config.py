@@ -93,6 +93,9 @@ class EmbedConfig(_Strict):
     num_gpus: float = Field(default=0.0, ge=0)
     num_cpus: float = Field(default=1.0, gt=0)
     max_tasks_in_flight_per_actor: int = Field(default=2, ge=1)
+    # >1 runs that many calls of one actor at once in threads (each on its own CUDA stream),
+    # hiding decode and host work behind another batch's forward passes.
+    concurrent_calls_per_actor: int = Field(default=1, ge=1)
     # Shard readers feeding the pool and the writers after it.
     reader_num_cpus: float = Field(default=0.5, gt=0)
     writer_num_cpus: float = Field(default=0.25, gt=0)

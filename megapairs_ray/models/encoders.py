@@ -48,6 +48,7 @@ class ImageSpec:
 class ClipEncoder:
     encode_image: Callable[[torch.Tensor], torch.Tensor]
     encode_text: Callable[[list[str]], torch.Tensor]
+    encode_tokens: Callable[[torch.Tensor], torch.Tensor]
     spec: ImageSpec
     dim: int
     model: torch.nn.Module  # the open_clip model itself, for benchmarks and checks
@@ -86,13 +87,15 @@ def build_clip(cfg: ClipEncoderConfig, device: torch.device, dtype: torch.dtype)
         return model.encode_image(pixels.to(dtype), normalize=True)
 
     @torch.inference_mode()
+    def encode_tokens(tokens: torch.Tensor) -> torch.Tensor:
+        return model.encode_text(tokens.to(device, non_blocking=True), normalize=True)
+
     def encode_text(captions: list[str]) -> torch.Tensor:
-        tokens = tokenizer(captions).to(device, non_blocking=True)
-        return model.encode_text(tokens, normalize=True)
+        return encode_tokens(tokenizer(captions))
 
     with torch.inference_mode():
         dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
-    return ClipEncoder(encode_image, encode_text, spec, dim, model, tokenizer)
+    return ClipEncoder(encode_image, encode_text, encode_tokens, spec, dim, model, tokenizer)
 
 
 def build_dino(cfg: DinoEncoderConfig, device: torch.device, dtype: torch.dtype) -> ImageEncoder:

@@ -53,7 +53,10 @@ def build_embed_dataset(cfg: RunConfig, todo: list[Shard]) -> ray.data.Dataset:
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
             min_size=e.min_actors, max_size=e.max_actors,
-            max_tasks_in_flight_per_actor=e.max_tasks_in_flight_per_actor),
+            max_tasks_in_flight_per_actor=max(e.max_tasks_in_flight_per_actor,
+                                              e.concurrent_calls_per_actor),
+            max_concurrent_calls_per_actor=e.concurrent_calls_per_actor,
+            enable_true_multi_threading=e.concurrent_calls_per_actor > 1),
         num_gpus=e.num_gpus,
         num_cpus=e.num_cpus,
     )

@@ -9,7 +9,9 @@ reason instead of an embedding; it never fails the batch.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -41,10 +43,26 @@ class EmbedStage:
         self.dino = build_dino(cfg.dino, self.device, self.dtype)
         self.min_side = max(self.clip.spec.min_source_side, self.dino.spec.min_source_side)
         self.pool = ThreadPoolExecutor(cfg.decode_threads) if cfg.decode_threads > 1 else None
+        self._local = threading.local()
         self.dims = {"clip_image": self.clip.dim, "dino_image": self.dino.dim,
                      "clip_text": self.clip.dim}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        # Ray may run calls concurrently in threads (embed.concurrent_calls_per_actor): each
+        # thread gets its own CUDA stream, so one call's decode and host work overlap another
+        # call's forward passes instead of queueing behind them on the default stream.
+        with self._thread_stream():
+            return self._embed(batch)
+
+    def _thread_stream(self) -> AbstractContextManager[Any]:
+        if self.device.type != "cuda":
+            return nullcontext()
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
+
+    def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["image_id"])
         images: list[bytes] = [bytes(b) for b in batch["image"]]
         decoded = self._decode(images, batch)
@@ -57,20 +75,25 @@ class EmbedStage:
             else:
                 status[i] = Reason.DECODE_FAILED
                 detail[i] = f"{type(t).__name__}: {t}"[:500]
-        out = {space: np.zeros((n, dim), dtype=np.float16) for space, dim in self.dims.items()}
-        if good:
-            tensors = [decoded[i] for i in good]
-            clip_px = pixels.to_model_input(tensors, self.clip.spec, self.dtype)  # type: ignore[arg-type]
-            dino_px = pixels.to_model_input(tensors, self.dino.spec, self.dtype)  # type: ignore[arg-type]
-            out["clip_image"][good] = _fp16(self.clip.encode_image(clip_px))
-            out["dino_image"][good] = _fp16(self.dino.encode_image(dino_px))
         captions = batch["caption"]
         has_text = np.array([isinstance(c, str) and bool(c) for c in captions], dtype=bool)
         has_text &= status == ""
         text_idx = np.flatnonzero(has_text)
+        # Launch every GPU step before reading any result back: CUDA runs them asynchronously,
+        # so the CPU tokenises the captions while the image towers are still computing.
+        results: dict[str, tuple[Any, torch.Tensor]] = {}
+        if good:
+            tensors = [decoded[i] for i in good]
+            clip_px = pixels.to_model_input(tensors, self.clip.spec, self.dtype)  # type: ignore[arg-type]
+            dino_px = pixels.to_model_input(tensors, self.dino.spec, self.dtype)  # type: ignore[arg-type]
+            results["clip_image"] = (good, self.clip.encode_image(clip_px))
+            results["dino_image"] = (good, self.dino.encode_image(dino_px))
         if len(text_idx):
-            out["clip_text"][text_idx] = _fp16(self.clip.encode_text(
-                [str(captions[i]) for i in text_idx]))
+            tokens = self.clip.tokenize([str(captions[i]) for i in text_idx])
+            results["clip_text"] = (text_idx, self.clip.encode_tokens(tokens))
+        out = {space: np.zeros((n, dim), dtype=np.float16) for space, dim in self.dims.items()}
+        for space, (rows, emb) in results.items():
+            out[space][rows] = _fp16(emb)
         return {"image_id": np.asarray(batch["image_id"], dtype=np.int64),
                 "shard": np.asarray(batch["shard"], dtype=object),
                 "status": status, "detail": detail, "has_text": has_text, **out}

@@ -83,10 +83,13 @@ def inspect_image(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        return Verdict(None, Reason.NOT_AN_IMAGE, f"unrecognised header {data[:8]!r}")
     except Exception as e:  # Pillow raises many types on hostile headers
-        return Verdict(None, Reason.NOT_AN_IMAGE, f"{type(e).__name__}: {e}")
+        # An image format's signature with a header Pillow cannot parse is a damaged image;
+        # anything else is not an image at all.
+        reason = Reason.CORRUPT_IMAGE if _has_image_signature(data) else Reason.NOT_AN_IMAGE
+        if isinstance(e, UnidentifiedImageError):
+            return Verdict(None, reason, f"unreadable header {data[:8]!r}")
+        return Verdict(None, reason, f"{type(e).__name__}: {e}")
     with im:
         w, h = im.size
         info = ImageInfo(format=im.format or "?", mode=im.mode, width=w, height=h)
@@ -108,6 +111,14 @@ def inspect_image(
             except Exception as e:
                 return Verdict(info, Reason.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
     return Verdict(info)
+
+
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
+               b"MM\x00*")
+
+
+def _has_image_signature(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _is_unusual(im: Image.Image) -> bool:

@@ -21,7 +21,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -207,15 +207,30 @@ def read_webdataset(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardPr
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"member {info.name} is cut short")
                 group[ext] = (data, {"offset": info.offset_data, "length": info.size})
+            _check_end_of_archive(f, tar)
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        if current is not None and group:
-            # The group in flight may be missing members that sat past the cut: not trusted.
+        if current is not None:
+            # The sample in flight may be missing members that sat past the cut: not trusted.
             yield Record(current, None, None, problem=Reason.TAR_TRUNCATED,
                          detail=f"{type(e).__name__}: {e}")
         yield ShardProblem(Reason.TAR_TRUNCATED, f"{type(e).__name__}: {e}")
         return
     if current is not None:
         yield _finish(current, group, seen, cfg)
+
+
+def _check_end_of_archive(f: BinaryIO, tar: tarfile.TarFile) -> None:
+    """Python's tarfile ends iteration quietly when a file stops at (or inside) a member header,
+    which is exactly where a cut-short upload often stops. A whole archive has a zero block
+    there; anything else is a truncation. (Compressed tars need no check: their decompressor
+    raises on a cut stream.)"""
+    if getattr(tar.fileobj, "comptype", "tar") != "tar":
+        return
+    f.seek(tar.offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):
+        raise tarfile.ReadError(f"archive stops at byte {tar.offset} without an end-of-archive "
+                                "block")
 
 
 def _finish(key: str, group: dict[str, tuple[bytes, dict[str, object]]], seen: set[str],

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from megapairs_ray.config import ConfigError, config_from_dict, load_config, parse_overrides
+from tests.helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("profile", ["tiny", "paper"])
+def test_profiles_load(profile):
+    cfg = load_config(ROOT / "configs" / f"{profile}.yaml")
+    assert cfg.profile == profile
+    assert cfg.embed.max_actors >= cfg.embed.min_actors
+
+
+def test_paper_profile_names_the_papers_models_and_asks_for_gpus():
+    cfg = load_config(ROOT / "configs" / "paper.yaml")
+    assert cfg.embed.clip.model.startswith("EVA02")
+    assert "dinov2" in cfg.embed.dino.model
+    assert cfg.embed.device == "cuda" and cfg.embed.num_gpus >= 1
+    assert cfg.embed.decode == "gpu" and cfg.embed.precision == "bf16"
+
+
+def test_overrides_are_applied_and_validated():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      ["embed.batch_size=7", "run_dir=/tmp/x/", "input.uris=[a, b]"])
+    assert cfg.embed.batch_size == 7
+    assert cfg.run_dir == "/tmp/x"
+    assert cfg.input.uris == ["a", "b"]
+    assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"embed": {"batch_size": 0}}, "embed.batch_size"),
+    ({"embed": {"batchsize": 8}}, "embed.batchsize"),  # a typo is an error, not a default
+    ({"ingest": {"unusual_modes": "maybe"}}, "ingest.unusual_modes"),
+    ({"embed": {"min_actors": 4, "max_actors": 2}}, "embed.min_actors"),
+    ({"embed": {"device": "cuda", "num_gpus": 0}}, "embed.num_gpus"),
+    ({"embed": {"decode": "gpu"}}, "embed.decode"),
+    ({"input": {"uris": []}}, "input.uris"),
+])
+def test_bad_fields_are_named(tmp_path, change, field):
+    doc = tiny_config(tmp_path, ["x"])
+    for section, values in change.items():
+        doc[section] = {**doc[section], **values}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(doc)
+    assert field in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="section.field=value"):
+        parse_overrides(["no-equals-sign"])

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megapairs_ray.config import EmbedConfig
+from megapairs_ray.models.encoders import ImageSpec
+from megapairs_ray.stages import pixels
+from megapairs_ray.stages.embed import EmbedStage
+from tests.helpers import TINY_EMBED, awkward_images, jpeg, photo
+
+
+@pytest.fixture(scope="module")
+def stage():
+    torch.manual_seed(0)
+    return EmbedStage(EmbedConfig(**TINY_EMBED))
+
+
+def _batch(images, captions):
+    n = len(images)
+    return {"image_id": np.arange(n, dtype=np.int64), "shard": np.array(["s"] * n, dtype=object),
+            "image": np.array(images, dtype=object), "caption": np.array(captions, dtype=object),
+            "format": np.array(["JPEG"] * n, dtype=object),
+            "mode": np.array(["RGB"] * n, dtype=object)}
+
+
+def test_preprocess_matches_resize_then_centre_crop():
+    """Crop-then-resize on tensors == the reference transform (resize short side, crop)."""
+    im = photo(7, (300, 200))
+    spec = ImageSpec(size=64, crop_fraction=0.875, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    ours = pixels.to_model_input([torch.from_numpy(np.array(im))], spec, torch.float32)[0]
+    short = round(64 / 0.875)
+    ref = im.resize((round(300 * short / 200), short), Image.Resampling.BICUBIC)
+    left, top = (ref.width - 64) // 2, (ref.height - 64) // 2
+    ref = np.asarray(ref.crop((left, top, left + 64, top + 64)), dtype=np.float32)
+    ref = (torch.from_numpy(ref).permute(2, 0, 1) - 127.5) / 63.75
+    assert ours.shape == (3, 64, 64)
+    assert (ours - ref).abs().mean() < 0.08  # PIL and torch bicubic differ slightly
+
+
+def test_batch_of_mixed_shapes_equals_one_by_one():
+    spec = ImageSpec(size=32, crop_fraction=1.0, mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2))
+    ims = [torch.from_numpy(np.array(photo(i, s))) for i, s in
+           enumerate([(64, 48), (48, 64), (64, 48), (50, 50)])]
+    together = pixels.to_model_input(ims, spec, torch.float32)
+    alone = torch.cat([pixels.to_model_input([t], spec, torch.float32) for t in ims])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_outputs_are_unit_fp16_and_batch_independent(stage):
+    images = [jpeg(i, (96 + 8 * i, 72)) for i in range(6)]
+    caps = [f"a picture of thing {i}" for i in range(6)]
+    out = stage(_batch(images, caps))
+    for space in ("clip_image", "dino_image", "clip_text"):
+        v = out[space]
+        assert v.dtype == np.float16 and v.shape == (6, stage.dims[space])
+        assert np.allclose(np.linalg.norm(v.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    assert (out["status"] == "").all() and out["has_text"].all()
+    # The same image embeds the same wherever it sits in a batch.
+    alone = stage(_batch(images[3:4], caps[3:4]))
+    for space in ("clip_image", "dino_image", "clip_text"):
+        assert np.allclose(alone[space][0], out[space][3], atol=2e-3)
+    # Different images differ.
+    assert not np.allclose(out["clip_image"][0], out["clip_image"][1], atol=1e-2)
+
+
+def test_undecodable_rows_and_missing_captions_do_not_fail_the_batch(stage):
+    images = [jpeg(1), b"\xff\xd8\xff garbage", awkward_images()["rgba"], jpeg(2)]
+    out = stage(_batch(images, ["one", "two", "three", None]))
+    assert out["status"].tolist() == ["", "decode_failed", "", ""]
+    assert "garbage" not in out["detail"][0] and out["detail"][1]
+    assert out["has_text"].tolist() == [True, False, True, False]
+    assert not out["clip_image"][1].any()
+    assert np.abs(out["clip_image"][2]).sum() > 0

@@ -14,7 +14,7 @@ from pathlib import Path
 # With --working-dir the package is importable from the job's root even when not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megapairs_ray.cli import app  # noqa: E402
+from megapairs_ray.cli import app
 
 
 def main(argv: list[str] | None = None) -> None:

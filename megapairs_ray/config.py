@@ -83,6 +83,8 @@ class EmbedConfig(_Strict):
     clip: ClipEncoderConfig
     dino: DinoEncoderConfig
     device: Literal["cpu", "cuda"] = "cpu"
+    # Random-initialised models are seeded so that every actor holds the same weights.
+    seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     decode: Literal["cpu", "gpu"] = "cpu"
     batch_size: int = Field(default=64, gt=0)

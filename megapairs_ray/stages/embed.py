@@ -39,7 +39,11 @@ class EmbedStage:
             # core of the node and fight the other actors for them.
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0"))
                                       or max(1, int(cfg.num_cpus))))
+        # Seeded: random-initialised models (the tiny profile, benchmarks) must be the same in
+        # every actor, or embeddings from two actors would live in different spaces.
+        torch.manual_seed(cfg.seed)
         self.clip = build_clip(cfg.clip, self.device, self.dtype)
+        torch.manual_seed(cfg.seed + 1)
         self.dino = build_dino(cfg.dino, self.device, self.dtype)
         self.min_side = max(self.clip.spec.min_source_side, self.dino.spec.min_source_side)
         self.pool = ThreadPoolExecutor(cfg.decode_threads) if cfg.decode_threads > 1 else None

@@ -108,3 +108,15 @@ def write_embeddings(batch: dict[str, np.ndarray], run_dir: str) -> dict[str, An
         out["texts"].append(int(text.sum()))
         out["rejected"].append(int(bad.sum()))
     return {k: np.array(v) for k, v in out.items()}
+
+
+def load_space(run_dir: str, space: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64 [N], vectors float16 [N, D]) of one space — for small runs and checks; at
+    scale the index stage streams the parts instead."""
+    table = storage.read_parquet_dir(layout.embeddings_dir(run_dir, space))
+    if table is None:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float16)
+    col = table.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return table.column("image_id").to_numpy(), vectors

@@ -1,0 +1,147 @@
+"""Ingest + embed through Ray Data on a local 2-CPU cluster: counts, values, resume, s3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from megapairs_ray import manifest
+from megapairs_ray.config import config_from_dict
+from megapairs_ray.io import storage
+from megapairs_ray.io.shards import fetch_bytes, list_shards
+from megapairs_ray.pipeline.embed import run_embed
+from megapairs_ray.pipeline.ingest import run_ingest
+from megapairs_ray.stages import layout
+from megapairs_ray.stages.embed import EmbedStage
+from megapairs_ray.stages.embed_io import load_space
+from tests.helpers import good_samples, jpeg, tiny_config, write_tar
+from tests.test_ingest import messy_shard
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _space(run_dir: str, space: str) -> pa.Table:
+    table = storage.read_parquet_dir(layout.embeddings_dir(run_dir, space))
+    assert table is not None, space
+    return table
+
+
+def _files(run_dir: str) -> dict[str, int]:
+    fs, path = storage.filesystem(run_dir)
+    return {p: fs.info(p)["size"] for p in fs.find(path) if "manifest" not in p}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("pipeline")
+    messy_shard(root / "corpus" / "a" / "messy.tar")
+    write_tar(root / "corpus" / "b" / "good.tar", good_samples(30, prefix="b"))
+    pq.write_table(pa.table({"jpg": [jpeg(200 + i) for i in range(12)],
+                             "caption": [f"parquet caption {i}" for i in range(12)]}),
+                   root / "corpus" / "c.parquet")
+    cfg = config_from_dict(tiny_config(
+        root / "run", [str(root / "corpus" / "a"), str(root / "corpus" / "b"),
+                       str(root / "corpus" / "c.parquet")]))
+    ingest_rec = run_ingest(cfg)
+    embed_rec = run_embed(cfg)
+    return cfg, ingest_rec, embed_rec
+
+
+def test_counts_add_up(local_run):
+    cfg, ingest_rec, embed_rec = local_run
+    images = storage.read_parquet_dir(storage.join(cfg.run_dir, "images"))
+    n = images.num_rows
+    assert n == 10 + 30 + 12
+    assert ingest_rec.counts["images"] == n
+    assert ingest_rec.counts["shards_ingested"] == 3
+    assert ingest_rec.rejects["tar_truncated"] == 2
+    assert embed_rec.counts["embedded"] == n
+    assert embed_rec.counts["shards_embedded"] == 3
+    for space in ("clip_image", "dino_image", "clip_text"):
+        t = _space(cfg.run_dir, space)
+        assert t.num_rows == n
+        assert sorted(t.column("image_id").to_pylist()) == sorted(
+            images.column("image_id").to_pylist())
+    doc = manifest.load(cfg.run_dir)
+    assert set(doc["stages"]) == {"ingest", "embed"}
+    assert doc["stages"]["ingest"]["rejects"]["missing_caption"] == 1
+    assert doc["config"]["profile"] == "test"
+
+
+def test_embeddings_equal_the_stage_called_directly(local_run):
+    cfg, _, _ = local_run
+    images = storage.read_parquet_dir(storage.join(cfg.run_dir, "images"))
+    sample = images.slice(0, 8).to_pylist()
+    data = fetch_bytes(sample, cfg.input)
+    stage = EmbedStage(cfg.embed)
+    direct = stage({
+        "image_id": np.array([r["image_id"] for r in sample]),
+        "shard": np.array(["x"] * len(sample), dtype=object),
+        "image": np.array(data, dtype=object),
+        "caption": np.array([r["caption"] for r in sample], dtype=object),
+        "format": np.array([r["format"] for r in sample], dtype=object),
+        "mode": np.array([r["mode"] for r in sample], dtype=object),
+    })
+    for space in ("clip_image", "dino_image", "clip_text"):
+        ids, vectors = load_space(cfg.run_dir, space)
+        assert vectors.dtype == np.float16
+        stored = dict(zip(ids.tolist(), vectors))
+        for i, r in enumerate(sample):
+            assert np.allclose(stored[r["image_id"]].astype(np.float32),
+                               direct[space][i].astype(np.float32), atol=3e-3), space
+
+
+def test_rerun_does_nothing_and_interrupted_shard_is_redone(local_run):
+    cfg, _, _ = local_run
+    before = _files(cfg.run_dir)
+    again = run_embed(cfg)
+    assert again.counts["shards_skipped_done"] == 3
+    assert again.counts.get("shards_embedded", 0) == 0
+    assert _files(cfg.run_dir) == before
+    assert run_ingest(cfg).counts["shards_skipped_done"] == 3
+
+    # Interrupt one shard: no marker, half its output, plus a stray part from the dead run.
+    shard = [s for s in list_shards(cfg.input) if s.name == "good.tar"][0]
+    storage.remove(layout.embed_marker(cfg.run_dir, shard.slug))
+    shard_dir = layout.embeddings_shard_dir(cfg.run_dir, "clip_image", shard.slug)
+    parts = storage.list_files(shard_dir, ".parquet")
+    stray = storage.read_parquet(parts[0])
+    storage.write_parquet(storage.join(shard_dir, "part-stray.parquet"), stray)
+    other = {p: s for p, s in before.items() if shard.slug not in p}
+
+    rerun = run_embed(cfg)
+    assert rerun.counts["shards_embedded"] == 1
+    assert rerun.counts["shards_skipped_done"] == 2
+    after = _files(cfg.run_dir)
+    assert {p: s for p, s in after.items() if shard.slug not in p} == other
+    assert not any("part-stray" in p for p in after)
+    t = _space(cfg.run_dir, "clip_image")
+    ids = t.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids))  # nothing written twice
+
+
+def test_embed_refuses_before_ingest(tmp_path, ray_cluster):
+    write_tar(tmp_path / "c" / "s.tar", good_samples(2))
+    cfg = config_from_dict(tiny_config(tmp_path / "run", [str(tmp_path / "c")]))
+    with pytest.raises(RuntimeError, match="not ingested"):
+        run_embed(cfg)
+
+
+def test_s3_corpus_and_s3_run_dir(tmp_path, bucket, ray_cluster):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    write_tar(tmp_path / "s0.tar", good_samples(9, prefix="x"))
+    write_tar(tmp_path / "s1.tar", good_samples(7, prefix="y"))
+    fs.put(str(tmp_path / "s0.tar"), f"{bucket}/corpus/s0.tar")
+    fs.put(str(tmp_path / "s1.tar"), f"{bucket}/corpus/s1.tar")
+    cfg = config_from_dict(tiny_config(f"s3://{bucket}/runs/r1", [f"s3://{bucket}/corpus"]))
+    assert run_ingest(cfg).counts["images"] == 16
+    rec = run_embed(cfg)
+    assert rec.counts["embedded"] == 16
+    t = storage.read_parquet_dir(layout.embeddings_dir(cfg.run_dir, "dino_image"))
+    assert t.num_rows == 16
+    assert fs.exists(f"{bucket}/runs/r1/manifest.json")
+    assert run_embed(cfg).counts["shards_skipped_done"] == 2

@@ -103,7 +103,7 @@ def test_rerun_does_nothing_and_interrupted_shard_is_redone(local_run):
     assert run_ingest(cfg).counts["shards_skipped_done"] == 3
 
     # Interrupt one shard: no marker, half its output, plus a stray part from the dead run.
-    shard = [s for s in list_shards(cfg.input) if s.name == "good.tar"][0]
+    shard = next(s for s in list_shards(cfg.input) if s.name == "good.tar")
     storage.remove(layout.embed_marker(cfg.run_dir, shard.slug))
     shard_dir = layout.embeddings_shard_dir(cfg.run_dir, "clip_image", shard.slug)
     parts = storage.list_files(shard_dir, ".parquet")

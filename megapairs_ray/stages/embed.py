@@ -8,7 +8,7 @@ reason instead of an embedding; it never fails the batch.
 
 from __future__ import annotations
 
-import os
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -37,8 +37,7 @@ class EmbedStage:
         if self.device.type == "cpu":
             # Ray gives an actor `num_cpus` cores; torch would otherwise spawn one thread per
             # core of the node and fight the other actors for them.
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0"))
-                                      or max(1, int(cfg.num_cpus))))
+            torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))
         # Seeded: random-initialised models (the tiny profile, benchmarks) must be the same in
         # every actor, or embeddings from two actors would live in different spaces.
         torch.manual_seed(cfg.seed)

@@ -20,6 +20,10 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 # count as a reject, and never load truncated data as if it were whole.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's advisory warnings (palette transparency, EXIF oddities) say nothing a reject reason
+# does not; filtered once here because ``warnings.catch_warnings`` is not thread-safe and
+# decoding runs on thread pools.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 PLAIN_MODES = frozenset({"RGB", "L"})
 
@@ -42,7 +46,10 @@ class Reason:
     TAR_TRUNCATED = "tar_truncated"
     SHARD_UNREADABLE = "shard_unreadable"
     MISSING_COLUMN = "missing_column"
+    BAD_COLUMN_TYPE = "bad_column_type"
+    SOURCE_CHANGED = "source_changed"
     DECODE_FAILED = "decode_failed"
+    INVALID_RECORD = "invalid_record"
 
 
 @dataclass(frozen=True)
@@ -75,14 +82,14 @@ def inspect_image(
     verify_decode: bool = True,
 ) -> Verdict:
     """Accept or reject one encoded image, with the reason."""
+    if not isinstance(data, (bytes, bytearray)):
+        return Verdict(None, Reason.NOT_AN_IMAGE, f"payload is {type(data).__name__}, not bytes")
     if not data:
         return Verdict(None, Reason.EMPTY_BYTES, "0 bytes")
     if len(data) > max_bytes:
         return Verdict(None, Reason.TOO_MANY_BYTES, f"{len(data)} bytes > {max_bytes}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data))
     except Exception as e:  # Pillow raises many types on hostile headers
         # An image format's signature with a header Pillow cannot parse is a damaged image;
         # anything else is not an image at all.
@@ -103,11 +110,9 @@ def inspect_image(
             return Verdict(info, Reason.UNUSUAL_MODE, f"mode {im.mode}")
         if verify_decode:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    if im.format == "JPEG":
-                        im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
-                    im.load()
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+                im.load()
             except Exception as e:
                 return Verdict(info, Reason.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
     return Verdict(info)
@@ -118,6 +123,8 @@ _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM
 
 
 def _has_image_signature(data: bytes) -> bool:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return False
     return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
@@ -147,14 +154,12 @@ def decode_rgb(data: bytes, min_short_side: int | None = None) -> np.ndarray:
     JPEG uses DCT-domain scaling (``draft``); other formats are box-reduced by an integer factor.
     Both keep the shorter side >= ``min_short_side`` so the model-side resize only ever shrinks.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        im = Image.open(io.BytesIO(data))
-        if min_short_side and im.format == "JPEG":
-            w, h = im.size
-            scale = max(1, min(w, h) // min_short_side)
-            im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
-        im.load()
+    im = Image.open(io.BytesIO(data))
+    if min_short_side and im.format == "JPEG":
+        w, h = im.size
+        scale = max(1, min(w, h) // min_short_side)
+        im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
+    im.load()
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)
     im = to_rgb(im)

@@ -13,6 +13,7 @@ from megapairs_ray.io import storage
 from megapairs_ray.io.shards import fetch_bytes, list_shards
 from megapairs_ray.pipeline.embed import run_embed
 from megapairs_ray.pipeline.ingest import run_ingest
+from megapairs_ray.pipeline.shardlist import InputChangedError
 from megapairs_ray.stages import layout
 from megapairs_ray.stages.embed import EmbedStage
 from megapairs_ray.stages.embed_io import load_space
@@ -145,3 +146,21 @@ def test_s3_corpus_and_s3_run_dir(tmp_path, bucket, ray_cluster):
     assert t.num_rows == 16
     assert fs.exists(f"{bucket}/runs/r1/manifest.json")
     assert run_embed(cfg).counts["shards_skipped_done"] == 2
+
+
+def test_changed_source_is_a_counted_reject_and_a_changed_input_is_refused(tmp_path,
+                                                                          ray_cluster):
+    samples = good_samples(6)
+    write_tar(tmp_path / "c" / "s.tar", samples)
+    cfg = config_from_dict(tiny_config(tmp_path / "run", [str(tmp_path / "c")]))
+    assert run_ingest(cfg).counts["images"] == 6
+    # The shard is rewritten after ingest: one image's bytes are no longer what was checked.
+    samples[2]["jpg"] = jpeg(77, (120, 90))
+    write_tar(tmp_path / "c" / "s.tar", samples)
+    rec = run_embed(cfg)
+    assert rec.counts["embedded"] == 5
+    assert rec.rejects == {"source_changed": 1}
+    # A new shard under the same run: refused with a clear message, not half-processed.
+    write_tar(tmp_path / "c" / "t.tar", good_samples(2, prefix="t"))
+    with pytest.raises(InputChangedError, match=r"added \['t.tar'\]"):
+        run_ingest(cfg)

@@ -169,3 +169,47 @@ def test_glob_uris(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     shards = list_shards(InputConfig(uris=[str(tmp_path / "part-*.tar")]))
     assert [s.name for s in shards] == ["part-0.tar", "part-1.tar", "part-2.tar"]
+
+
+def test_hostile_captions_never_break_a_shard(tmp_path):
+    samples = good_samples(3)
+    samples[0]["json"] = b"[" * 100_000  # RecursionError in json.loads
+    del samples[0]["txt"]
+    samples[1]["json"] = b'{"caption": "lone \\ud800 surrogate"}'
+    del samples[1]["txt"]
+    samples[2]["txt"] = b"bad utf-8 \xff\xfe here"
+    write_tar(tmp_path / "s.tar", samples)
+    cfg = InputConfig(uris=[str(tmp_path)])
+    recs, problems = _records(list_shards(cfg)[0], cfg)
+    assert not problems and len(recs) == 3
+    assert recs[0].caption is None
+    assert recs[1].caption == "lone ? surrogate"
+    assert recs[1].caption.encode("utf-8")  # valid UTF-8 now: Arrow will take it
+    assert recs[2].caption.startswith("bad utf-8 ")
+
+
+def test_parquet_column_types(tmp_path):
+    pq.write_table(pa.table({"jpg": ["not", "bytes"], "caption": ["a", "b"]}),
+                   tmp_path / "strings.parquet")
+    pq.write_table(pa.table({"jpg": [jpeg(1)], "caption": [b"bytes caption"]}),
+                   tmp_path / "bincap.parquet")
+    cfg = InputConfig(uris=[str(tmp_path / "strings.parquet")])
+    _, problems = _records(list_shards(cfg)[0], cfg)
+    assert [p.reason for p in problems] == ["bad_column_type"]
+    cfg = InputConfig(uris=[str(tmp_path / "bincap.parquet")])
+    recs, _ = _records(list_shards(cfg)[0], cfg)
+    assert recs[0].caption == "bytes caption"
+
+
+def test_folder_names_with_dots_and_clashing_stems(tmp_path):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "my.photo.jpg").write_bytes(jpeg(1))
+    (tmp_path / "f" / "my.photo.txt").write_text("dotted")
+    (tmp_path / "f" / "cat.jpg").write_bytes(jpeg(2))
+    (tmp_path / "f" / "cat.png").write_bytes(jpeg(3))
+    cfg = InputConfig(uris=[str(tmp_path / "f")], format="folder")
+    recs, _ = _records(list_shards(cfg)[0], cfg)
+    by_key = {r.key: r for r in recs}
+    assert by_key["my.photo"].caption == "dotted" and by_key["my.photo"].problem is None
+    assert [r.problem for r in recs if r.key == "cat"].count("duplicate_key") == 1
+    assert len(recs) == 3  # nothing listed is lost: accepted or a counted duplicate

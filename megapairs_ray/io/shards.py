@@ -19,6 +19,7 @@ import json
 import posixpath
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
@@ -47,7 +48,7 @@ class Shard:
     def slug(self) -> str:
         """A file-name-safe, unique name for this shard's outputs."""
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("_")[-80:]
-        digest = hashlib.blake2b(self.name.encode(), digest_size=4).hexdigest()
+        digest = hashlib.blake2b(self.name.encode(), digest_size=8).hexdigest()
         return f"{stem}-{digest}"
 
     def to_row(self) -> dict[str, str]:
@@ -83,6 +84,14 @@ class ShardProblem:
 # --------------------------------------------------------------------------- listing
 
 
+def _split_ext_last(name: str) -> tuple[str, str]:
+    """Plain files: the extension is after the last dot (``my.photo.jpg`` -> ``jpg``)."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or "/" in ext:
+        return name, ""
+    return stem, ext.lower()
+
+
 def _split_ext(name: str) -> tuple[str, str]:
     """webdataset's rule: the key is everything before the first dot of the base name."""
     base = posixpath.basename(name)
@@ -100,10 +109,14 @@ def list_shards(cfg: InputConfig) -> list[Shard]:
         shards.extend(_shards_for(uri, cfg))
     if not shards:
         raise FileNotFoundError(f"input.uris matched no shards: {cfg.uris}")
-    names = [s.name for s in shards]
-    dupes = {n for n in names if names.count(n) > 1}
+    names = Counter(s.name for s in shards)
+    dupes = sorted(n for n, c in names.items() if c > 1)
     if dupes:
-        raise ValueError(f"input.uris name the same shard more than once: {sorted(dupes)[:5]}")
+        raise ValueError(f"input.uris name the same shard more than once: {dupes[:5]}")
+    slugs = Counter(s.slug for s in shards)
+    clash = sorted(n for n, c in slugs.items() if c > 1)
+    if clash:  # 64-bit digests: not expected, but outputs must never overwrite each other
+        raise ValueError(f"two shards map to the same output name: {clash[:5]}")
     return shards
 
 
@@ -142,7 +155,7 @@ def _shards_for(uri: str, cfg: InputConfig) -> list[Shard]:
         return [Shard(storage.with_scheme(fs, p), rel(p), "parquet")
                 for p in files if p.endswith(".parquet")]
     image_exts = {e.lower() for e in cfg.image_extensions}
-    images = [p for p in files if _split_ext(p)[1] in image_exts]
+    images = [p for p in files if _split_ext_last(p)[1] in image_exts]
     out = []
     for i in range(0, len(images), FOLDER_SHARD_SIZE):
         chunk = images[i : i + FOLDER_SHARD_SIZE]
@@ -155,23 +168,37 @@ def _shards_for(uri: str, cfg: InputConfig) -> list[Shard]:
 # --------------------------------------------------------------------------- reading
 
 
+def clean_text(value: object) -> str | None:
+    """A caption as valid UTF-8 text, or None. Bytes are decoded leniently; lone surrogates
+    (which JSON allows and Arrow refuses) are replaced; containers are not captions."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    elif isinstance(value, (int, float)):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    return value.encode("utf-8", errors="replace").decode("utf-8")
+
+
 def _caption_from(ext: str, data: bytes, cfg: InputConfig) -> str | None:
     text = data.decode("utf-8", errors="replace")
     if ext == "json":
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # malformed, absurdly deep or huge numbers
             return None
         value = doc.get(cfg.json_caption_field) if isinstance(doc, dict) else None
-        return value if isinstance(value, str) else None
-    return text
+        return clean_text(value) if isinstance(value, str) else None
+    return clean_text(text)
 
 
 def _record_from_group(key: str, members: dict[str, tuple[bytes, dict[str, object]]],
                        cfg: InputConfig) -> Record:
-    image_ext = next((e for e in cfg.image_extensions if e in members), None)
+    image_ext = next((e.lower() for e in cfg.image_extensions if e.lower() in members), None)
     caption = None
-    for ext in cfg.caption_extensions:
+    for ext in (e.lower() for e in cfg.caption_extensions):
         if ext in members:
             caption = _caption_from(ext, members[ext][0], cfg)
             if caption is not None:
@@ -186,7 +213,7 @@ def _record_from_group(key: str, members: dict[str, tuple[bytes, dict[str, objec
 def read_webdataset(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProblem]:
     """Stream a tar once, grouping consecutive members by key, recording byte offsets."""
     fs, path = storage.filesystem(shard.uri)
-    wanted = set(cfg.image_extensions) | set(cfg.caption_extensions)
+    wanted = {e.lower() for e in (*cfg.image_extensions, *cfg.caption_extensions)}
     current: str | None = None
     group: dict[str, tuple[bytes, dict[str, object]]] = {}
     seen: set[str] = set()
@@ -208,12 +235,14 @@ def read_webdataset(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardPr
                     raise tarfile.ReadError(f"member {info.name} is cut short")
                 group[ext] = (data, {"offset": info.offset_data, "length": info.size})
             _check_end_of_archive(f, tar)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+    except Exception as e:
+        # A cut-short or damaged tar (or storage failing mid-read): keep what came before.
+        reason = (Reason.TAR_TRUNCATED if isinstance(e, (tarfile.TarError, EOFError))
+                  else Reason.SHARD_UNREADABLE)
         if current is not None:
             # The sample in flight may be missing members that sat past the cut: not trusted.
-            yield Record(current, None, None, problem=Reason.TAR_TRUNCATED,
-                         detail=f"{type(e).__name__}: {e}")
-        yield ShardProblem(Reason.TAR_TRUNCATED, f"{type(e).__name__}: {e}")
+            yield Record(current, None, None, problem=reason, detail=f"{type(e).__name__}: {e}")
+        yield ShardProblem(reason, f"{type(e).__name__}: {e}")
         return
     if current is not None:
         yield _finish(current, group, seen, cfg)
@@ -250,6 +279,15 @@ def _image_column_bytes(column: pa.ChunkedArray | pa.Array) -> list[bytes | None
     return column.to_pylist()
 
 
+def _is_bytes_column(t: pa.DataType) -> bool:
+    binary = (pa.types.is_binary(t) or pa.types.is_large_binary(t)
+              or pa.types.is_fixed_size_binary(t))
+    if pa.types.is_struct(t):
+        idx = t.get_field_index("bytes")
+        return idx >= 0 and _is_bytes_column(t.field(idx).type)
+    return binary
+
+
 def read_parquet(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProblem]:
     """Stream a parquet file a record batch at a time; the location is the row index."""
     fs, path = storage.filesystem(shard.uri)
@@ -264,6 +302,12 @@ def read_parquet(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProbl
         if cfg.image_column not in names:
             yield ShardProblem(Reason.MISSING_COLUMN,
                                f"no image column {cfg.image_column!r}; columns: {sorted(names)}")
+            return
+        image_type = pf.schema_arrow.field(cfg.image_column).type
+        if not _is_bytes_column(image_type):
+            yield ShardProblem(Reason.BAD_COLUMN_TYPE,
+                               f"image column {cfg.image_column!r} is {image_type}, not binary "
+                               "or struct<bytes: binary, ...>")
             return
         columns = [cfg.image_column]
         has_caption = cfg.caption_column in names
@@ -286,8 +330,7 @@ def read_parquet(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProbl
                                      detail=f"row {row}")
                     else:
                         seen.add(key)
-                        cap = cap if isinstance(cap, str) or cap is None else str(cap)
-                        yield Record(key, img if img is not None else b"", cap,
+                        yield Record(key, img if img is not None else b"", clean_text(cap),
                                      location={"row": row})
                     row += 1
         except Exception as e:
@@ -296,27 +339,34 @@ def read_parquet(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProbl
 
 
 def read_folder(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProblem]:
-    """Images with a caption file of the same stem beside them."""
-    fs, _ = storage.filesystem(shard.uri)
-    root = storage.filesystem(shard.uri)[1].rstrip("/")
+    """Images with a caption file of the same stem beside them (``cat.jpg`` + ``cat.txt``)."""
+    fs, root = storage.filesystem(shard.uri)
+    root = root.rstrip("/")
+    seen: set[str] = set()
     for member_uri in shard.members:
         _, mpath = storage.filesystem(member_uri)
-        stem, _ext = _split_ext(mpath)
+        stem, _ext = _split_ext_last(mpath)
         key = posixpath.relpath(stem, root)
+        if key in seen:  # cat.jpg beside cat.png: one id, so the second is a duplicate
+            yield Record(key, None, None, problem=Reason.DUPLICATE_KEY,
+                         detail=f"{posixpath.basename(mpath)}: another image has this name")
+            continue
+        seen.add(key)
         try:
             with fs.open(mpath, "rb") as f:
                 data = f.read()
+            caption = None
+            for ext in cfg.caption_extensions:
+                cpath = f"{stem}.{ext}"
+                if fs.exists(cpath):
+                    with fs.open(cpath, "rb") as f:
+                        caption = _caption_from(ext, f.read(), cfg)
+                    if caption is not None:
+                        break
         except OSError as e:
-            yield Record(key, None, None, problem=Reason.SHARD_UNREADABLE, detail=str(e))
+            yield Record(key, None, None, problem=Reason.SHARD_UNREADABLE,
+                         detail=f"{type(e).__name__}: {e}")
             continue
-        caption = None
-        for ext in cfg.caption_extensions:
-            cpath = f"{stem}.{ext}"
-            if fs.exists(cpath):
-                with fs.open(cpath, "rb") as f:
-                    caption = _caption_from(ext, f.read(), cfg)
-                if caption is not None:
-                    break
         yield Record(key, data, caption,
                      location={"file": member_uri, "offset": 0, "length": len(data)})
 

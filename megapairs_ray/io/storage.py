@@ -7,6 +7,7 @@ test server needs no code path of its own.
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import uuid
@@ -61,30 +62,35 @@ def remove(uri: str, recursive: bool = False) -> None:
         fs.rm(path, recursive=recursive)
 
 
-def list_files(uri: str, suffix: str = "") -> list[str]:
-    """Files directly or recursively under ``uri`` ending with ``suffix``, sorted, as URIs."""
+def list_files(uri: str, suffix: str = "", include_hidden: bool = False) -> list[str]:
+    """Files recursively under ``uri`` ending with ``suffix``, sorted, as URIs. Hidden names
+    (``.tmp-*`` left by a writer that died) are skipped unless asked for."""
     fs, path = filesystem(uri)
     if not fs.exists(path):
         return []
     found = fs.find(path)
-    return sorted(with_scheme(fs, p) for p in found if p.endswith(suffix))
+    return sorted(with_scheme(fs, p) for p in found if p.endswith(suffix)
+                  and (include_hidden or not posixpath.basename(p).startswith(".")))
 
 
 @contextmanager
 def open_atomic(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Write to a temporary name and rename on success, so readers never see half a file.
 
-    On s3 a single PUT is already atomic (the object appears whole or not at all), so there the
-    object is written in place.
+    On object storage the bytes are gathered in memory and sent in one PUT only when the block
+    succeeds: a PUT is atomic, and an exception sends nothing (an fsspec file would upload what
+    it had on close). No ``makedirs`` there either: s3fs would create a mistyped bucket.
     """
     fs, path = filesystem(uri)
+    if is_remote(uri):
+        buf: IO[Any] = io.StringIO() if "b" not in mode else io.BytesIO()
+        yield buf
+        data = buf.getvalue()
+        fs.pipe_file(path, data.encode() if isinstance(data, str) else data)
+        return
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if is_remote(uri):
-        with fs.open(path, mode) as f:
-            yield f
-        return
     tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
     try:
         with fs.open(tmp, mode) as f:

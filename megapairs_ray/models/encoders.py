@@ -30,13 +30,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """How one image model wants its pixels: centre square crop (a fraction of the short side),
-    resized to ``size`` x ``size``, normalised with ``mean``/``std`` in [0, 1] units."""
+    """How one image model wants its pixels, as torchvision's eval transforms define it:
+    ``shortest`` resizes the short side to ``size / crop_fraction`` and centre-crops
+    ``size`` x ``size``; ``squash`` resizes straight to ``size`` x ``size``. Then normalised with
+    ``mean``/``std`` (in [0, 1] units)."""
 
     size: int
     crop_fraction: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
 
     @property
     def min_source_side(self) -> int:
@@ -80,7 +84,13 @@ def build_clip(cfg: ClipEncoderConfig, device: torch.device, dtype: torch.dtype)
     pcfg = model.visual.preprocess_cfg
     size = pcfg["size"]
     size = size if isinstance(size, int) else int(size[0])
-    spec = ImageSpec(size, 1.0, tuple(pcfg["mean"]), tuple(pcfg["std"]))  # type: ignore[arg-type]
+    resize_mode = pcfg.get("resize_mode", "shortest")
+    interpolation = pcfg.get("interpolation", "bicubic")
+    if resize_mode not in ("shortest", "squash") or interpolation not in ("bicubic", "bilinear"):
+        raise ValueError(f"embed.clip.model {cfg.model!r}: preprocessing {resize_mode}/"
+                         f"{interpolation} is not supported (shortest|squash, bicubic|bilinear)")
+    spec = ImageSpec(size, 1.0, tuple(pcfg["mean"]), tuple(pcfg["std"]),  # type: ignore[arg-type]
+                     resize_mode, interpolation)
 
     @torch.inference_mode()
     def encode_image(pixels: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ import ray
 from megapairs_ray import manifest
 from megapairs_ray.config import RunConfig
 from megapairs_ray.io import storage
-from megapairs_ray.io.shards import Shard, list_shards
+from megapairs_ray.io.shards import Shard
+from megapairs_ray.pipeline.shardlist import run_shards
 from megapairs_ray.stages import layout
 from megapairs_ray.stages.embed import EmbedStage
 from megapairs_ray.stages.embed_io import read_accepted_images, write_embeddings
@@ -31,8 +32,8 @@ class IncompleteEmbedError(RuntimeError):
 def _clear_partial(run_dir: str, slug: str) -> None:
     for space in layout.SPACES:
         storage.remove(layout.embeddings_shard_dir(run_dir, space, slug), recursive=True)
-    for f in storage.list_files(layout.rejects_dir(run_dir, "embed"), ".parquet"):
-        if f.rsplit("/", 1)[-1].startswith(f"{slug}-part-"):
+    for f in storage.list_files(layout.rejects_dir(run_dir, "embed"), include_hidden=True):
+        if f"{slug}-part-" in f.rsplit("/", 1)[-1]:
             storage.remove(f)
 
 
@@ -71,7 +72,7 @@ def build_embed_dataset(cfg: RunConfig, todo: list[Shard]) -> ray.data.Dataset:
 
 def run_embed(cfg: RunConfig) -> manifest.StageRecord:
     record = manifest.StageRecord("embed").start()
-    shards = list_shards(cfg.input)
+    shards = run_shards(cfg)
     ingested = [s for s in shards if storage.exists(layout.ingest_marker(cfg.run_dir, s.slug))]
     if len(ingested) < len(shards):
         raise RuntimeError(f"{len(shards) - len(ingested)} shard(s) are not ingested yet; "

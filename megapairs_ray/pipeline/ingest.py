@@ -11,7 +11,8 @@ import ray
 from megapairs_ray import manifest
 from megapairs_ray.config import RunConfig
 from megapairs_ray.io import storage
-from megapairs_ray.io.shards import Shard, list_shards
+from megapairs_ray.io.shards import Shard
+from megapairs_ray.pipeline.shardlist import run_shards
 from megapairs_ray.stages import layout
 from megapairs_ray.stages.ingest import IngestShard
 
@@ -26,7 +27,7 @@ def pending_shards(cfg: RunConfig, shards: list[Shard]) -> list[Shard]:
 
 def run_ingest(cfg: RunConfig) -> manifest.StageRecord:
     record = manifest.StageRecord("ingest").start()
-    shards = list_shards(cfg.input)
+    shards = run_shards(cfg)
     todo = pending_shards(cfg, shards)
     record.inputs = {"uris": list(cfg.input.uris), "shards": len(shards)}
     record.counts["shards_skipped_done"] = len(shards) - len(todo)

@@ -47,6 +47,7 @@ class EmbedStage:
         self.min_side = max(self.clip.spec.min_source_side, self.dino.spec.min_source_side)
         self.pool = ThreadPoolExecutor(cfg.decode_threads) if cfg.decode_threads > 1 else None
         self._local = threading.local()
+        self._tokenizer_lock = threading.Lock()
         self.dims = {"clip_image": self.clip.dim, "dino_image": self.dino.dim,
                      "clip_text": self.clip.dim}
 
@@ -67,12 +68,18 @@ class EmbedStage:
 
     def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["image_id"])
-        images: list[bytes] = [bytes(b) for b in batch["image"]]
-        decoded = self._decode(images, batch)
-        status = np.array(["" for _ in range(n)], dtype=object)
-        detail = np.array(["" for _ in range(n)], dtype=object)
+        # Rows the reader already rejected (source changed or unreadable) carry their reason.
+        status = np.array(batch["status"] if "status" in batch else [""] * n, dtype=object)
+        detail = np.array(batch["detail"] if "detail" in batch else [""] * n, dtype=object)
+        todo = [i for i in range(n) if not status[i]]
+        decoded: list[torch.Tensor | Exception | None] = [None] * n
+        if todo:
+            sub = {k: v[todo] for k, v in batch.items() if k in ("format", "mode")}
+            for i, t in zip(todo, self._decode([bytes(batch["image"][i]) for i in todo], sub)):
+                decoded[i] = t
         good = []
-        for i, t in enumerate(decoded):
+        for i in todo:
+            t = decoded[i]
             if isinstance(t, torch.Tensor):
                 good.append(i)
             else:
@@ -92,7 +99,8 @@ class EmbedStage:
             results["clip_image"] = (good, self.clip.encode_image(clip_px))
             results["dino_image"] = (good, self.dino.encode_image(dino_px))
         if len(text_idx):
-            tokens = self.clip.tokenize([str(captions[i]) for i in text_idx])
+            with self._tokenizer_lock:  # HF fast tokenizers refuse concurrent calls
+                tokens = self.clip.tokenize([str(captions[i]) for i in text_idx])
             results["clip_text"] = (text_idx, self.clip.encode_tokens(tokens))
         out = {space: np.zeros((n, dim), dtype=np.float16) for space, dim in self.dims.items()}
         for space, (rows, emb) in results.items():

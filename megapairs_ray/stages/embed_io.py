@@ -9,7 +9,7 @@ driver can mark a shard finished once every one of its rows is accounted for.
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from megapairs_ray.config import InputConfig
+from megapairs_ray.imaging import Reason
 from megapairs_ray.io import storage
-from megapairs_ray.io.shards import Record, Shard, read_shard
+from megapairs_ray.io.shards import Shard, ShardProblem, read_shard
 from megapairs_ray.stages import layout
 from megapairs_ray.stages.ingest import REJECTS_SCHEMA
 
@@ -32,26 +33,43 @@ def read_accepted_images(batch: dict[str, np.ndarray], run_dir: str, input_cfg: 
         shard = Shard.from_row({k: batch[k][i] for k in batch})
         accepted = storage.read_parquet(
             layout.images_file(run_dir, shard.slug),
-            columns=["image_id", "key", "caption", "format", "mode"]).to_pylist()
+            columns=["image_id", "key", "caption", "format", "mode", "length"]).to_pylist()
         by_key = {r["key"]: r for r in accepted}
         rows: list[dict[str, Any]] = []
+        problem: ShardProblem | None = None
         for rec in read_shard(shard, input_cfg):
-            if not isinstance(rec, Record) or rec.key not in by_key or rec.image is None:
+            if isinstance(rec, ShardProblem):
+                problem = rec
+                continue
+            if rec.key not in by_key or rec.image is None:
                 continue
             meta = by_key.pop(rec.key)
-            rows.append({"image_id": meta["image_id"], "shard": shard.slug, "image": rec.image,
-                         "caption": meta["caption"], "format": meta["format"],
-                         "mode": meta["mode"]})
+            status, detail = "", ""
+            if meta["length"] is not None and len(rec.image) != meta["length"]:
+                # Not the bytes ingest checked (the shard was rewritten since): never decoded.
+                status, detail = Reason.SOURCE_CHANGED, (
+                    f"{len(rec.image)} bytes now, {meta['length']} at ingest")
+            rows.append(_row(meta, shard.slug, rec.image, status, detail))
             if len(rows) >= rows_per_batch:
                 yield _columns(rows)
                 rows = []
         for meta in by_key.values():
-            # Accepted at ingest but gone now (the shard changed since): an embed reject, so the
-            # shard's row count still adds up.
-            rows.append({"image_id": meta["image_id"], "shard": shard.slug, "image": b"",
-                         "caption": meta["caption"], "format": "MISSING", "mode": ""})
+            # Accepted at ingest but not readable now: an embed reject with the reason, so the
+            # shard's count still adds up and nothing vanishes.
+            if problem is not None:
+                status, detail = problem.reason, f"not reached: {problem.detail}"
+            else:
+                status, detail = Reason.SOURCE_CHANGED, "record no longer in the shard"
+            rows.append(_row(meta, shard.slug, b"", status, detail))
         if rows:
             yield _columns(rows)
+
+
+def _row(meta: dict[str, Any], slug: str, image: bytes, status: str, detail: str,
+         ) -> dict[str, Any]:
+    return {"image_id": meta["image_id"], "shard": slug, "image": image,
+            "caption": meta["caption"], "format": meta["format"], "mode": meta["mode"],
+            "status": status, "detail": detail}
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -62,6 +80,8 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "caption": np.array([r["caption"] for r in rows], dtype=object),
         "format": np.array([r["format"] for r in rows], dtype=object),
         "mode": np.array([r["mode"] for r in rows], dtype=object),
+        "status": np.array([r["status"] for r in rows], dtype=object),
+        "detail": np.array([r["detail"] for r in rows], dtype=object),
     }
 
 
@@ -82,7 +102,10 @@ def write_embeddings(batch: dict[str, np.ndarray], run_dir: str) -> dict[str, An
         sel = shards == slug
         ok = sel & (status == "")
         bad = sel & (status != "")
-        part = f"part-{uuid.uuid4().hex}.parquet"
+        # Named by content: a retried writer task rewrites the same file instead of adding a
+        # second copy of the same rows.
+        ids_bytes = np.sort(batch["image_id"][sel]).tobytes()
+        part = f"part-{hashlib.blake2b(ids_bytes, digest_size=12).hexdigest()}.parquet"
         if ok.any():
             ids = batch["image_id"][ok]
             for space in ("clip_image", "dino_image"):

@@ -84,7 +84,11 @@ class IngestShard:
                 counts["shard_problems"] += 1
                 continue
             counts["records"] += 1
-            row, reject = self._gate(shard, item, counts)
+            try:
+                row, reject = self._gate(shard, item, counts)
+            except Exception as e:  # a record no check foresaw: its own reject, not the shard's
+                row, reject = None, reject_row(shard.name, item.key, "ingest",
+                                               Reason.INVALID_RECORD, f"{type(e).__name__}: {e}")
             if row is not None:
                 rows.append(row)
             else:

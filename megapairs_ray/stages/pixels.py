@@ -4,10 +4,10 @@ Decode: on the GPU, JPEGs go through nvJPEG (``torchvision.io.decode_jpeg`` on a
 batched call); anything else, and any JPEG nvJPEG refuses, falls back to Pillow on a thread pool
 (Pillow releases the GIL while decoding). On the CPU everything is Pillow.
 
-Preprocess: each model wants a centre square crop of a fraction of the short side, resized to
-S x S and normalised. Images that share a shape are stacked and cropped/resized in one call, so a
-corpus resized upstream (img2dataset's usual 256 or 512) costs one interpolate per batch, not one
-per image.
+Preprocess: torchvision's eval transform (resize the short side to S / crop_fraction, centre-crop
+S x S, normalise), reproduced as tensor ops. Images that share a shape are stacked and resized in
+one call, so a corpus resized upstream (img2dataset's usual 256 or 512) costs one interpolate per
+batch, not one per image.
 """
 
 from __future__ import annotations
@@ -75,13 +75,25 @@ def to_model_input(images: Sequence[torch.Tensor], spec: ImageSpec, dtype: torch
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
     for (h, w), idx in groups.items():
-        side = max(1, round(spec.crop_fraction * min(h, w)))
-        top, left = (h - side) // 2, (w - side) // 2
         stack = torch.stack([images[i] for i in idx]) if len(idx) > 1 else images[idx[0]][None]
-        crop = stack[:, top : top + side, left : left + side].permute(0, 3, 1, 2).float()
-        if side != spec.size:
-            crop = F.interpolate(crop, size=(spec.size, spec.size), mode="bicubic",
-                                 antialias=side > spec.size, align_corners=False)
-        crop = ((crop.clamp_(0, 255) - mean) / std).to(dtype)
-        out[torch.tensor(idx, device=device)] = crop
+        x = stack.permute(0, 3, 1, 2).float()
+        new_h, new_w = resized_size(h, w, spec)
+        if (new_h, new_w) != (h, w):
+            x = F.interpolate(x, size=(new_h, new_w), mode=spec.interpolation, antialias=True,
+                              align_corners=False)
+        # torchvision's CenterCrop offsets, so results match its transforms pixel for pixel.
+        top = round((new_h - spec.size) / 2.0)
+        left = round((new_w - spec.size) / 2.0)
+        x = x[:, :, top : top + spec.size, left : left + spec.size]
+        out[torch.tensor(idx, device=device)] = ((x.clamp_(0, 255) - mean) / std).to(dtype)
     return out
+
+
+def resized_size(h: int, w: int, spec: ImageSpec) -> tuple[int, int]:
+    """torchvision ``Resize(int)`` on the short side (or a squash to a square)."""
+    if spec.resize_mode == "squash":
+        return spec.size, spec.size
+    short_target = round(spec.size / spec.crop_fraction)
+    if h <= w:
+        return short_target, int(short_target * w / h)
+    return int(short_target * h / w), short_target

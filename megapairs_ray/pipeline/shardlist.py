@@ -1,0 +1,41 @@
+"""The run's shard list, fixed when the run starts.
+
+Ids and resume markers are per shard, and a folder input's shards are chunks of a listing: if the
+input changed under a run (files added, removed, a shard rewritten), finished markers would vouch
+for shards that are no longer what they were. So the first stage to run writes the list to
+``RUN/shards.json``; every later stage and rerun uses it, and refuses to go on if the input no
+longer matches.
+"""
+
+from __future__ import annotations
+
+from megapairs_ray.config import RunConfig
+from megapairs_ray.io import storage
+from megapairs_ray.io.shards import Shard, list_shards
+
+
+class InputChangedError(RuntimeError):
+    """The input no longer matches the shard list this run started with."""
+
+
+def shards_uri(run_dir: str) -> str:
+    return storage.join(run_dir, "shards.json")
+
+
+def run_shards(cfg: RunConfig) -> list[Shard]:
+    current = list_shards(cfg.input)
+    uri = shards_uri(cfg.run_dir)
+    if not storage.exists(uri):
+        storage.write_json(uri, [s.to_row() for s in current])
+        return current
+    recorded = [Shard.from_row(r) for r in storage.read_json(uri)]
+    if recorded != current:
+        before = {s.name: s for s in recorded}
+        now = {s.name: s for s in current}
+        added = sorted(now.keys() - before.keys())
+        removed = sorted(before.keys() - now.keys())
+        changed = sorted(n for n in now.keys() & before.keys() if now[n] != before[n])
+        raise InputChangedError(
+            f"the input changed since this run started ({uri}): added {added[:3]}, removed "
+            f"{removed[:3]}, changed {changed[:3]}; start a new run_dir for the new input")
+    return recorded

@@ -87,9 +87,10 @@ def main() -> None:
     build_corpus(corpus, n_images=args.images, shard_size=args.shard_size)
     run_dir = work / "run"
     overrides = [f"run_dir={run_dir}", f"input.uris=[{corpus}]",
-                 # Same cores for both: the actor's torch gets 2 threads like the loop's.
-                 "embed.num_cpus=1.5", "embed.reader_num_cpus=0.25",
-                 "embed.writer_num_cpus=0.25"]
+                 # The two cores split as the tiny profile does: one for the encoder actor,
+                 # one for the shard readers and writers around it.
+                 "embed.num_cpus=1", "embed.reader_num_cpus=0.5",
+                 "embed.writer_num_cpus=0.5"]
     cfg = load_config(args.config, overrides)
     ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
              include_dashboard=False, log_to_driver=False)

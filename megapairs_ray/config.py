@@ -118,6 +118,66 @@ class EmbedConfig(_Strict):
         return self
 
 
+SPACE_NAMES = ("clip_image", "dino_image", "clip_text")
+
+
+class IndexConfig(_Strict):
+    """One FAISS index per embedding space, sharded by image-id range."""
+
+    # flat: exact; ivf_flat / ivf_pq / hnsw: approximate, for large runs.
+    kind: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = "flat"
+    device: Literal["cpu", "cuda"] = "cpu"
+    shards: int = Field(default=1, ge=1)
+    nlist: int | None = Field(default=None, gt=0, description="IVF lists; None = 4*sqrt(n).")
+    nprobe: int = Field(default=32, gt=0)
+    pq_m: int = Field(default=16, gt=0)
+    pq_nbits: int = Field(default=8, gt=0, le=16)
+    # Re-rank IVF-PQ candidates with the exact vectors (costs their memory, buys recall).
+    pq_refine: bool = True
+    hnsw_m: int = Field(default=32, gt=1)
+    hnsw_ef_search: int = Field(default=128, gt=0)
+    hnsw_ef_construction: int = Field(default=200, gt=0)
+    train_sample: int = Field(default=100_000, gt=0)
+    # Each shard is held by one actor with these resources.
+    shard_num_cpus: float = Field(default=0.5, gt=0)
+    shard_num_gpus: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> IndexConfig:
+        if self.device == "cuda" and self.shard_num_gpus == 0:
+            raise ValueError("index.device=cuda needs index.shard_num_gpus > 0")
+        return self
+
+
+class MineConfig(_Strict):
+    """The paper's pair-mining rules (REFERENCE.md §1), with what it leaves open made explicit."""
+
+    spaces: list[Literal["clip_image", "dino_image", "clip_text"]] = list(SPACE_NAMES)
+    k: int = Field(default=32, gt=1, description="Neighbours searched per query per space.")
+    # A neighbour is a target candidate when lo < similarity < hi: below is a weak link, above a
+    # near-duplicate. Per space, since models differ in their similarity scales.
+    windows: dict[str, tuple[float, float]] = {s: (0.8, 0.96) for s in SPACE_NAMES}
+    targets_per_query: int = Field(default=3, ge=1)
+    min_hard_negatives: int = Field(default=5, ge=0)
+    max_hard_negatives: int = Field(default=10, ge=1)
+    query_fraction: float = Field(default=1.0, gt=0, le=1)
+    seed: int = 0
+    num_cpus: float = Field(default=0.5, gt=0)
+    actors: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> MineConfig:
+        for space in self.spaces:
+            if space not in self.windows:
+                raise ValueError(f"mine.windows has no window for space {space!r}")
+            lo, hi = self.windows[space]
+            if not -1.0 <= lo < hi <= 1.0:
+                raise ValueError(f"mine.windows[{space}] must satisfy -1 <= lo < hi <= 1")
+        if self.min_hard_negatives > self.max_hard_negatives:
+            raise ValueError("mine.min_hard_negatives > mine.max_hard_negatives")
+        return self
+
+
 class RayConfig(_Strict):
     """How the driver reaches Ray. ``address: null`` starts a local Ray for CPU runs."""
 
@@ -134,6 +194,8 @@ class RunConfig(_Strict):
     input: InputConfig
     ingest: IngestConfig = IngestConfig()
     embed: EmbedConfig
+    index: IndexConfig = IndexConfig()
+    mine: MineConfig = MineConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("run_dir")

@@ -136,7 +136,12 @@ def write_embeddings(batch: dict[str, np.ndarray], run_dir: str) -> dict[str, An
 def load_space(run_dir: str, space: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64 [N], vectors float16 [N, D]) of one space — for small runs and checks; at
     scale the index stage streams the parts instead."""
-    table = storage.read_parquet_dir(layout.embeddings_dir(run_dir, space))
+    return embedding_matrix(layout.embeddings_dir(run_dir, space))
+
+
+def embedding_matrix(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, fp16 vectors) of every embeddings part under ``uri``."""
+    table = storage.read_parquet_dir(uri)
     if table is None:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float16)
     col = table.column("embedding").combine_chunks()

@@ -1,0 +1,146 @@
+"""Mine on Ray: shard actors hold the indexes; miner actors fan each query batch out to them.
+
+Queries are processed one input shard at a time (the embed stage wrote each input shard's
+vectors side by side in every space), so a miner reads only that shard's three small slices.
+For each space it sends the queries to every index shard's actor at once, merges the top-k lists
+exactly (``merge_topk``), applies the mining rules and writes ``pairs/<shard>.parquet`` and its
+rejects. A written pairs file is that input shard's completion marker.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from megapairs_ray import manifest
+from megapairs_ray.config import MineConfig, RunConfig
+from megapairs_ray.io import storage
+from megapairs_ray.pipeline.index import index_dir
+from megapairs_ray.pipeline.shardlist import run_shards
+from megapairs_ray.stages import layout
+from megapairs_ray.stages.embed_io import embedding_matrix
+from megapairs_ray.stages.index import IndexShard, IndexStageError, merge_topk, read_meta
+from megapairs_ray.stages.mine import is_query, mine_batch
+
+PAIRS_SCHEMA = pa.schema([
+    ("pair_id", pa.int64()), ("query_id", pa.int64()), ("target_id", pa.int64()),
+    ("spaces", pa.list_(pa.string())), ("similarities", pa.list_(pa.float32())),
+    ("hard_negatives", pa.list_(pa.int64())),
+])
+MINE_REJECTS_SCHEMA = pa.schema([
+    ("query_id", pa.int64()), ("target_id", pa.int64()), ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+
+
+def pairs_file(run_dir: str, slug: str) -> str:
+    return storage.join(run_dir, "pairs", f"{slug}.parquet")
+
+
+class MineShard:
+    """Callable stage (a Ray actor): ``{"slug"}`` rows in, per-shard summaries out."""
+
+    def __init__(self, run_dir: str, cfg: MineConfig, shard_actors: dict[str, list[Any]]) -> None:
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.shard_actors = shard_actors
+
+    def search(self, space: str, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        refs = [a.search.remote(queries, self.cfg.k) for a in self.shard_actors[space]]
+        return merge_topk(ray.get(refs), self.cfg.k)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, list[Any]] = {"slug": [], "queries": [], "pairs": [], "rejected": []}
+        for slug in batch["slug"]:
+            summary = self.mine_slug(str(slug))
+            for k in out:
+                out[k].append(summary[k])
+        return {k: np.array(v) for k, v in out.items()}
+
+    def mine_slug(self, slug: str) -> dict[str, Any]:
+        vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for space in self.cfg.spaces:
+            vectors[space] = embedding_matrix(
+                layout.embeddings_shard_dir(self.run_dir, space, slug))
+        all_ids = np.unique(np.concatenate([ids for ids, _ in vectors.values()]))
+        queries = all_ids[is_query(all_ids, self.cfg.query_fraction, self.cfg.seed)]
+        neighbours: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for space, (ids, vecs) in vectors.items():
+            scores = np.full((len(queries), self.cfg.k), -np.inf, dtype=np.float32)
+            nbr = np.full((len(queries), self.cfg.k), -1, dtype=np.int64)
+            pos = {int(i): r for r, i in enumerate(ids)}
+            rows = [r for r, q in enumerate(queries) if int(q) in pos]
+            if rows:  # a query without a vector here (no caption: no text vector) skips it
+                vq = vecs[[pos[int(queries[r])] for r in rows]].astype(np.float32)
+                finite = np.isfinite(vq).all(axis=1)
+                rows = [r for r, ok in zip(rows, finite) if ok]
+                if rows:
+                    s, i = self.search(space, vq[finite])
+                    scores[rows], nbr[rows] = s, i
+            neighbours[space] = (scores, nbr)
+        pairs, rejects = mine_batch(queries.tolist(), neighbours, self.cfg)
+        storage.write_parquet(storage.join(layout.rejects_dir(self.run_dir, "mine"),
+                                           f"{slug}.parquet"),
+                              pa.Table.from_pylist(rejects, schema=MINE_REJECTS_SCHEMA))
+        storage.write_parquet(pairs_file(self.run_dir, slug),
+                              pa.Table.from_pylist(pairs, schema=PAIRS_SCHEMA))
+        return {"slug": slug, "queries": len(queries), "pairs": len(pairs),
+                "rejected": len(rejects)}
+
+
+def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
+    actor_cls = ray.remote(IndexShard)
+    actors: dict[str, list[Any]] = {}
+    for space in cfg.mine.spaces:
+        meta = read_meta(index_dir(cfg.run_dir, space))
+        if meta["config"] != cfg.index.model_dump(mode="json"):
+            raise IndexStageError(f"the index of {space!r} was built with another index config; "
+                              "rerun the index stage")
+        actors[space] = [
+            actor_cls.options(num_cpus=cfg.index.shard_num_cpus,
+                              num_gpus=cfg.index.shard_num_gpus).remote(
+                index_dir(cfg.run_dir, space), s, cfg.index)
+            for s in range(meta["shards"])
+        ]
+    # Fail here, with the shard's own message, if a shard file is missing or corrupt.
+    ray.get([a.__ray_ready__.remote() for lst in actors.values() for a in lst])
+    return actors
+
+
+def run_mine(cfg: RunConfig) -> manifest.StageRecord:
+    record = manifest.StageRecord("mine").start()
+    shards = run_shards(cfg)
+    slugs = [s.slug for s in shards]
+    todo = [s for s in slugs if not storage.exists(pairs_file(cfg.run_dir, s))]
+    record.counts["shards_skipped_done"] = len(slugs) - len(todo)
+    if todo:
+        actors = start_shard_actors(cfg)
+        ds = ray.data.from_items([{"slug": s} for s in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            MineShard,
+            fn_constructor_kwargs={"run_dir": cfg.run_dir, "cfg": cfg.mine,
+                                   "shard_actors": actors},
+            batch_size=1, num_cpus=cfg.mine.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.mine.actors))
+        for row in ds.iter_rows():
+            record.counts["shards_mined"] += 1
+            del row
+        for lst in actors.values():
+            for a in lst:
+                ray.kill(a)
+    pairs = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs"), ["pair_id", "spaces"])
+    if pairs is not None:
+        record.counts["pairs"] = pairs.num_rows
+        for spaces in pairs.column("spaces").to_pylist():
+            record.counts["pairs_from_" + "+".join(spaces)] += 1
+    rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, "mine"), ["reason"])
+    if rejects is not None:
+        record.rejects.update(Counter(rejects.column("reason").to_pylist()))
+    record.outputs = {"pairs": storage.join(cfg.run_dir, "pairs")}
+    record.finish()
+    manifest.record_stage(cfg.run_dir, record)
+    return record

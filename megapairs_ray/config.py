@@ -134,6 +134,7 @@ class IndexConfig(_Strict):
     pq_nbits: int = Field(default=8, gt=0, le=16)
     # Re-rank IVF-PQ candidates with the exact vectors (costs their memory, buys recall).
     pq_refine: bool = True
+    pq_refine_k_factor: int = Field(default=8, ge=1)
     hnsw_m: int = Field(default=32, gt=1)
     hnsw_ef_search: int = Field(default=128, gt=0)
     hnsw_ef_construction: int = Field(default=200, gt=0)
@@ -141,6 +142,8 @@ class IndexConfig(_Strict):
     # Each shard is held by one actor with these resources.
     shard_num_cpus: float = Field(default=0.5, gt=0)
     shard_num_gpus: float = Field(default=0.0, ge=0)
+    # How long to wait for every shard actor to be placed (an autoscaler may need to add nodes).
+    actor_start_timeout_s: float = Field(default=900, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> IndexConfig:

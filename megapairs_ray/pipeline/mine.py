@@ -106,8 +106,18 @@ def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
                 index_dir(cfg.run_dir, space), s, cfg.index)
             for s in range(meta["shards"])
         ]
-    # Fail here, with the shard's own message, if a shard file is missing or corrupt.
-    ray.get([a.__ray_ready__.remote() for lst in actors.values() for a in lst])
+    # Fail here, with the shard's own message, if a shard file is missing or corrupt — or with
+    # the resources asked for if the cluster cannot place every shard actor.
+    ready = [a.__ray_ready__.remote() for lst in actors.values() for a in lst]
+    try:
+        ray.get(ready, timeout=cfg.index.actor_start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        n = len(ready)
+        raise IndexStageError(
+            f"{n} index shard actors ({cfg.index.shard_num_cpus} CPU, "
+            f"{cfg.index.shard_num_gpus} GPU each) did not start within "
+            f"{cfg.index.actor_start_timeout_s:.0f}s; the cluster has "
+            f"{ray.cluster_resources()}: lower index.shard_num_cpus or index.shards") from None
     return actors
 
 

@@ -159,6 +159,8 @@ class IndexShard:
         inner = faiss.downcast_index(self.index.index)
         if self.cfg.kind in ("ivf_flat", "ivf_pq"):
             faiss.extract_index_ivf(inner).nprobe = self.cfg.nprobe
+        if self.cfg.kind == "ivf_pq" and self.cfg.pq_refine:
+            inner.k_factor = self.cfg.pq_refine_k_factor  # re-rank k x factor PQ candidates
         if self.cfg.kind == "hnsw":
             inner.hnsw.efSearch = self.cfg.hnsw_ef_search
 
@@ -205,7 +207,7 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int,
     """
     scores = np.concatenate([r[0] for r in results], axis=1).astype(np.float32)
     ids = np.concatenate([r[1] for r in results], axis=1).astype(np.int64)
-    scores = np.where(ids < 0, -np.inf, scores)
+    scores = np.where(ids == -1, -np.inf, scores)  # ids are hashes: only -1 is "none"
     # lexsort: last key is primary. Highest score first, then smallest id.
     order = np.lexsort((ids, -scores), axis=1)[:, :k]
     top_s = np.take_along_axis(scores, order, axis=1)

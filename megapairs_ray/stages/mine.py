@@ -40,9 +40,13 @@ def is_query(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A stable, seeded sample of the ids: the same id is a query in every task and rerun."""
     if fraction >= 1.0:
         return np.ones(len(ids), dtype=bool)
-    mixed = (ids.astype(np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-             + np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
-    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+    # splitmix64 of (id + seed * golden ratio): every bit of id and seed moves the result.
+    z = ids.astype(np.int64).view(np.uint64) + np.uint64(
+        (seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
 @dataclass
@@ -63,7 +67,7 @@ def mine_query(query: int, neighbours: dict[str, tuple[np.ndarray, np.ndarray]],
         scores, ids = neighbours[space]
         cands = []
         for s, i in zip(scores.tolist(), ids.tolist()):
-            if i == query or i < 0:
+            if i == query or i == -1:
                 continue
             if s >= hi:
                 near_dup.add(i)

@@ -1,0 +1,33 @@
+"""Clustered synthetic embeddings: the shape real neighbour structure has, unlike uniform noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from megapairs_ray.io import storage
+from megapairs_ray.stages import layout
+from megapairs_ray.stages.embed_io import embedding_table
+
+
+def clustered(n: int, dim: int, clusters: int, spread: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    labels = rng.integers(0, clusters, n)
+    x = centres[labels] + spread * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_ids(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+
+
+def write_space(run_dir: Path | str, space: str, ids: np.ndarray, vectors: np.ndarray,
+                slugs: list[str]) -> None:
+    """Write vectors in the embed stage's layout, split evenly over ``slugs``."""
+    for slug, part in zip(slugs, np.array_split(np.arange(len(ids)), len(slugs))):
+        storage.write_parquet(
+            storage.join(layout.embeddings_shard_dir(str(run_dir), space, slug),
+                         "part-0.parquet"),
+            embedding_table(ids[part], vectors[part].astype(np.float16)))

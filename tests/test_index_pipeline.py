@@ -1,0 +1,83 @@
+"""Index + mine through Ray: sharded indexes in shard actors, miners fanning out, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megapairs_ray.config import config_from_dict
+from megapairs_ray.io import storage
+from megapairs_ray.io.shards import list_shards
+from megapairs_ray.pipeline.index import index_dir, run_index
+from megapairs_ray.pipeline.mine import run_mine
+from megapairs_ray.stages.index import IndexStageError, merge_topk
+from megapairs_ray.stages.mine import mine_batch
+from tests.helpers import good_samples, tiny_config, write_tar
+from tests.synthetic import clustered, random_ids, write_space
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+SPACES = ["clip_image", "dino_image", "clip_text"]
+
+
+def test_index_and_mine_on_ray_equal_one_exact_index(tmp_path, ray_cluster):
+    for i in range(3):
+        write_tar(tmp_path / "c" / f"s{i}.tar", good_samples(1, prefix=f"s{i}"))
+    cfg = config_from_dict(tiny_config(
+        tmp_path / "run", [str(tmp_path / "c")],
+        index={"kind": "flat", "shards": 3, "shard_num_cpus": 0.1},
+        mine={"k": 12, "windows": {s: (0.7, 0.97) for s in SPACES}, "min_hard_negatives": 3,
+              "max_hard_negatives": 5, "num_cpus": 0.25}))
+    slugs = [s.slug for s in list_shards(cfg.input)]
+    n = 450
+    ids = random_ids(n, 1)
+    vecs = {s: clustered(n, 16, 10, 0.45, seed=i + 2) for i, s in enumerate(SPACES)}
+    vecs["clip_text"][7, 0] = np.nan  # a broken vector: a counted reject, not a crash
+    for s in SPACES:
+        write_space(cfg.run_dir, s, ids, vecs[s], slugs)
+
+    rec = run_index(cfg)
+    assert rec.counts["clip_image_vectors"] == n
+    assert rec.counts["clip_text_vectors"] == n - 1
+    assert rec.rejects["non_finite_vector"] == 1
+    meta = storage.read_json(storage.join(index_dir(cfg.run_dir, "clip_image"), "index.json"))
+    assert meta["shards"] == 3 and sum(meta["per_shard"]) == n and min(meta["per_shard"]) > 100
+
+    mined = run_mine(cfg)
+    pairs = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs")).to_pylist()
+    assert mined.counts["pairs"] == len(pairs) > 200
+
+    # The same rules over one exact unsharded search of the same (fp16-stored) vectors.
+    stored = {s: vecs[s].astype(np.float16).astype(np.float32) for s in SPACES}
+    neighbours = {}
+    for s in SPACES:
+        ok = np.isfinite(stored[s]).all(axis=1)
+        sims = stored[s] @ stored[s][ok].T
+        ids_ok = ids[ok]
+        order = np.lexsort((np.broadcast_to(ids_ok, sims.shape), -sims), axis=1)[:, : cfg.mine.k]
+        sc = np.take_along_axis(sims, order, 1)
+        nb = ids_ok[order]
+        sc[~np.isfinite(stored[s]).all(axis=1)] = -np.inf
+        nb[~np.isfinite(stored[s]).all(axis=1)] = -1
+        neighbours[s] = merge_topk([(sc, nb)], cfg.mine.k)
+    want, _ = mine_batch(ids.tolist(), neighbours, cfg.mine)
+    key = lambda p: (p["query_id"], p["target_id"])  # noqa: E731
+    got = sorted(pairs, key=key)
+    want = sorted(want, key=key)
+    assert [key(p) for p in got] == [key(p) for p in want]
+    assert [p["hard_negatives"] for p in got] == [p["hard_negatives"] for p in want]
+    assert [p["spaces"] for p in got] == [p["spaces"] for p in want]
+
+    # Reruns do nothing; a missing shard file is a clear error, not a wrong answer.
+    assert run_index(cfg).counts["spaces_skipped_done"] == 3
+    assert run_mine(cfg).counts["shards_skipped_done"] == 3
+    storage.remove(storage.join(cfg.run_dir, "pairs"), recursive=True)
+    storage.remove(storage.join(index_dir(cfg.run_dir, "dino_image"), "shard-0001.faiss"))
+    with pytest.raises(Exception, match="index shard missing"):
+        run_mine(cfg)
+
+
+def test_index_refuses_an_empty_space(tmp_path, ray_cluster):
+    write_tar(tmp_path / "c" / "s.tar", good_samples(1))
+    cfg = config_from_dict(tiny_config(tmp_path / "run", [str(tmp_path / "c")]))
+    with pytest.raises(IndexStageError, match="no embeddings"):
+        run_index(cfg)

@@ -22,7 +22,7 @@ corpus_app = typer.Typer(no_args_is_help=True, help="The bundled default corpus.
 app.add_typer(corpus_app, name="corpus")
 console = Console(stderr=True)
 
-STAGES = ("ingest", "embed")
+STAGES = ("ingest", "embed", "index", "mine")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (configs/).")]
 SetOpt = Annotated[list[str] | None, typer.Option(
@@ -39,11 +39,13 @@ def _load(config: Path, overrides: list[str] | None) -> RunConfig:
 
 def _run_stages(cfg: RunConfig, stages: list[str]) -> None:
     from megapairs_ray.pipeline.embed import run_embed
+    from megapairs_ray.pipeline.index import run_index
     from megapairs_ray.pipeline.ingest import run_ingest
+    from megapairs_ray.pipeline.mine import run_mine
     from megapairs_ray.pipeline.runtime import init_ray
 
     init_ray(cfg.ray)
-    runners = {"ingest": run_ingest, "embed": run_embed}
+    runners = {"ingest": run_ingest, "embed": run_embed, "index": run_index, "mine": run_mine}
     for name in stages:
         console.print(f"[bold]{name}[/bold] → {cfg.run_dir}")
         record = runners[name](cfg)
@@ -79,6 +81,18 @@ def ingest(config: ConfigOpt, set_: SetOpt = None) -> None:
 def embed(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Embed accepted images three ways (CLIP image, DINO image, CLIP text on captions)."""
     _run_stages(_load(config, set_), ["embed"])
+
+
+@app.command()
+def index(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Build the sharded FAISS index of each embedding space."""
+    _run_stages(_load(config, set_), ["index"])
+
+
+@app.command()
+def mine(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Mine (query, target) pairs with hard negatives from the indexes."""
+    _run_stages(_load(config, set_), ["mine"])
 
 
 @app.command("config")

@@ -8,10 +8,12 @@ vectors are counted rejects. ``index.json`` is written last and marks the space 
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from megapairs_ray import manifest
@@ -36,27 +38,25 @@ def index_dir(run_dir: str, space: str) -> str:
     return storage.join(run_dir, "index", space)
 
 
-def _matrix(col: Any) -> np.ndarray:
-    arr = np.asarray(col)
-    if arr.dtype == object:
-        arr = np.stack([np.asarray(v) for v in col])
-    return arr
+def _tag_shards(table: pa.Table, shards: int) -> pa.Table:
+    """Add each row's id-range shard; Arrow in, Arrow out, so the vectors keep their type."""
+    ids = table.column("image_id").to_numpy()
+    return table.select(["image_id", "embedding"]).append_column(
+        "shard", pa.array(shard_of(ids, shards)))
 
 
-def _tag_shards(batch: dict[str, Any], shards: int, dim: int) -> dict[str, Any]:
-    vectors = _matrix(batch["embedding"])
-    if vectors.shape[1] != dim:
-        raise IndexStageError(f"embedding dimension {vectors.shape[1]} in a part of a space whose "
-                          f"first part has dimension {dim}")
-    return {"image_id": batch["image_id"], "embedding": vectors,
-            "shard": shard_of(np.asarray(batch["image_id"]), shards)}
-
-
-def _build_group(batch: dict[str, Any], trained: bytes, space: str, out_dir: str,
-                 run_dir: str, cfg: IndexConfig, factory: str, dim: int) -> dict[str, Any]:
-    shard = int(batch["shard"][0])
-    ids, vectors, dropped = clean_vectors(np.asarray(batch["image_id"]),
-                                          _matrix(batch["embedding"]))
+def _build_shard_task(staging: str, shard: int, trained: bytes, space: str, out_dir: str,
+                      run_dir: str, cfg: IndexConfig, factory: str, dim: int) -> tuple[int, int]:
+    """Build one id-range shard from its staged partition; (vectors indexed, vectors dropped)."""
+    table = storage.read_parquet_dir(storage.join(staging, f"shard={shard}"),
+                                     ["image_id", "embedding"])
+    if table is None:
+        ids, vectors = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    else:
+        col = table.column("embedding").combine_chunks()
+        ids = table.column("image_id").to_numpy()
+        vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    ids, vectors, dropped = clean_vectors(ids, vectors)
     index = build_shard(trained, ids, vectors)
     lo, hi = id_range(shard, cfg.shards)
     save_shard(out_dir, index, ShardMeta(space, shard, cfg.shards, cfg.kind, factory, dim,
@@ -68,8 +68,38 @@ def _build_group(batch: dict[str, Any], trained: bytes, space: str, out_dir: str
                                    "stage": "index", "reason": "non_finite_vector",
                                    "detail": "NaN or inf in the embedding"} for i in dropped],
                                  schema=REJECTS_SCHEMA))
-    return {"shard": np.array([shard]), "count": np.array([index.ntotal]),
-            "rejected": np.array([len(dropped)])}
+    return int(index.ntotal), len(dropped)
+
+
+def _count_and_sample(files: list[str], want: int, seed: int = 0,
+                      ) -> tuple[int, int, np.ndarray]:
+    """Row count (from parquet footers), dimension, and a training sample read from randomly
+    chosen files — no pass over the whole space."""
+    fs, _ = storage.filesystem(files[0])
+
+    def footer(uri: str) -> tuple[int, int]:
+        with fs.open(storage.filesystem(uri)[1], "rb") as f:
+            pf = pq.ParquetFile(f)
+            return pf.metadata.num_rows, pf.schema_arrow.field("embedding").type.list_size
+
+    with ThreadPoolExecutor(16) as pool:
+        footers = list(pool.map(footer, files))
+    dims = {d for _, d in footers}
+    if len(dims) != 1:
+        raise IndexStageError(f"embedding parts of one space disagree on the dimension: {dims}")
+    rng = np.random.default_rng(seed)
+    picked: list[np.ndarray] = []
+    got = 0
+    for i in rng.permutation(len(files)):
+        if got >= want:
+            break
+        table = storage.read_parquet(files[i], ["embedding"])
+        col = table.column("embedding").combine_chunks()
+        dim = col.type.list_size
+        picked.append(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
+        got += len(picked[-1])
+    sample = np.concatenate(picked)[:want]
+    return sum(n for n, _ in footers), dims.pop(), sample
 
 
 def build_space(cfg: RunConfig, space: str) -> dict[str, Any]:
@@ -80,37 +110,26 @@ def build_space(cfg: RunConfig, space: str) -> dict[str, Any]:
         raise IndexStageError(f"space {space!r} has no embeddings under {src}: run embed first")
     out = index_dir(cfg.run_dir, space)
     storage.remove(out, recursive=True)
-    ds = ray.data.read_parquet(files)
-    n = ds.count()
+    n, dim, sample = _count_and_sample(files, icfg.train_sample)
     if n == 0:
         raise IndexStageError(f"space {space!r} is empty")
-    dim = ds.schema().base_schema.field("embedding").type.list_size
-    fraction = min(1.0, icfg.train_sample / n)
-    sample_batch = (ds.random_sample(fraction, seed=0) if fraction < 1 else ds).take_batch(
-        icfg.train_sample, batch_format="numpy")
-    _, sample, _ = clean_vectors(np.asarray(sample_batch["image_id"]),
-                                 _matrix(sample_batch["embedding"]))
+    _, sample, _ = clean_vectors(np.zeros(len(sample), np.int64), sample)
     factory = factory_string(icfg, dim, n)
-    trained = ray.get(ray.remote(num_cpus=icfg.shard_num_cpus)(train_index).remote(
-        icfg, sample, n))
-    tagged = ds.map_batches(_tag_shards, fn_kwargs={"shards": icfg.shards, "dim": dim},
-                            batch_format="numpy")
-    built = tagged.groupby("shard").map_groups(
-        _build_group, batch_format="numpy", num_cpus=icfg.shard_num_cpus,
-        fn_kwargs={"trained": trained, "space": space, "out_dir": out, "run_dir": cfg.run_dir,
-                   "cfg": icfg, "factory": factory, "dim": dim})
-    counts = {int(r["shard"]): (int(r["count"]), int(r["rejected"])) for r in built.iter_rows()}
-    for shard in range(icfg.shards):  # an id range with no vectors still gets its (empty) shard
-        if shard not in counts:
-            lo, hi = id_range(shard, icfg.shards)
-            save_shard(out, build_shard(trained, np.zeros(0, np.int64),
-                                        np.zeros((0, dim), np.float32)),
-                       ShardMeta(space, shard, icfg.shards, icfg.kind, factory, dim, 0, lo, hi))
-            counts[shard] = (0, 0)
+    trained_ref = ray.remote(num_cpus=icfg.shard_num_cpus)(train_index).remote(icfg, sample, n)
+    # Stage the vectors partitioned by id-range shard (each block writes its own slices: no
+    # shuffle), then build every shard in its own task from its partition alone.
+    staging = storage.join(out, "staging")
+    (ray.data.read_parquet(files)
+     .map_batches(_tag_shards, fn_kwargs={"shards": icfg.shards}, batch_format="pyarrow")
+     .write_parquet(staging, partition_cols=["shard"]))
+    build = ray.remote(num_cpus=icfg.shard_num_cpus)(_build_shard_task)
+    results = ray.get([build.remote(staging, s, trained_ref, space, out, cfg.run_dir, icfg,
+                                    factory, dim) for s in range(icfg.shards)])
+    storage.remove(staging, recursive=True)
     meta = {"space": space, "kind": icfg.kind, "factory": factory, "dim": dim,
-            "shards": icfg.shards, "count": sum(c for c, _ in counts.values()),
-            "rejected": sum(r for _, r in counts.values()),
-            "per_shard": [counts[s][0] for s in range(icfg.shards)],
+            "shards": icfg.shards, "count": sum(c for c, _ in results),
+            "rejected": sum(r for _, r in results),
+            "per_shard": [c for c, _ in results],
             "config": icfg.model_dump(mode="json")}
     storage.write_json(storage.join(out, "index.json"), meta)
     return meta

@@ -172,9 +172,7 @@ class IndexShard:
             return
         if self.cfg.kind != "flat":
             raise IndexStageError("index.device=cuda without faiss-gpu supports only kind=flat")
-        flat = faiss.downcast_index(self.index.index)
-        vectors = faiss.rev_swig_ptr(flat.get_xb(), self.count * self.dim).reshape(
-            self.count, self.dim)
+        vectors = self.index.index.reconstruct_n(0, self.count)
         ids = faiss.vector_to_array(self.index.id_map)
         self._gpu = (torch.from_numpy(vectors).to("cuda", torch.float16),
                      torch.from_numpy(ids).to("cuda"))

@@ -10,7 +10,8 @@ GPU (``--gpu``): the stage's exact GPU search (``IndexShard`` with ``device: cud
 top-k in torch) over ``--n`` vectors vs the bare GEMM + top-k on the same tensors, same card, one
 run; REFERENCE.md §6 measured the bare figure at 96,700 queries/s for 1 M x 768 fp16, top-32.
 
-    python benchmarks/index_search.py --n 200000 --dim 128 --out benchmarks/results/cpu-2core/index_recall.json
+    python benchmarks/index_search.py --n 200000 --dim 128 \
+        --out benchmarks/results/cpu-2core/index_recall.json
     python benchmarks/index_search.py --gpu --n 1000000 --dim 768 --k 32
 """
 
@@ -84,7 +85,7 @@ def cpu(args: argparse.Namespace) -> dict:
         "ivf_flat": {"nlist": nlist, "nprobe": args.nprobe},
         "ivf_pq": {"nlist": nlist, "nprobe": args.nprobe, "pq_m": args.pq_m,
                    "pq_refine_k_factor": 8},
-        "hnsw": {"hnsw_m": 32, "hnsw_ef_search": 128},
+        "hnsw": {"hnsw_m": 32, "hnsw_ef_search": args.ef_search},
     }
     results = {}
     truth = None
@@ -155,6 +156,7 @@ def main() -> None:
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--nprobe", type=int, default=32)
     ap.add_argument("--pq-m", type=int, default=32)
+    ap.add_argument("--ef-search", type=int, default=512)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = gpu(args) if args.gpu else cpu(args)

@@ -6,6 +6,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -87,3 +88,10 @@ def test_run_command_on_a_small_bundled_corpus(tmp_path, ray_cluster):
     embedded = doc["stages"]["embed"]["counts"]["embedded"]
     assert embedded == doc["stages"]["ingest"]["counts"]["images"] > 25
     assert doc["stages"]["ingest"]["counts"]["converted_from_RGBA"] == 3
+    assert doc["stages"]["index"]["counts"]["clip_image_vectors"] == embedded
+    mined = doc["stages"]["mine"]["counts"]
+    assert mined["shards_mined"] == 2
+    pairs = pq.read_table(run_dir / "pairs").to_pylist()
+    assert mined.get("pairs", 0) == len(pairs)
+    for p in pairs:
+        assert p["hard_negatives"][0] == p["query_id"] != p["target_id"]

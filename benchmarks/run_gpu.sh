@@ -3,12 +3,7 @@
 # Results land in $OUT (or benchmarks/results/ when OUT is unset).
 set -euo pipefail
 out=${OUT:-benchmarks/results}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 for arch in ${ARCHS:-vit-l vit-b}; do
   python3 benchmarks/embed_gpu.py --arch "$arch" --batch "${BATCH:-512}" --iters "${ITERS:-6}" \

@@ -2,12 +2,7 @@
 # GPU machine: the stage's exact GPU search vs bare GEMM + top-k (1 M x 768 fp16, top-32).
 set -euo pipefail
 out=${OUT:-benchmarks/results}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 for shards in ${SHARDS:-1 4}; do
   python3 benchmarks/index_search.py --gpu --n 1000000 --dim 768 --k 32 --queries 20000 \
     --batch 2000 --shards "$shards" --out "$out/index_gpu_${shards}shards.json"

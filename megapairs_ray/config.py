@@ -145,6 +145,13 @@ class IndexConfig(_Strict):
     # How long to wait for every shard actor to be placed (an autoscaler may need to add nodes).
     actor_start_timeout_s: float = Field(default=900, gt=0)
 
+    def build_fields(self) -> dict[str, Any]:
+        """What the built index depends on; search-time settings (nprobe, device, resources)
+        can change without a rebuild."""
+        keep = ("kind", "shards", "nlist", "pq_m", "pq_nbits", "pq_refine", "hnsw_m",
+                "hnsw_ef_construction", "train_sample")
+        return {k: getattr(self, k) for k in keep}
+
     @model_validator(mode="after")
     def _check(self) -> IndexConfig:
         if self.device == "cuda" and self.shard_num_gpus == 0:

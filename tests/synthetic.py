@@ -31,3 +31,9 @@ def write_space(run_dir: Path | str, space: str, ids: np.ndarray, vectors: np.nd
             storage.join(layout.embeddings_shard_dir(str(run_dir), space, slug),
                          "part-0.parquet"),
             embedding_table(ids[part], vectors[part].astype(np.float16)))
+
+
+def mark_embedded(run_dir: Path | str, slugs: list[str]) -> None:
+    """Completion markers as the embed stage writes them (index and mine require them)."""
+    for slug in slugs:
+        storage.write_json(layout.embed_marker(str(run_dir), slug), {"counts": {}})

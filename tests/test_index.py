@@ -98,8 +98,9 @@ def test_bad_inputs(tmp_path):
     x[9, 0] = np.inf
     kept_ids, kept, dropped = clean_vectors(ids, x)
     assert len(kept) == 98 and set(dropped.tolist()) == {ids[5], ids[9]}
-    with pytest.raises(IndexStageError, match="empty"):
-        train_index(IndexConfig(), np.zeros((0, 16), np.float32), 0)
+    assert train_index(IndexConfig(), np.zeros((0, 16), np.float32), 0)  # flat: no training
+    with pytest.raises(IndexStageError, match="no finite training vectors"):
+        train_index(IndexConfig(kind="ivf_flat", nlist=4), np.zeros((0, 16), np.float32), 0)
     with pytest.raises(IndexStageError, match="must divide"):
         factory_string(IndexConfig(kind="ivf_pq", pq_m=5), 16, 100)
     with pytest.raises(IndexStageError, match="IVF lists"):
@@ -115,3 +116,13 @@ def test_bad_inputs(tmp_path):
         IndexShard(str(tmp_path), 0, IndexConfig())
     with pytest.raises(IndexStageError, match="missing"):
         IndexShard(str(tmp_path), 7, IndexConfig())
+
+
+def test_merge_orders_by_score_then_id_and_skips_faiss_gaps():
+    a = (np.array([[0.9, 0.5, -3.4e38]], np.float32), np.array([[-5, -7, -1]], np.int64))
+    b = (np.array([[0.9, 0.7]], np.float32), np.array([[-9, 3]], np.int64))
+    c = (np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64))  # an empty shard
+    scores, ids = merge_topk([a, b, c], 5)
+    assert ids.tolist() == [[-9, -5, 3, -7, -1]]  # ties: the smaller (negative) id first
+    assert scores[0, :4].tolist() == pytest.approx([0.9, 0.9, 0.7, 0.5])
+    assert np.isneginf(scores[0, 4])

@@ -8,12 +8,12 @@ import pytest
 from megapairs_ray.config import config_from_dict
 from megapairs_ray.io import storage
 from megapairs_ray.io.shards import list_shards
-from megapairs_ray.pipeline.index import index_dir, run_index
+from megapairs_ray.pipeline.index import build_space, index_dir, run_index
 from megapairs_ray.pipeline.mine import run_mine
 from megapairs_ray.stages.index import IndexStageError, merge_topk
 from megapairs_ray.stages.mine import mine_batch
 from tests.helpers import good_samples, tiny_config, write_tar
-from tests.synthetic import clustered, random_ids, write_space
+from tests.synthetic import clustered, mark_embedded, random_ids, write_space
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SPACES = ["clip_image", "dino_image", "clip_text"]
@@ -34,6 +34,9 @@ def test_index_and_mine_on_ray_equal_one_exact_index(tmp_path, ray_cluster):
     vecs["clip_text"][7, 0] = np.nan  # a broken vector: a counted reject, not a crash
     for s in SPACES:
         write_space(cfg.run_dir, s, ids, vecs[s], slugs)
+    with pytest.raises(IndexStageError, match="not embedded"):
+        run_index(cfg)  # embeddings without completion markers are not trusted
+    mark_embedded(cfg.run_dir, slugs)
 
     rec = run_index(cfg)
     assert rec.counts["clip_image_vectors"] == n
@@ -67,17 +70,46 @@ def test_index_and_mine_on_ray_equal_one_exact_index(tmp_path, ray_cluster):
     assert [p["hard_negatives"] for p in got] == [p["hard_negatives"] for p in want]
     assert [p["spaces"] for p in got] == [p["spaces"] for p in want]
 
-    # Reruns do nothing; a missing shard file is a clear error, not a wrong answer.
+    # Reruns do nothing; search-time settings need no rebuild; other mining rules re-mine.
     assert run_index(cfg).counts["spaces_skipped_done"] == 3
     assert run_mine(cfg).counts["shards_skipped_done"] == 3
+    searched = cfg.model_copy(update={"index": cfg.index.model_copy(update={"nprobe": 7})})
+    assert run_index(searched).counts["spaces_skipped_done"] == 3
+    stricter = cfg.model_copy(update={"mine": cfg.mine.model_copy(
+        update={"min_hard_negatives": 5})})
+    again = run_mine(stricter)
+    assert again.counts["earlier_pairs_discarded"] == 1 and again.counts["shards_mined"] == 3
+    # A missing shard file is a clear error, not a wrong answer.
     storage.remove(storage.join(cfg.run_dir, "pairs"), recursive=True)
     storage.remove(storage.join(index_dir(cfg.run_dir, "dino_image"), "shard-0001.faiss"))
     with pytest.raises(Exception, match="index shard missing"):
         run_mine(cfg)
 
 
-def test_index_refuses_an_empty_space(tmp_path, ray_cluster):
+def test_index_refuses_empty_or_inconsistent_spaces(tmp_path, ray_cluster):
     write_tar(tmp_path / "c" / "s.tar", good_samples(1))
     cfg = config_from_dict(tiny_config(tmp_path / "run", [str(tmp_path / "c")]))
+    slugs = [s.slug for s in list_shards(cfg.input)]
+    mark_embedded(cfg.run_dir, slugs)
     with pytest.raises(IndexStageError, match="no embeddings"):
         run_index(cfg)
+    write_space(cfg.run_dir, "clip_image", np.zeros(0, np.int64), np.zeros((0, 8)), slugs)
+    with pytest.raises(IndexStageError, match="is empty"):
+        build_space(cfg, "clip_image")
+    write_space(cfg.run_dir, "dino_image", random_ids(4, 1), clustered(4, 8, 2, 0.3, 1),
+                ["a"])
+    write_space(cfg.run_dir, "dino_image", random_ids(4, 2), clustered(4, 16, 2, 0.3, 1),
+                ["b"])
+    with pytest.raises(IndexStageError, match="disagree on the dimension"):
+        build_space(cfg, "dino_image")
+
+
+def test_a_space_of_only_broken_vectors_builds_an_empty_flat_index(tmp_path, ray_cluster):
+    write_tar(tmp_path / "c" / "s.tar", good_samples(1))
+    cfg = config_from_dict(tiny_config(tmp_path / "run", [str(tmp_path / "c")],
+                                       index={"shard_num_cpus": 0.1}))
+    slugs = [s.slug for s in list_shards(cfg.input)]
+    vecs = np.full((5, 8), np.nan, dtype=np.float32)
+    write_space(cfg.run_dir, "clip_text", random_ids(5, 3), vecs, slugs)
+    meta = build_space(cfg, "clip_text")
+    assert meta["count"] == 0 and meta["rejected"] == 5

@@ -19,6 +19,7 @@ import ray
 from megapairs_ray import manifest
 from megapairs_ray.config import IndexConfig, RunConfig
 from megapairs_ray.io import storage
+from megapairs_ray.pipeline.shardlist import run_shards
 from megapairs_ray.stages import layout
 from megapairs_ray.stages.index import (
     IndexStageError,
@@ -87,19 +88,20 @@ def _count_and_sample(files: list[str], want: int, seed: int = 0,
     dims = {d for _, d in footers}
     if len(dims) != 1:
         raise IndexStageError(f"embedding parts of one space disagree on the dimension: {dims}")
+    dim = dims.pop()
     rng = np.random.default_rng(seed)
-    picked: list[np.ndarray] = []
+    picked: list[np.ndarray] = [np.zeros((0, dim), np.float32)]
     got = 0
     for i in rng.permutation(len(files)):
         if got >= want:
             break
         table = storage.read_parquet(files[i], ["embedding"])
         col = table.column("embedding").combine_chunks()
-        dim = col.type.list_size
-        picked.append(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
-        got += len(picked[-1])
-    sample = np.concatenate(picked)[:want]
-    return sum(n for n, _ in footers), dims.pop(), sample
+        vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        vectors = vectors[np.isfinite(vectors).all(axis=1)].astype(np.float32)
+        picked.append(vectors)
+        got += len(vectors)
+    return sum(n for n, _ in footers), dim, np.concatenate(picked)[:want]
 
 
 def build_space(cfg: RunConfig, space: str) -> dict[str, Any]:
@@ -110,10 +112,12 @@ def build_space(cfg: RunConfig, space: str) -> dict[str, Any]:
         raise IndexStageError(f"space {space!r} has no embeddings under {src}: run embed first")
     out = index_dir(cfg.run_dir, space)
     storage.remove(out, recursive=True)
+    for stale in storage.list_files(layout.rejects_dir(cfg.run_dir, "index")):
+        if stale.rsplit("/", 1)[-1].startswith(f"{space}-"):
+            storage.remove(stale)
     n, dim, sample = _count_and_sample(files, icfg.train_sample)
     if n == 0:
         raise IndexStageError(f"space {space!r} is empty")
-    _, sample, _ = clean_vectors(np.zeros(len(sample), np.int64), sample)
     factory = factory_string(icfg, dim, n)
     trained_ref = ray.remote(num_cpus=icfg.shard_num_cpus)(train_index).remote(icfg, sample, n)
     # Stage the vectors partitioned by id-range shard (each block writes its own slices: no
@@ -130,18 +134,28 @@ def build_space(cfg: RunConfig, space: str) -> dict[str, Any]:
             "shards": icfg.shards, "count": sum(c for c, _ in results),
             "rejected": sum(r for _, r in results),
             "per_shard": [c for c, _ in results],
-            "config": icfg.model_dump(mode="json")}
+            "build": icfg.build_fields()}
     storage.write_json(storage.join(out, "index.json"), meta)
     return meta
 
 
+def require_embedded(cfg: RunConfig) -> None:
+    """Index and mine read the embeddings whole: every input shard must be embedded first."""
+    missing = [s.name for s in run_shards(cfg)
+               if not storage.exists(layout.embed_marker(cfg.run_dir, s.slug))]
+    if missing:
+        raise IndexStageError(f"{len(missing)} shard(s) are not embedded yet (e.g. "
+                              f"{missing[:3]}); run `megapairs embed` first")
+
+
 def run_index(cfg: RunConfig) -> manifest.StageRecord:
     record = manifest.StageRecord("index").start()
+    require_embedded(cfg)
     for space in cfg.mine.spaces:
         meta_uri = storage.join(index_dir(cfg.run_dir, space), "index.json")
         if storage.exists(meta_uri):
             meta = storage.read_json(meta_uri)
-            if meta.get("config") == cfg.index.model_dump(mode="json"):
+            if meta.get("build") == cfg.index.build_fields():
                 record.counts["spaces_skipped_done"] += 1
                 record.counts[f"{space}_vectors"] = meta["count"]
                 continue

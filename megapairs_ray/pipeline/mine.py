@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from megapairs_ray import manifest
 from megapairs_ray.config import MineConfig, RunConfig
 from megapairs_ray.io import storage
-from megapairs_ray.pipeline.index import index_dir
+from megapairs_ray.pipeline.index import index_dir, require_embedded
 from megapairs_ray.pipeline.shardlist import run_shards
 from megapairs_ray.stages import layout
 from megapairs_ray.stages.embed_io import embedding_matrix
@@ -50,7 +51,8 @@ class MineShard:
         self.shard_actors = shard_actors
 
     def search(self, space: str, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        refs = [a.search.remote(queries, self.cfg.k) for a in self.shard_actors[space]]
+        ref = ray.put(queries)  # one copy in the object store, read by every shard actor
+        refs = [a.search.remote(ref, self.cfg.k) for a in self.shard_actors[space]]
         return merge_topk(ray.get(refs), self.cfg.k)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -92,14 +94,35 @@ class MineShard:
                 "rejected": len(rejects)}
 
 
+def _state(cfg: RunConfig) -> dict[str, Any]:
+    """What the pairs depend on: the mining rules and the indexes they were searched in."""
+    return {"mine": cfg.mine.model_dump(mode="json", exclude={"num_cpus", "actors"}),
+            "index": {s: {k: v for k, v in read_meta(index_dir(cfg.run_dir, s)).items()
+                          if k in ("build", "count", "per_shard", "dim")}
+                      for s in cfg.mine.spaces}}
+
+
+def _reset_if_stale(cfg: RunConfig) -> bool:
+    """Clear earlier pairs that were mined under other rules or other indexes."""
+    uri = storage.join(cfg.run_dir, "pairs", "_state.json")
+    state = _state(cfg)
+    if storage.exists(uri) and storage.read_json(uri) == state:
+        return False
+    stale = storage.exists(uri)
+    storage.remove(storage.join(cfg.run_dir, "pairs"), recursive=True)
+    storage.remove(layout.rejects_dir(cfg.run_dir, "mine"), recursive=True)
+    storage.write_json(uri, state)
+    return stale
+
+
 def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
     actor_cls = ray.remote(IndexShard)
     actors: dict[str, list[Any]] = {}
     for space in cfg.mine.spaces:
         meta = read_meta(index_dir(cfg.run_dir, space))
-        if meta["config"] != cfg.index.model_dump(mode="json"):
-            raise IndexStageError(f"the index of {space!r} was built with another index config; "
-                              "rerun the index stage")
+        if meta["build"] != cfg.index.build_fields():
+            raise IndexStageError(f"the index of {space!r} was built with other index settings; "
+                                  "rerun the index stage")
         actors[space] = [
             actor_cls.options(num_cpus=cfg.index.shard_num_cpus,
                               num_gpus=cfg.index.shard_num_gpus).remote(
@@ -108,45 +131,67 @@ def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
         ]
     # Fail here, with the shard's own message, if a shard file is missing or corrupt — or with
     # the resources asked for if the cluster cannot place every shard actor.
-    ready = [a.__ray_ready__.remote() for lst in actors.values() for a in lst]
+    ready = [a.shape.remote() for lst in actors.values() for a in lst]
     try:
-        ray.get(ready, timeout=cfg.index.actor_start_timeout_s)
+        shapes = ray.get(ready, timeout=cfg.index.actor_start_timeout_s)
     except ray.exceptions.GetTimeoutError:
+        stop_actors(actors)
         n = len(ready)
         raise IndexStageError(
             f"{n} index shard actors ({cfg.index.shard_num_cpus} CPU, "
             f"{cfg.index.shard_num_gpus} GPU each) did not start within "
             f"{cfg.index.actor_start_timeout_s:.0f}s; the cluster has "
             f"{ray.cluster_resources()}: lower index.shard_num_cpus or index.shards") from None
+    except Exception:
+        stop_actors(actors)
+        raise
+    shapes_iter = iter(shapes)
+    for space, lst in actors.items():
+        dim = read_meta(index_dir(cfg.run_dir, space))["dim"]
+        for shard, _ in enumerate(lst):
+            got_dim, _count = next(shapes_iter)
+            if got_dim != dim:
+                stop_actors(actors)
+                raise IndexStageError(f"index shard {shard} of {space!r} has dimension {got_dim}, "
+                                      f"index.json says {dim}: rerun the index stage")
     return actors
+
+
+def stop_actors(actors: dict[str, list[Any]]) -> None:
+    for lst in actors.values():
+        for a in lst:
+            ray.kill(a)
 
 
 def run_mine(cfg: RunConfig) -> manifest.StageRecord:
     record = manifest.StageRecord("mine").start()
+    require_embedded(cfg)
     shards = run_shards(cfg)
+    if _reset_if_stale(cfg):
+        record.counts["earlier_pairs_discarded"] = 1
     slugs = [s.slug for s in shards]
     todo = [s for s in slugs if not storage.exists(pairs_file(cfg.run_dir, s))]
     record.counts["shards_skipped_done"] = len(slugs) - len(todo)
     if todo:
         actors = start_shard_actors(cfg)
-        ds = ray.data.from_items([{"slug": s} for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            MineShard,
-            fn_constructor_kwargs={"run_dir": cfg.run_dir, "cfg": cfg.mine,
-                                   "shard_actors": actors},
-            batch_size=1, num_cpus=cfg.mine.num_cpus,
-            compute=ray.data.ActorPoolStrategy(size=cfg.mine.actors))
-        for row in ds.iter_rows():
-            record.counts["shards_mined"] += 1
-            del row
-        for lst in actors.values():
-            for a in lst:
-                ray.kill(a)
-    pairs = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs"), ["pair_id", "spaces"])
+        try:
+            ds = ray.data.from_items([{"slug": s} for s in todo], override_num_blocks=len(todo))
+            ds = ds.map_batches(
+                MineShard,
+                fn_constructor_kwargs={"run_dir": cfg.run_dir, "cfg": cfg.mine,
+                                       "shard_actors": actors},
+                batch_size=1, num_cpus=cfg.mine.num_cpus,
+                compute=ray.data.ActorPoolStrategy(size=cfg.mine.actors))
+            for _ in ds.iter_rows():
+                record.counts["shards_mined"] += 1
+        finally:
+            stop_actors(actors)
+    pairs = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs"), ["spaces"])
     if pairs is not None:
         record.counts["pairs"] = pairs.num_rows
-        for spaces in pairs.column("spaces").to_pylist():
-            record.counts["pairs_from_" + "+".join(spaces)] += 1
+        joined = pc.binary_join(pairs.column("spaces"), "+")
+        for item in pc.value_counts(joined).to_pylist():
+            record.counts["pairs_from_" + item["values"]] = item["counts"]
     rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, "mine"), ["reason"])
     if rejects is not None:
         record.rejects.update(Counter(rejects.column("reason").to_pylist()))

@@ -69,11 +69,13 @@ def train_index(cfg: IndexConfig, sample: np.ndarray, n_total: int) -> bytes:
     """An empty index of the configured kind, trained on ``sample``; serialized."""
     import faiss
 
-    if sample.ndim != 2 or len(sample) == 0:
-        raise IndexStageError("cannot train an index on an empty sample")
+    if sample.ndim != 2 or sample.shape[1] == 0:
+        raise IndexStageError("cannot size an index from an empty sample")
     dim = sample.shape[1]
     spec = factory_string(cfg, dim, n_total)
     base = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    if not base.is_trained and len(sample) == 0:
+        raise IndexStageError(f"no finite training vectors for a {spec} index")
     if cfg.kind == "hnsw":
         faiss.downcast_index(base).hnsw.efConstruction = cfg.hnsw_ef_construction
     if not base.is_trained:
@@ -177,6 +179,10 @@ class IndexShard:
         self._gpu = (torch.from_numpy(vectors).to("cuda", torch.float16),
                      torch.from_numpy(ids).to("cuda"))
 
+    def shape(self) -> tuple[int, int]:
+        """(dimension, vectors): checked against the index metadata when the actor starts."""
+        return self.dim, self.count
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each [nq, k'] with k' = min(k, shard size); -1 ids never returned."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -187,13 +193,26 @@ class IndexShard:
         if k == 0:
             return (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
         if self._gpu is not None:
-            import torch
-
-            vecs, ids = self._gpu
-            q = torch.from_numpy(queries).to("cuda", torch.float16)
-            scores, idx = torch.topk(q @ vecs.T, k, dim=1)
-            return scores.float().cpu().numpy(), ids[idx].cpu().numpy()
+            return self._search_gpu(queries, k)
         return self.index.search(queries, k)
+
+    def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """fp16 GEMM + top-k for candidates, re-scored in fp32 so scores near a window edge are
+        not rounded across it; query chunks bound the score matrix to ~2 GB."""
+        import torch
+
+        vecs, ids = self._gpu
+        extra = min(self.count, k + 16)
+        chunk = max(1, min(len(queries), (1 << 30) // max(1, self.count)))
+        out_s, out_i = [], []
+        for i in range(0, len(queries), chunk):
+            q = torch.from_numpy(queries[i : i + chunk]).to("cuda")
+            _, cand = torch.topk(q.half() @ vecs.T, extra, dim=1)
+            exact = torch.einsum("qd,qcd->qc", q, vecs[cand].float())
+            scores, order = torch.topk(exact, k, dim=1)
+            out_s.append(scores.cpu().numpy())
+            out_i.append(ids[torch.gather(cand, 1, order)].cpu().numpy())
+        return np.concatenate(out_s), np.concatenate(out_i)
 
 
 def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int,

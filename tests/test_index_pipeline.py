@@ -113,3 +113,23 @@ def test_a_space_of_only_broken_vectors_builds_an_empty_flat_index(tmp_path, ray
     write_space(cfg.run_dir, "clip_text", random_ids(5, 3), vecs, slugs)
     meta = build_space(cfg, "clip_text")
     assert meta["count"] == 0 and meta["rejected"] == 5
+
+
+def test_index_and_mine_with_the_run_dir_on_s3(tmp_path, bucket, ray_cluster):
+    write_tar(tmp_path / "c" / "s0.tar", good_samples(1, prefix="a"))
+    write_tar(tmp_path / "c" / "s1.tar", good_samples(1, prefix="b"))
+    cfg = config_from_dict(tiny_config(
+        f"s3://{bucket}/run", [str(tmp_path / "c")],
+        index={"kind": "ivf_flat", "nlist": 8, "nprobe": 8, "shards": 2, "shard_num_cpus": 0.1},
+        mine={"k": 8, "windows": {s: (0.6, 0.99) for s in SPACES}, "min_hard_negatives": 2,
+              "num_cpus": 0.25}))
+    slugs = [s.slug for s in list_shards(cfg.input)]
+    ids = random_ids(120, 5)
+    for i, s in enumerate(SPACES):
+        write_space(cfg.run_dir, s, ids, clustered(120, 8, 4, 0.3, seed=i), slugs)
+    mark_embedded(cfg.run_dir, slugs)
+    assert run_index(cfg).counts["dino_image_vectors"] == 120
+    assert storage.exists(storage.join(index_dir(cfg.run_dir, "dino_image"), "shard-0001.faiss"))
+    rec = run_mine(cfg)
+    pairs = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs"))
+    assert rec.counts["pairs"] == pairs.num_rows > 0

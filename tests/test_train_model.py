@@ -1,0 +1,118 @@
+"""MMRet-CLIP: composed queries, HF round trip, and the gathered InfoNCE loss."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megapairs_ray.train.loss import mmret_loss
+from megapairs_ray.train.model import MMRetCLIP
+
+TINY = {
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "vocab_size": 99, "max_position_embeddings": 16},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    "projection_dim": 24,
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MMRetCLIP.from_config(**TINY).eval()
+
+
+def test_composed_query_is_the_normalised_sum_of_projections(model):
+    px = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(0, 99, (3, 7))
+    with torch.no_grad():
+        q = model.embed_queries(px, ids)
+        want = F.normalize(model.image_features(px) + model.text_features(ids), dim=-1)
+        assert torch.allclose(q, want, atol=1e-6)
+        assert torch.allclose(q.norm(dim=-1), torch.ones(3), atol=1e-5)
+        # Not the sum of normalised parts: the paper sums before normalising.
+        other = F.normalize(F.normalize(model.image_features(px), dim=-1)
+                            + F.normalize(model.text_features(ids), dim=-1), dim=-1)
+        assert not torch.allclose(q, other, atol=1e-3)
+        img_only = model.embed_queries(pixel_values=px)
+        assert torch.allclose(img_only, model.embed_candidates(px), atol=1e-6)
+    with pytest.raises(ValueError):
+        model.embed_queries()
+
+
+def test_hf_clip_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "config.json").exists()
+    again = MMRetCLIP.from_pretrained(tmp_path / "ckpt").eval()
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.embed_candidates(px), again.embed_candidates(px), atol=1e-6)
+
+
+def _batch(seed, b=4, h=3, d=16):
+    g = torch.Generator().manual_seed(seed)
+    n = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    return n(b, d), n(b, d), n(b, h, d)
+
+
+def test_gathered_loss_equals_one_process_on_the_whole_batch():
+    """Two workers' losses (collective swapped for the real tensors) average to the loss of one
+    process over both halves, with the same candidate set."""
+    (q0, p0, n0), (q1, p1, n1) = _batch(1), _batch(2)
+    parts = {"pos": [p0, p1], "neg": [n0.reshape(-1, 16), n1.reshape(-1, 16)]}
+
+    def gather(t):
+        key = "pos" if t.shape[0] == 4 else "neg"
+        return [x.clone() for x in parts[key]]
+
+    l0 = mmret_loss(q0, p0, n0, rank=0, world_size=2, gather=gather)
+    l1 = mmret_loss(q1, p1, n1, rank=1, world_size=2, gather=gather)
+    q, p, n = torch.cat([q0, q1]), torch.cat([p0, p1]), torch.cat([n0, n1])
+    single = mmret_loss(q, p, n)
+    assert torch.allclose((l0 + l1) / 2, single, atol=1e-6)
+
+
+def test_loss_by_hand_and_it_prefers_the_positive():
+    q, p, n = _batch(3, b=2, h=1, d=8)
+    cands = torch.cat([p, n.reshape(-1, 8)])
+    logits = q @ cands.T / 0.02
+    want = -(torch.log_softmax(logits, dim=1)[torch.arange(2), torch.arange(2)]).mean()
+    assert torch.allclose(mmret_loss(q, p, n), want, atol=1e-6)
+    assert mmret_loss(p, p, n) < mmret_loss(q, p, n)  # queries equal to positives: lower loss
+
+
+def _worker(rank, port, out):
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    q, p, n = _batch(rank + 1)
+    p.requires_grad_(True)
+    loss = mmret_loss(q, p, n, rank=rank, world_size=2)
+    loss.backward()
+    out[rank] = (loss.item(), p.grad.clone())
+    dist.destroy_process_group()
+
+
+def test_real_gloo_collectives_match_one_process():
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    (q0, p0, n0), (q1, p1, n1) = _batch(1), _batch(2)
+    p = torch.cat([p0, p1]).requires_grad_(True)
+    single = mmret_loss(torch.cat([q0, q1]), p, torch.cat([n0, n1]))
+    single.backward()
+    assert (out[0][0] + out[1][0]) / 2 == pytest.approx(single.item(), abs=1e-5)
+    # Worker r's gradient on its own positives (from both workers' queries, through the
+    # collective's backward), averaged as DDP averages, is the one-process gradient.
+    assert torch.allclose(out[0][1] / 2, p.grad[:4], atol=1e-5)
+    assert torch.allclose(out[1][1] / 2, p.grad[4:], atol=1e-5)

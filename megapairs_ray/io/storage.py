@@ -51,11 +51,6 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def makedirs(uri: str) -> None:
-    fs, path = filesystem(uri)
-    fs.makedirs(path, exist_ok=True)
-
-
 def remove(uri: str, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):

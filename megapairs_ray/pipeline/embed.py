@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import ray
 
@@ -130,7 +129,3 @@ def _tally(cfg: RunConfig, shards: list[Shard], record: manifest.StageRecord) ->
     rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, "embed"), ["reason"])
     if rejects is not None:
         record.rejects.update(Counter(rejects.column("reason").to_pylist()))
-
-
-def embed_outputs(run_dir: str) -> dict[str, Any]:
-    return {space: layout.embeddings_dir(run_dir, space) for space in layout.SPACES}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from megapairs_ray.config import SPACE_NAMES
 from megapairs_ray.io import storage
 
-SPACES = ("clip_image", "dino_image", "clip_text")
+SPACES = SPACE_NAMES
 
 
 def images_file(run_dir: str, slug: str) -> str:

@@ -119,6 +119,84 @@ def show_manifest(run_dir: Annotated[str, typer.Argument(help="Run directory.")]
     Console().print(table)
 
 
+@app.command()
+def train(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Train MMRet on MegaPairs-form triplets with Ray Train (resumes a relaunched run)."""
+    from megapairs_ray.train.config import TrainConfig
+    from megapairs_ray.train.trainer import TrainDataError, run_training
+
+    try:
+        cfg = load_config(config, set_ or [], schema=TrainConfig)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        summary = run_training(cfg)
+    except (TrainDataError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"trained to step {summary['metrics'].get('step')}: "
+                  f"loss {summary['metrics'].get('loss'):.4f}; checkpoint {summary['checkpoint']}")
+    console.print("triplets: " + ", ".join(f"{k}={v}" for k, v in summary["triplets"].items()))
+
+
+@app.command("train-toy-data")
+def train_toy_data(
+    out: Annotated[Path, typer.Option(help="Folder for images and train.jsonl.")] = Path(
+        "data/toy-triplets"),
+) -> None:
+    """Write the toy triplet set (coloured shapes) that configs/train-tiny.yaml trains on."""
+    from megapairs_ray.train.toy_triplets import write_toy_dataset
+
+    path = write_toy_dataset(out)
+    console.print(f"toy triplets: {path}")
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[str, typer.Option(help="HF-form CLIP folder or hub id.")],
+    benchmark: Annotated[str, typer.Option(help="circo, cirr or fashioniq.")],
+    data: Annotated[str, typer.Option(help="The benchmark's folder (local or s3://).")],
+    split: Annotated[str, typer.Option()] = "val",
+    device: Annotated[str, typer.Option()] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    out: Annotated[str | None, typer.Option(help="Write the report as JSON here.")] = None,
+    gpus: Annotated[float, typer.Option(help="Run on a Ray cluster node with this many "
+                                        "GPUs (0: in this process).")] = 0,
+) -> None:
+    """Zero-shot composed-image-retrieval metrics of a checkpoint."""
+    from megapairs_ray.io import storage
+    from megapairs_ray.train.evaluate import BenchmarkError, run_eval
+
+    kwargs = {"checkpoint": checkpoint, "benchmark": benchmark, "root": data, "split": split,
+              "device": device, "batch_size": batch_size, "precision": precision}
+    try:
+        if gpus > 0:
+            import ray
+
+            from megapairs_ray.config import RayConfig
+            from megapairs_ray.pipeline.runtime import init_ray
+
+            init_ray(RayConfig())
+            report = ray.get(ray.remote(num_gpus=gpus)(run_eval).remote(**kwargs))
+        else:
+            report = run_eval(**kwargs)
+    except BenchmarkError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    for r in report["results"]:
+        table = Table(title=f"{r['benchmark']}: {r['queries']} queries, {r['gallery']} images")
+        for k in r["metrics"]:
+            table.add_column(k)
+        table.add_row(*(f"{v:.2f}" for v in r["metrics"].values()))
+        Console().print(table)
+    if "mean" in report:
+        console.print("mean: " + ", ".join(f"{k}={v:.2f}" for k, v in report["mean"].items()))
+    if out:
+        storage.write_json(out, report)
+
+
 @corpus_app.command("build")
 def corpus_build(
     out: Annotated[Path, typer.Option(help="Folder for the webdataset shards.")] = Path(

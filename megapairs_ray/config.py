@@ -8,7 +8,7 @@ from the machine the driver happens to run on, because the driver is often a CPU
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,12 +18,12 @@ class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the offending field."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     # Unknown keys are errors: a misspelt field must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class InputConfig(_Strict):
+class InputConfig(Strict):
     """Where the image shards are and how to read them."""
 
     uris: list[str] = Field(min_length=1, description="Shard files, folders or globs; local or s3://.")
@@ -38,7 +38,7 @@ class InputConfig(_Strict):
     json_caption_field: str = "caption"
 
 
-class IngestConfig(_Strict):
+class IngestConfig(Strict):
     """Checks every record passes before an image may enter the pipeline."""
 
     max_pixels: int = Field(default=89_478_485, gt=0, description="Decompression-bomb guard.")
@@ -54,7 +54,7 @@ class IngestConfig(_Strict):
     num_cpus: float = Field(default=1.0, gt=0)
 
 
-class ClipEncoderConfig(_Strict):
+class ClipEncoderConfig(Strict):
     """A CLIP model from open_clip: the image tower and the text tower of one model."""
 
     # An open_clip model name (EVA02-L-14 for the paper) or a bundled config (mp-tiny-clip).
@@ -63,7 +63,7 @@ class ClipEncoderConfig(_Strict):
     pretrained: str | None = None
 
 
-class DinoEncoderConfig(_Strict):
+class DinoEncoderConfig(Strict):
     """A DINOv2 image encoder through transformers or timm."""
 
     library: Literal["transformers", "timm"] = "transformers"
@@ -77,7 +77,7 @@ class DinoEncoderConfig(_Strict):
     pooling: Literal["cls", "mean"] = "cls"
 
 
-class EmbedConfig(_Strict):
+class EmbedConfig(Strict):
     """The triple-encoder stage and the Ray actor pool that runs it."""
 
     clip: ClipEncoderConfig
@@ -121,7 +121,7 @@ class EmbedConfig(_Strict):
 SPACE_NAMES = ("clip_image", "dino_image", "clip_text")
 
 
-class IndexConfig(_Strict):
+class IndexConfig(Strict):
     """One FAISS index per embedding space, sharded by image-id range."""
 
     # flat: exact; ivf_flat / ivf_pq / hnsw: approximate, for large runs.
@@ -159,7 +159,7 @@ class IndexConfig(_Strict):
         return self
 
 
-class MineConfig(_Strict):
+class MineConfig(Strict):
     """The paper's pair-mining rules (REFERENCE.md §1), with what it leaves open made explicit."""
 
     spaces: list[Literal["clip_image", "dino_image", "clip_text"]] = list(SPACE_NAMES)
@@ -188,7 +188,7 @@ class MineConfig(_Strict):
         return self
 
 
-class RayConfig(_Strict):
+class RayConfig(Strict):
     """How the driver reaches Ray. ``address: null`` starts a local Ray for CPU runs."""
 
     address: str | None = None
@@ -196,7 +196,7 @@ class RayConfig(_Strict):
     object_store_memory: int | None = Field(default=None, gt=0, description="Local Ray only.")
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     """Everything one run needs."""
 
     profile: str
@@ -214,6 +214,9 @@ class RunConfig(_Strict):
         if not v.strip():
             raise ValueError("run_dir must not be empty")
         return v.rstrip("/")
+
+
+_ConfigT = TypeVar("_ConfigT", bound=BaseModel)
 
 
 def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
@@ -245,7 +248,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid run config ({source}):"]
+    lines = [f"invalid config ({source}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         lines.append(f"  {field}: {e['msg']}")
@@ -253,9 +256,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 def load_config(
-    path: str | Path, overrides: list[str] | dict[str, Any] | None = None
-) -> RunConfig:
-    """Load a YAML profile, apply ``section.field=value`` overrides, validate."""
+    path: str | Path, overrides: list[str] | dict[str, Any] | None = None,
+    schema: type[_ConfigT] = RunConfig,  # type: ignore[assignment]
+) -> _ConfigT:
+    """Load a YAML profile, apply ``section.field=value`` overrides, validate against
+    ``schema`` (the synthesis ``RunConfig`` unless told otherwise)."""
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text()) or {}
@@ -268,11 +273,13 @@ def load_config(
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         doc = _merge(doc, extra)
-    return config_from_dict(doc, source=str(path))
+    return config_from_dict(doc, source=str(path), schema=schema)
 
 
-def config_from_dict(doc: dict[str, Any], source: str = "<dict>") -> RunConfig:
+def config_from_dict(doc: dict[str, Any], source: str = "<dict>",
+                     schema: type[_ConfigT] = RunConfig,  # type: ignore[assignment]
+                     ) -> _ConfigT:
     try:
-        return RunConfig.model_validate(doc)
+        return schema.model_validate(doc)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None

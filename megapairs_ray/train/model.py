@@ -49,6 +49,19 @@ class MMRetCLIP(nn.Module):
     def embed_candidates(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_features(pixel_values), dim=-1)
 
+    def forward(self, query_pixels: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None, candidate_pixels: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step's embeddings: composed queries [B, D] and candidates [N, D].
+
+        Query and candidate images share one pass through the image tower (one large batch
+        instead of two), and going through ``forward`` is what lets DDP synchronise gradients.
+        """
+        b = query_pixels.shape[0]
+        feats = self.image_features(torch.cat([query_pixels, candidate_pixels]))
+        queries = F.normalize(feats[:b] + self.text_features(input_ids, attention_mask), dim=-1)
+        return queries, F.normalize(feats[b:], dim=-1)
+
     def embed_queries(self, pixel_values: torch.Tensor | None = None,
                       input_ids: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:

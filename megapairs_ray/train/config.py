@@ -1,0 +1,107 @@
+"""The training job's configuration: one validated YAML document (``configs/train-*.yaml``).
+
+Defaults follow the paper's MMRet-CLIP recipe (REFERENCE.md §4): 1 positive + 4 hard negatives,
+τ = 0.02, lr 5e-6 with linear decay, all parameters trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from megapairs_ray.config import RayConfig, Strict
+
+
+class TrainDataConfig(Strict):
+    """Triplets in the released MegaPairs form (REFERENCE.md §3)."""
+
+    annotations: list[str] = Field(
+        min_length=1, description="JSON-lines or parquet files, folders or globs; local or s3://.")
+    # Image paths in the annotations are relative to this folder; default: the folder of the
+    # first annotations path.
+    image_root: str | None = None
+    num_hard_negatives: int = Field(default=4, ge=0)
+    # hns[0] is the query image itself; keep it as one of the negatives (the released recipe),
+    # the rest are drawn from hns[1:] afresh every pass.
+    keep_query_negative: bool = True
+    seed: int = 0
+    # The Ray Data actors that read, decode and preprocess images for the trainers.
+    loader_actors: int = Field(default=1, ge=1)
+    loader_num_cpus: float = Field(default=1.0, gt=0)
+    loader_batch_rows: int = Field(default=32, gt=0)
+    decode_threads: int = Field(default=4, ge=1)
+
+
+class TrainModelConfig(Strict):
+    # An HF CLIP folder or hub id (openai/clip-vit-base-patch16, BAAI/BGE-VL-base, a previous
+    # run's checkpoint); null builds a random-initialised CLIP from ``config_overrides``.
+    init: str | None = None
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    # A folder with tokenizer files; default: ``init`` if it has them, else OpenAI CLIP's BPE.
+    tokenizer: str | None = None
+
+    @model_validator(mode="after")
+    def _random_needs_a_config(self) -> TrainModelConfig:
+        if self.init is None and not self.config_overrides:
+            raise ValueError("model.init is null, so model.config_overrides must describe the "
+                             "CLIP to build (text_config, vision_config, projection_dim)")
+        return self
+
+
+class OptimConfig(Strict):
+    lr: float = Field(default=5e-6, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-6, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    max_steps: int = Field(gt=0)
+    # Per worker and per micro-batch; one optimiser step sees
+    # batch_size * grad_accum_steps * num_workers triplets.
+    batch_size: int = Field(gt=0)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    temperature: float = Field(default=0.02, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> OptimConfig:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError("optim.warmup_steps must be below optim.max_steps")
+        return self
+
+
+class ScalingSection(Strict):
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float | None = Field(default=None, gt=0)
+
+
+class CheckpointSection(Strict):
+    # Where Ray Train keeps checkpoints and its run state; relaunching with the same
+    # storage_path and name resumes from the newest checkpoint.
+    storage_path: str
+    name: str
+    every_steps: int = Field(default=500, gt=0)
+    num_to_keep: int | None = Field(default=3, gt=0)
+    # How many times a failed worker group is restarted from the newest checkpoint.
+    max_failures: int = Field(default=2, ge=-1)
+    log_every_steps: int = Field(default=10, gt=0)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _no_trailing_slash(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("checkpoint.storage_path must not be empty")
+        return v.rstrip("/")
+
+
+class TrainConfig(Strict):
+    profile: str
+    data: TrainDataConfig
+    model: TrainModelConfig = TrainModelConfig(init="openai/clip-vit-base-patch16")
+    optim: OptimConfig
+    scaling: ScalingSection = ScalingSection()
+    checkpoint: CheckpointSection
+    ray: RayConfig = RayConfig()

@@ -1,0 +1,278 @@
+"""Triplets into the trainers, through Ray Data.
+
+Two steps. ``prepare_triplets`` reads the annotations once (JSON lines parsed row by row, so one
+broken line is one reject, not a failed file), checks every record and that every image it names
+exists, and writes the result as parquet beside the run's checkpoints with a reason on each
+rejected row; a relaunch reuses it. ``training_dataset`` then streams the good rows through
+``TripletLoader`` actors, which draw one instruction and the hard negatives per row afresh on
+every pass, read the images (grouped by tar), decode and resize them to the model's input size.
+Pixels leave the loaders as uint8 — a quarter of the bytes of floats — and are normalised on the
+trainer's device. A row whose image fails to decode is dropped and tallied by reason in a small
+actor the driver reads at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import posixpath
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from megapairs_ray.io import storage
+from megapairs_ray.models.encoders import ImageSpec
+from megapairs_ray.stages.pixels import decode_cpu, to_model_input
+from megapairs_ray.train.config import TrainConfig, TrainDataConfig
+from megapairs_ray.train.triplets import ImageStore, triplet_problem
+
+log = logging.getLogger(__name__)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ANNOTATION_SUFFIXES = (".jsonl", ".json", ".parquet")
+PREPARED_SCHEMA = pa.schema([
+    ("q_img", pa.string()), ("q_text", pa.list_(pa.string())), ("t_img", pa.string()),
+    ("hns", pa.list_(pa.string())), ("reject_reason", pa.string()), ("source", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What the loaders must produce for one model: square pixels and token ids."""
+
+    image_size: int
+    max_text_len: int
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+
+def annotation_files(uris: list[str]) -> list[str]:
+    files: list[str] = []
+    for uri in uris:
+        if uri.endswith(ANNOTATION_SUFFIXES) and "*" not in uri:
+            if not storage.exists(uri):
+                raise FileNotFoundError(f"annotations not found: {uri}")
+            files.append(uri)
+            continue
+        fs, path = storage.filesystem(uri)
+        found = fs.glob(path) if "*" in uri else [path]
+        for p in found:
+            if fs.isdir(p):
+                files += [f for f in storage.list_files(storage.with_scheme(fs, p))
+                          if f.endswith(ANNOTATION_SUFFIXES)]
+            elif p.endswith(ANNOTATION_SUFFIXES):
+                files.append(storage.with_scheme(fs, p))
+    if not files:
+        raise FileNotFoundError(f"no annotation files (.jsonl/.json/.parquet) under {uris}")
+    return sorted(set(files))
+
+
+def image_root(cfg: TrainDataConfig) -> str:
+    if cfg.image_root:
+        return cfg.image_root.rstrip("/")
+    first = cfg.annotations[0].rstrip("/")
+    return first if not first.endswith(ANNOTATION_SUFFIXES) else posixpath.dirname(first)
+
+
+def _rows_from_batch(batch: pa.Table) -> list[tuple[dict[str, Any] | None, str, str]]:
+    """(record or None, reject reason if unparseable, source) per input row.
+
+    A batch may mix JSON-lines rows (a ``text`` column) with parquet rows (the fields as
+    columns): Ray Data unifies the schemas of a union, leaving the other kind's columns null.
+    """
+    out: list[tuple[dict[str, Any] | None, str, str]] = []
+    for row in batch.to_pylist():
+        path = row.pop("path", None) or ""
+        line = row.pop("text", None)
+        if line is None:
+            out.append((row, "", path))
+            continue
+        if not line.strip():
+            continue  # blank lines are not records
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            out.append((None, "bad_json", f"{path}: {line[:200]}"))
+            continue
+        if not isinstance(rec, dict):
+            out.append((None, "not_an_object", f"{path}: {line[:200]}"))
+            continue
+        out.append((rec, "", path))
+    return out
+
+
+class CheckTriplets:
+    """Ray Data stage: validate records and the existence of every image they name."""
+
+    def __init__(self, root: str, num_hard_negatives: int, keep_query_negative: bool) -> None:
+        self.store = ImageStore(root)
+        self.h = num_hard_negatives
+        self.keep_query = keep_query_negative
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols: dict[str, list[Any]] = {f: [] for f in PREPARED_SCHEMA.names}
+        for rec, reason, source in _rows_from_batch(batch):
+            if rec is not None:
+                reason = triplet_problem(rec, self.h, self.keep_query) or ""
+            if not reason and rec is not None:
+                paths = [rec["q_img"], rec["t_img"], *rec["hns"]]
+                missing = [p for p, ok in zip(paths, self.store.exists_many(paths)) if not ok]
+                if missing:
+                    reason = "missing_image"
+                    source = f"{source}: {missing[0]}"
+            good = rec is not None and not reason
+            cols["q_img"].append(rec.get("q_img") if good else None)
+            cols["q_text"].append([t for t in rec["q_text"] if isinstance(t, str) and t.strip()]
+                                  if good else None)
+            cols["t_img"].append(rec.get("t_img") if good else None)
+            cols["hns"].append(list(rec["hns"]) if good else None)
+            cols["reject_reason"].append(reason)
+            cols["source"].append(source if reason else "")
+        return pa.table(cols, schema=PREPARED_SCHEMA)
+
+
+def prepare_triplets(cfg: TrainConfig) -> tuple[str, dict[str, int]]:
+    """Checked triplets as parquet under the run's storage (reused on relaunch); returns the
+    folder and the counts: ``rows``, ``usable`` and one ``reject:<reason>`` per reason."""
+    out = storage.join(cfg.checkpoint.storage_path, cfg.checkpoint.name, "prepared")
+    marker = storage.join(out, "_counts.json")
+    if storage.exists(marker):
+        return out, storage.read_json(marker)
+    storage.remove(out, recursive=True)  # a half-written earlier attempt
+    files = annotation_files(cfg.data.annotations)
+    jsonl = [f for f in files if not f.endswith(".parquet")]
+    parquet = [f for f in files if f.endswith(".parquet")]
+    parts = []
+    if jsonl:
+        parts.append(ray.data.read_text(jsonl, include_paths=True))
+    if parquet:
+        parts.append(ray.data.read_parquet(parquet, include_paths=True))
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    checked = ds.map_batches(
+        CheckTriplets, fn_constructor_args=(image_root(cfg.data), cfg.data.num_hard_negatives,
+                                            cfg.data.keep_query_negative),
+        batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=min(1.0, cfg.data.loader_num_cpus))
+    checked.write_parquet(out)
+    reasons = storage.read_parquet_dir(out, columns=["reject_reason"])
+    tally = Counter(reasons.column("reject_reason").to_pylist()) if reasons else Counter()
+    counts = {"rows": sum(tally.values()), "usable": tally.pop("", 0)}
+    counts.update({f"reject:{r}": n for r, n in sorted(tally.items())})
+    storage.write_json(marker, counts)
+    return out, counts
+
+
+def _only_usable(batch: pa.Table) -> pa.Table:
+    keep = pc.equal(batch.column("reject_reason"), "")
+    return batch.filter(keep).select(["q_img", "q_text", "t_img", "hns"])
+
+
+@ray.remote(num_cpus=0)
+class RejectTally:
+    """Counts the rows the loaders had to drop, by reason, across all passes."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.counts.update(counts)
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def tally_name(cfg: TrainConfig) -> str:
+    return f"megapairs-train-rejects-{cfg.checkpoint.name}"
+
+
+class TripletLoader:
+    """Ray Data stage: annotation rows -> uint8 pixels and token ids for one training step.
+
+    Output columns: ``query_pixels`` [n,3,S,S], ``target_pixels`` [n,3,S,S],
+    ``negative_pixels`` [n,H,3,S,S] (uint8), ``input_ids`` / ``attention_mask`` [n,L] (int64).
+    """
+
+    def __init__(self, data: TrainDataConfig, model_input: ModelInput, tokenizer_path: str | None,
+                 tally: str | None = None) -> None:
+        from megapairs_ray.train.tokenizer import load_tokenizer
+
+        torch.set_num_threads(max(1, math.floor(data.loader_num_cpus)))
+        self.data = data
+        self.store = ImageStore(image_root(data))
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.input = model_input
+        # Identity normalisation: resized, cropped pixels stay in 0..255 and travel as uint8.
+        self.spec = ImageSpec(size=model_input.image_size, crop_fraction=1.0, mean=(0.0, 0.0, 0.0),
+                              std=(1 / 255, 1 / 255, 1 / 255))
+        self.pool = ThreadPoolExecutor(data.decode_threads)
+        self.rng = np.random.default_rng([data.seed, os.getpid()])
+        self.tally = ray.get_actor(tally) if tally else None
+
+    def _negatives(self, hns: list[str]) -> list[str]:
+        h = self.data.num_hard_negatives
+        if h == 0:
+            return []
+        pool = hns[1:]
+        if self.data.keep_query_negative:
+            return [hns[0], *self.rng.choice(pool, size=h - 1, replace=False).tolist()]
+        return self.rng.choice(pool, size=h, replace=False).tolist()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["q_img"])
+        texts = [str(self.rng.choice(list(t))) for t in batch["q_text"]]
+        negs = [self._negatives(list(h)) for h in batch["hns"]]
+        per_row = [[str(batch["q_img"][i]), str(batch["t_img"][i]), *negs[i]] for i in range(n)]
+        unique = sorted({p for row in per_row for p in row})
+        raw = dict(zip(unique, self.store.read_many(unique)))
+        ok_paths = [p for p in unique if isinstance(raw[p], bytes)]
+        decoded = dict(zip(ok_paths, decode_cpu([raw[p] for p in ok_paths],
+                                                self.input.image_size, self.pool)))
+        keep, dropped = [], Counter()
+        for i, row in enumerate(per_row):
+            bad = next((p for p in row if not isinstance(decoded.get(p), torch.Tensor)), None)
+            if bad is None:
+                keep.append(i)
+            else:
+                dropped["unreadable_image" if not isinstance(raw[bad], bytes)
+                        else "undecodable_image"] += 1
+        if dropped:
+            log.warning("dropped %d of %d triplets: %s", sum(dropped.values()), n, dict(dropped))
+            if self.tally is not None:
+                self.tally.add.remote(dict(dropped))
+        pixels = {p: t for p, t in decoded.items() if isinstance(t, torch.Tensor)}
+        needed = sorted({p for i in keep for p in per_row[i]})
+        slot = {p: j for j, p in enumerate(needed)}
+        stack = (to_model_input([pixels[p] for p in needed], self.spec, torch.float32)
+                 .round_().to(torch.uint8).numpy() if needed else
+                 np.zeros((0, 3, self.input.image_size, self.input.image_size), np.uint8))
+        s, h = self.input.image_size, self.data.num_hard_negatives
+        tok = self.tokenizer([texts[i] for i in keep], padding="max_length", truncation=True,
+                             max_length=self.input.max_text_len, return_tensors="np")
+        return {
+            "query_pixels": stack[[slot[per_row[i][0]] for i in keep]].reshape(-1, 3, s, s),
+            "target_pixels": stack[[slot[per_row[i][1]] for i in keep]].reshape(-1, 3, s, s),
+            "negative_pixels": stack[[slot[p] for i in keep for p in per_row[i][2:]]]
+            .reshape(len(keep), h, 3, s, s),
+            "input_ids": tok["input_ids"].astype(np.int64),
+            "attention_mask": tok["attention_mask"].astype(np.int64),
+        }
+
+
+def training_dataset(cfg: TrainConfig, prepared: str, model_input: ModelInput,
+                     tokenizer_path: str | None, tally: str | None) -> ray.data.Dataset:
+    ds = ray.data.read_parquet(prepared).map_batches(_only_usable, batch_format="pyarrow")
+    return ds.map_batches(
+        TripletLoader, fn_constructor_args=(cfg.data, model_input, tokenizer_path, tally),
+        batch_size=cfg.data.loader_batch_rows, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.data.loader_actors),
+        num_cpus=cfg.data.loader_num_cpus)

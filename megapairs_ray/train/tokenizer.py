@@ -1,0 +1,51 @@
+"""The CLIP tokenizer, as a Hugging Face tokenizer in every case.
+
+A checkpoint folder that carries tokenizer files (every released CLIP, BGE-VL and MMRet does, and
+so does every checkpoint this project writes) uses its own. A random-initialised model has none:
+it gets OpenAI CLIP's byte-level BPE, rebuilt from the vocabulary file that ships inside
+``open_clip`` — the same 49,408 tokens, so ids equal the released tokenizer's and no model hub
+is needed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerBase
+
+CLIP_VOCAB_SIZE = 49408
+
+
+def load_tokenizer(path: str | None) -> PreTrainedTokenizerBase:
+    if path is not None and _has_tokenizer_files(path):
+        return AutoTokenizer.from_pretrained(path)
+    return _openai_clip_bpe()
+
+
+def _has_tokenizer_files(path: str) -> bool:
+    p = Path(path)
+    if not p.is_dir():
+        return "/" in path and not p.exists()  # a hub id: let transformers resolve it
+    return any((p / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+
+
+@lru_cache(maxsize=1)
+def _openai_clip_bpe() -> PreTrainedTokenizerBase:
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # the slice OpenAI's tokenizer uses
+    byte_tokens = list(bytes_to_unicode().values())
+    vocab = byte_tokens + [t + "</w>" for t in byte_tokens]
+    vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == CLIP_VOCAB_SIZE
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt",
+                             pad_token="<|endoftext|>")

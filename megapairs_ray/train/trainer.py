@@ -1,0 +1,323 @@
+"""MMRet training on Ray Train (``TorchTrainer``, Train V2).
+
+The driver prepares the triplets once (``data.prepare_triplets``), then hands Ray Train a
+dataset that Ray Data streams into every worker. Each worker runs ``train_loop_per_worker``:
+AdamW with linear warm-up and linear decay, optional bf16 autocast, gradient accumulation, DDP,
+and the gathered InfoNCE loss. Rank 0 checkpoints in Hugging Face CLIP form (model + tokenizer)
+plus ``trainer_state.pt`` (optimiser, scheduler, step) through ``ray.train.report``; relaunching
+the same run (same ``checkpoint.storage_path`` and ``checkpoint.name``) resumes from the newest
+checkpoint at its step, and ``FailureConfig`` restarts a failed worker group the same way.
+
+On resume the optimiser state and the step are exact; the data stream starts a fresh pass (Ray
+Data's streaming split has no replayable position), which for an open-domain corpus sampled
+afresh every pass changes nothing that matters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from megapairs_ray.io import storage
+from megapairs_ray.train.config import TrainConfig
+from megapairs_ray.train.data import (
+    ModelInput,
+    RejectTally,
+    prepare_triplets,
+    tally_name,
+    training_dataset,
+)
+from megapairs_ray.train.loss import mmret_loss
+from megapairs_ray.train.model import MMRetCLIP
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainDataError(ValueError):
+    """The training data cannot feed one step (too few usable triplets, say)."""
+
+
+def _clip_config(cfg: TrainConfig) -> Any:
+    from transformers import CLIPConfig
+
+    if cfg.model.init is not None:
+        return CLIPConfig.from_pretrained(cfg.model.init)
+    return CLIPConfig(**cfg.model.config_overrides)
+
+
+def model_input_for(cfg: TrainConfig) -> ModelInput:
+    """Image size, text length and pixel statistics of the model being trained."""
+    conf = _clip_config(cfg)
+    mean_std: dict[str, Any] = {}
+    if cfg.model.init is not None and (Path(cfg.model.init) / "preprocessor_config.json").exists():
+        pre = json.loads((Path(cfg.model.init) / "preprocessor_config.json").read_text())
+        if "image_mean" in pre and "image_std" in pre:
+            mean_std = {"mean": tuple(pre["image_mean"]), "std": tuple(pre["image_std"])}
+    return ModelInput(image_size=conf.vision_config.image_size,
+                      max_text_len=conf.text_config.max_position_embeddings, **mean_std)
+
+
+def tokenizer_source(cfg: TrainConfig) -> str | None:
+    return cfg.model.tokenizer or cfg.model.init
+
+
+def linear_schedule(warmup_steps: int, max_steps: int) -> Any:
+    """Multiplier of the peak lr at each step: linear warm-up, then linear decay to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+    return factor
+
+
+def _normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    return ((pixels.to(torch.float32) / 255.0 - mean) / std).to(dtype)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import torch.distributed as dist
+    from ray.train.torch import get_device, prepare_model
+
+    from megapairs_ray.train.tokenizer import load_tokenizer
+
+    cfg = TrainConfig.model_validate(loop_config["cfg"])
+    model_input = ModelInput(**loop_config["model_input"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
+    opt = cfg.optim
+
+    state: dict[str, Any] | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model = MMRetCLIP.from_pretrained(d)
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    elif cfg.model.init is not None:
+        model = MMRetCLIP.from_pretrained(cfg.model.init)
+    else:
+        torch.manual_seed(cfg.data.seed)
+        model = MMRetCLIP.from_config(**cfg.model.config_overrides)
+    # The loss has a fixed temperature (τ), so CLIP's learned logit scale takes no part; DDP
+    # must not wait for a gradient it will never get.
+    model.clip.logit_scale.requires_grad_(False)
+    model = prepare_model(model)  # moves to the device, wraps in DDP when world > 1
+    core: MMRetCLIP = model.module if hasattr(model, "module") else model
+
+    trainable = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opt.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_schedule(opt.warmup_steps, opt.max_steps))
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        log.info("rank %d resumed at step %d", rank, step)
+
+    mean = torch.tensor(model_input.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(model_input.std, device=device).view(1, 3, 1, 1)
+    use_bf16 = opt.precision == "bf16"
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
+                else nullcontext())
+    shard = ray.train.get_dataset_shard("train")
+    tokenizer = load_tokenizer(loop_config["tokenizer"]) if rank == 0 else None
+    samples_per_step = opt.batch_size * opt.grad_accum_steps * world
+
+    window_start, window_steps, loss_sum = time.perf_counter(), 0, 0.0
+    micro, passes = 0, 0
+    model.train()
+    while step < opt.max_steps:
+        batches_this_pass = 0
+        for batch in shard.iter_torch_batches(batch_size=opt.batch_size, drop_last=True,
+                                              device=device):
+            batches_this_pass += 1
+            last_micro = (micro + 1) % opt.grad_accum_steps == 0
+            sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+            q_px = _normalise(batch["query_pixels"], mean, std, torch.float32)
+            cand = torch.cat([batch["target_pixels"],
+                              batch["negative_pixels"].flatten(0, 1)])
+            c_px = _normalise(cand, mean, std, torch.float32)
+            with sync:
+                with autocast:
+                    queries, candidates = model(q_px, batch["input_ids"],
+                                                batch["attention_mask"], c_px)
+                b = queries.shape[0]
+                positives = candidates[:b].float()
+                negatives = candidates[b:].float().view(b, cfg.data.num_hard_negatives, -1)
+                loss = mmret_loss(queries.float(), positives, negatives, opt.temperature,
+                                  rank=rank, world_size=world)
+                (loss / opt.grad_accum_steps).backward()
+            loss_sum += loss.detach().item() / opt.grad_accum_steps
+            micro += 1
+            if not last_micro:
+                continue
+            if opt.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            is_ckpt = step % cfg.checkpoint.every_steps == 0 or step == opt.max_steps
+            if not is_ckpt and step % cfg.checkpoint.log_every_steps != 0:
+                if step >= opt.max_steps:
+                    break
+                continue
+            # A report is a barrier across workers, so it happens on log and checkpoint steps.
+            mean_loss = torch.tensor([loss_sum / window_steps], device=device)
+            if world > 1:
+                dist.all_reduce(mean_loss)
+                mean_loss /= world
+            elapsed = time.perf_counter() - window_start
+            metrics = {"step": step, "loss": float(mean_loss.item()),
+                       "lr": scheduler.get_last_lr()[0], "passes": passes,
+                       "samples_per_s": samples_per_step * window_steps / elapsed}
+            if is_ckpt:
+                _report_with_checkpoint(metrics, core, tokenizer, optimizer, scheduler, step,
+                                        rank)
+            else:
+                ray.train.report(metrics)
+            window_start, window_steps, loss_sum = time.perf_counter(), 0, 0.0
+            if step >= opt.max_steps:
+                break
+        if batches_this_pass == 0:
+            raise TrainDataError(
+                f"worker {rank} received no full batch of {opt.batch_size} triplets in a pass "
+                f"over the data: too few usable triplets for {world} workers")
+        passes += 1
+
+
+def _report_with_checkpoint(metrics: dict[str, Any], model: MMRetCLIP, tokenizer: Any,
+                            optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+                            rank: int) -> None:
+    name = f"step_{step:08d}"
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "step": step}, Path(d) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=name)
+
+
+class MetricsLog(ray.train.UserCallback):
+    """Keeps every report's metrics (rank 0's) as ``metrics.jsonl`` beside the checkpoints;
+    a resumed run appends to what the earlier attempt logged."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.rows: list[dict[str, Any]] | None = None
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                     checkpoint: ray.train.Checkpoint | None) -> None:
+        if self.rows is None:
+            self.rows = read_metrics(self.uri)
+        row = dict(metrics[0])
+        if checkpoint is not None:
+            row["checkpoint"] = checkpoint_uri(self.uri, checkpoint)
+        self.rows.append(row)
+        with storage.open_atomic(self.uri, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+
+
+def checkpoint_uri(storage_uri: str, checkpoint: ray.train.Checkpoint) -> str:
+    """A checkpoint's full URI (Ray gives object-store paths without their scheme)."""
+    if storage.is_remote(storage_uri) and "://" not in checkpoint.path:
+        return f"{storage_uri.split('://', 1)[0]}://{checkpoint.path}"
+    return checkpoint.path
+
+
+def read_metrics(uri: str) -> list[dict[str, Any]]:
+    if not storage.exists(uri):
+        return []
+    fs, path = storage.filesystem(uri)
+    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    return storage.join(cfg.checkpoint.storage_path, cfg.checkpoint.name)
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) the run ``cfg`` names; returns and stores its summary."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    from megapairs_ray.pipeline.runtime import init_ray
+
+    init_ray(cfg.ray)
+    t0 = time.perf_counter()
+    prepared, counts = prepare_triplets(cfg)
+    usable = counts.get("usable", 0)
+    global_batch = cfg.optim.batch_size * cfg.scaling.num_workers
+    if usable < global_batch:
+        raise TrainDataError(f"{usable} usable triplets cannot fill one batch of {global_batch} "
+                             f"(rejects: {_rejects(counts)})")
+    tally = RejectTally.options(name=tally_name(cfg), get_if_exists=True).remote()
+    model_input = model_input_for(cfg)
+    ds = training_dataset(cfg, prepared, model_input, tokenizer_source(cfg), tally_name(cfg))
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker or 1
+    storage_path = cfg.checkpoint.storage_path
+    if not storage.is_remote(storage_path):
+        storage_path = str(Path(storage_path).resolve())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"),
+                           "model_input": model_input.__dict__,
+                           "tokenizer": tokenizer_source(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
+                                     use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.checkpoint.name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            callbacks=[MetricsLog(storage.join(run_dir(cfg), "metrics.jsonl"))]),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    dropped = ray.get(tally.get.remote())
+    summary = {
+        "name": cfg.checkpoint.name,
+        "checkpoint": (checkpoint_uri(cfg.checkpoint.storage_path, result.checkpoint)
+                       if result.checkpoint else None),
+        "metrics": result.metrics,
+        "triplets": counts,
+        "dropped_while_loading": dropped,
+        "seconds": time.perf_counter() - t0,
+    }
+    storage.write_json(storage.join(run_dir(cfg), "summary.json"), summary)
+    return summary
+
+
+def _rejects(counts: dict[str, int]) -> str:
+    rej = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("reject:")}
+    return ", ".join(f"{k}={v}" for k, v in sorted(rej.items())) or "none"

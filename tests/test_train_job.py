@@ -1,0 +1,166 @@
+"""The Ray Train job: triplet checks, 2 gloo workers, loss, checkpoints, failures, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from megapairs_ray.io import storage
+from megapairs_ray.train.config import TrainConfig
+from megapairs_ray.train.toy_triplets import write_jsonl, write_toy_dataset, write_triplet_set
+from megapairs_ray.train.trainer import TrainDataError, read_metrics, run_training
+
+from .train_helpers import train_config
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path, annotations, storage_path=None, name="run", **sections) -> TrainConfig:
+    return TrainConfig.model_validate(train_config(
+        str(annotations), storage_path or str(tmp_path / "store"), name, **sections))
+
+
+def test_bad_triplets_are_counted_rejects_and_good_ones_train(tmp_path):
+    root = tmp_path / "ds"
+    recs = write_triplet_set(root)
+    bad_lines = [
+        "{not json",
+        "[1, 2, 3]",
+        json.dumps({**recs[0], "q_text": []}),
+        json.dumps({k: v for k, v in recs[1].items() if k != "t_img"}),
+        json.dumps({**recs[2], "hns": recs[2]["hns"][:2]}),
+        json.dumps({**recs[3], "t_img": "images/00001/gone.jpg"}),
+        "",  # a blank line is not a record
+    ]
+    write_jsonl(root / "a.jsonl", recs[:20], bad_lines)
+    pq.write_table(pa.Table.from_pylist(recs[20:40]), root / "b.parquet")
+    cfg = _cfg(tmp_path, root, optim={"max_steps": 2, "warmup_steps": 0},
+               checkpoint={"every_steps": 2, "log_every_steps": 1})
+    summary = run_training(cfg)
+    assert summary["triplets"] == {
+        "rows": 46, "usable": 40, "reject:bad_json": 1, "reject:not_an_object": 1,
+        "reject:no_instruction": 1, "reject:missing_t_img": 1,
+        "reject:too_few_hard_negatives": 1, "reject:missing_image": 1}
+    # Each rejected row keeps its reason and where it came from.
+    prepared = storage.read_parquet_dir(str(tmp_path / "store" / "run" / "prepared"))
+    gone = [r for r in prepared.to_pylist() if r["reject_reason"] == "missing_image"]
+    assert gone and "gone.jpg" in gone[0]["source"] and "a.jsonl" in gone[0]["source"]
+    assert summary["metrics"]["step"] == 2
+
+
+def test_too_few_triplets_for_one_batch_is_a_clear_error(tmp_path):
+    root = tmp_path / "ds"
+    write_jsonl(root / "a.jsonl", write_triplet_set(root)[:5])
+    with pytest.raises(TrainDataError, match="cannot fill one batch of 8"):
+        run_training(_cfg(tmp_path, root))
+
+
+def _kill_one_train_worker(killed: list[int]) -> None:
+    """SIGKILL one Ray Train worker process, as a lost node would. (Ray titles each actor's
+    process ``ray::<class>...``.)"""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if any("ray::RayTrainWorker" in part for part in p.info["cmdline"] or []):
+            p.kill()
+            killed.append(p.pid)
+            return
+
+
+def test_two_workers_learn_checkpoint_and_survive_a_worker_failure(tmp_path, bucket):
+    ann = write_toy_dataset(tmp_path / "ds")
+    cfg = _cfg(tmp_path, ann, storage_path=f"s3://{bucket}/train", name="learn",
+               optim={"max_steps": 80, "warmup_steps": 5},
+               checkpoint={"every_steps": 20, "log_every_steps": 5, "max_failures": 1})
+    killed: list[int] = []
+    # The checkpoints go to s3 (moto); a watcher kills a worker once the first one is there.
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+
+    def watch() -> None:
+        deadline = time.time() + 180
+        while time.time() < deadline and not fs.glob(f"{bucket}/train/learn/step_*"):
+            time.sleep(0.3)
+            fs.invalidate_cache()
+        _kill_one_train_worker(killed)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    summary = run_training(cfg)
+    t.join(timeout=5)
+    assert killed, "no worker was killed: the failure path went untested"
+    rows = read_metrics(f"s3://{bucket}/train/learn/metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    # The restarted group resumed from the step-20 checkpoint: steps after it are logged twice
+    # at most, and the run still reached its last step.
+    assert steps[-1] == 80 and summary["metrics"]["step"] == 80
+    assert 20 in steps and steps.count(20) == 1
+    assert any(b <= a for a, b in zip(steps, steps[1:])), f"no restart visible in {steps}"
+    first, last = rows[0]["loss"], min(r["loss"] for r in rows[-3:])
+    # Chance level is ln(8 positives + 32 negatives) = 3.69; the task is learnable.
+    assert last < 3.0 and last < first - 0.6, [round(r["loss"], 3) for r in rows]
+    ckpt = summary["checkpoint"]
+    assert ckpt.startswith(f"s3://{bucket}/train/learn/step_00000080")
+    local = tmp_path / "ckpt"
+    fs.get(ckpt.removeprefix("s3://"), str(local), recursive=True)
+    assert {"config.json", "model.safetensors", "trainer_state.pt"} <= {
+        p.name for p in local.iterdir()}
+    from megapairs_ray.train.model import MMRetCLIP
+    from megapairs_ray.train.tokenizer import load_tokenizer
+
+    MMRetCLIP.from_pretrained(local)
+    assert len(load_tokenizer(str(local))) == 49408
+
+
+def test_a_killed_and_relaunched_run_resumes_at_its_checkpoint_step(tmp_path):
+    import ray
+
+    ann = write_toy_dataset(tmp_path / "ds")
+    store = tmp_path / "store"
+    overrides = {"optim": {"max_steps": 120}, "checkpoint": {"every_steps": 6,
+                                                             "log_every_steps": 3}}
+    doc = train_config(str(ann), str(store), "resume", **overrides)
+    (tmp_path / "train.yaml").write_text(json.dumps(doc))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "megapairs_ray.cli", "train", "--config",
+                             str(tmp_path / "train.yaml")], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((store / "resume").glob("step_*")):
+            assert proc.poll() is None, "the training driver exited before its first checkpoint"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = read_metrics(str(store / "resume" / "metrics.jsonl"))
+    saved = sorted(int(p.name.split("_")[1]) for p in (store / "resume").glob("step_*"))
+    assert saved and before[-1]["step"] < 120
+    # Ray tears down the dead driver's trainers; wait for their CPUs before relaunching.
+    deadline = time.time() + 60
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < 1.5:
+        time.sleep(0.5)
+    summary = run_training(TrainConfig.model_validate(doc))
+    after = read_metrics(str(store / "resume" / "metrics.jsonl"))[len(before):]
+    assert after[0]["step"] == saved[-1] + 3, (saved, [r["step"] for r in after])
+    assert after[-1]["step"] == 120 and summary["metrics"]["step"] == 120
+    # The schedule resumed too: the lr at the first resumed log is the fresh schedule's value.
+    from megapairs_ray.train.trainer import linear_schedule
+
+    step = after[0]["step"]
+    assert after[0]["lr"] == pytest.approx(5e-4 * linear_schedule(2, 120)(step))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -107,7 +108,7 @@ def test_two_workers_learn_checkpoint_and_survive_a_worker_failure(tmp_path, buc
     # at most, and the run still reached its last step.
     assert steps[-1] == 80 and summary["metrics"]["step"] == 80
     assert 20 in steps and steps.count(20) == 1
-    assert any(b <= a for a, b in zip(steps, steps[1:])), f"no restart visible in {steps}"
+    assert any(b <= a for a, b in itertools.pairwise(steps)), f"no restart visible in {steps}"
     first, last = rows[0]["loss"], min(r["loss"] for r in rows[-3:])
     # Chance level is ln(8 positives + 32 negatives) = 3.69; the task is learnable.
     assert last < 3.0 and last < first - 0.6, [round(r["loss"], 3) for r in rows]
@@ -129,7 +130,7 @@ def test_a_killed_and_relaunched_run_resumes_at_its_checkpoint_step(tmp_path):
 
     ann = write_toy_dataset(tmp_path / "ds")
     store = tmp_path / "store"
-    overrides = {"optim": {"max_steps": 120}, "checkpoint": {"every_steps": 6,
+    overrides = {"optim": {"max_steps": 60}, "checkpoint": {"every_steps": 6,
                                                              "log_every_steps": 3}}
     doc = train_config(str(ann), str(store), "resume", **overrides)
     (tmp_path / "train.yaml").write_text(json.dumps(doc))
@@ -139,28 +140,30 @@ def test_a_killed_and_relaunched_run_resumes_at_its_checkpoint_step(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not list((store / "resume").glob("step_*")):
+        # A checkpoint counts once Ray Train has registered it in its run snapshot.
+        while time.time() < deadline and not (store / "resume" /
+                                              "checkpoint_manager_snapshot.json").exists():
             assert proc.poll() is None, "the training driver exited before its first checkpoint"
             time.sleep(0.2)
-        time.sleep(1.0)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     before = read_metrics(str(store / "resume" / "metrics.jsonl"))
+    snapshot = json.loads((store / "resume" / "checkpoint_manager_snapshot.json").read_text())
     saved = sorted(int(p.name.split("_")[1]) for p in (store / "resume").glob("step_*"))
-    assert saved and before[-1]["step"] < 120
+    assert saved and before[-1]["step"] < 60
     # Ray tears down the dead driver's trainers; wait for their CPUs before relaunching.
     deadline = time.time() + 60
     while time.time() < deadline and ray.available_resources().get("CPU", 0) < 1.5:
         time.sleep(0.5)
     summary = run_training(TrainConfig.model_validate(doc))
     after = read_metrics(str(store / "resume" / "metrics.jsonl"))[len(before):]
-    assert after[0]["step"] == saved[-1] + 3, (saved, [r["step"] for r in after])
-    assert after[-1]["step"] == 120 and summary["metrics"]["step"] == 120
+    assert after[0]["step"] == saved[-1] + 3, (saved, snapshot, [r["step"] for r in after])
+    assert after[-1]["step"] == 60 and summary["metrics"]["step"] == 60
     # The schedule resumed too: the lr at the first resumed log is the fresh schedule's value.
     from megapairs_ray.train.trainer import linear_schedule
 
     step = after[0]["step"]
-    assert after[0]["lr"] == pytest.approx(5e-4 * linear_schedule(2, 120)(step))
+    assert after[0]["lr"] == pytest.approx(5e-4 * linear_schedule(2, 60)(step))

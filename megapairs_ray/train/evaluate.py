@@ -177,7 +177,9 @@ class Embedder:
             raw = list(self.pool.map(read, uris))
         except FileNotFoundError as e:
             raise BenchmarkError(f"benchmark image missing: {e}") from None
-        decoded = decode_cpu(raw, self.spec.size, self.pool)
+        # Full decodes (no DCT-domain shrinking): benchmark numbers must follow the protocol's
+        # pixels, not a faster approximation of them.
+        decoded = decode_cpu(raw, 0, self.pool)
         for uri, d in zip(uris, decoded):
             if isinstance(d, Exception):
                 raise BenchmarkError(f"benchmark image {uri} cannot be decoded: {d}")

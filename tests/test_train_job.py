@@ -163,7 +163,7 @@ def test_a_killed_and_relaunched_run_resumes_at_its_checkpoint_step(tmp_path):
     assert after[0]["step"] == saved[-1] + 3, (saved, snapshot, [r["step"] for r in after])
     assert after[-1]["step"] == 60 and summary["metrics"]["step"] == 60
     # The schedule resumed too: the lr at the first resumed log is the fresh schedule's value.
-    from megapairs_ray.train.trainer import linear_schedule
+    from megapairs_ray.train.step import linear_schedule
 
     step = after[0]["step"]
     assert after[0]["lr"] == pytest.approx(5e-4 * linear_schedule(2, 60)(step))

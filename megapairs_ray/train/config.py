@@ -63,6 +63,9 @@ class OptimConfig(Strict):
     temperature: float = Field(default=0.02, gt=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Recompute activations in the backward pass: about a third more compute for several
+    # times the batch per GPU (the paper's 256 queries x 6 images per GPU need it).
+    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> OptimConfig:

@@ -20,7 +20,6 @@ import os
 import posixpath
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,27 +32,16 @@ from megapairs_ray.io import storage
 from megapairs_ray.models.encoders import ImageSpec
 from megapairs_ray.stages.pixels import decode_cpu, to_model_input
 from megapairs_ray.train.config import TrainConfig, TrainDataConfig
+from megapairs_ray.train.step import ModelInput
 from megapairs_ray.train.triplets import ImageStore, triplet_problem
 
 log = logging.getLogger(__name__)
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ANNOTATION_SUFFIXES = (".jsonl", ".json", ".parquet")
 PREPARED_SCHEMA = pa.schema([
     ("q_img", pa.string()), ("q_text", pa.list_(pa.string())), ("t_img", pa.string()),
     ("hns", pa.list_(pa.string())), ("reject_reason", pa.string()), ("source", pa.string()),
 ])
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """What the loaders must produce for one model: square pixels and token ids."""
-
-    image_size: int
-    max_text_len: int
-    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    std: tuple[float, float, float] = OPENAI_CLIP_STD
 
 
 def annotation_files(uris: list[str]) -> list[str]:
@@ -172,9 +160,11 @@ def prepare_triplets(cfg: TrainConfig) -> tuple[str, dict[str, int]]:
     return out, counts
 
 
-def _only_usable(batch: pa.Table) -> pa.Table:
-    keep = pc.equal(batch.column("reject_reason"), "")
-    return batch.filter(keep).select(["q_img", "q_text", "t_img", "hns"])
+def _read_usable(batch: dict[str, np.ndarray]) -> pa.Table:
+    """One prepared parquet file -> its usable triplets."""
+    table = storage.read_parquet(str(batch["file"][0]),
+                                 ["q_img", "q_text", "t_img", "hns", "reject_reason"])
+    return table.filter(pc.equal(table.column("reject_reason"), "")).drop(["reject_reason"])
 
 
 @ray.remote(num_cpus=0)
@@ -270,7 +260,11 @@ class TripletLoader:
 
 def training_dataset(cfg: TrainConfig, prepared: str, model_input: ModelInput,
                      tokenizer_path: str | None, tally: str | None) -> ray.data.Dataset:
-    ds = ray.data.read_parquet(prepared).map_batches(_only_usable, batch_format="pyarrow")
+    # One read task per prepared file, at the loaders' CPU share: Ray Data's own file listing
+    # asks for a whole CPU, which a small cluster busy with trainers may never have free.
+    files = storage.list_files(prepared, suffix=".parquet")
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(_read_usable, batch_size=1, num_cpus=cfg.data.loader_num_cpus)
     return ds.map_batches(
         TripletLoader, fn_constructor_args=(cfg.data, model_input, tokenizer_path, tally),
         batch_size=cfg.data.loader_batch_rows, batch_format="numpy",

@@ -148,7 +148,7 @@ class Embedder:
                  threads: int = 8, precision: str = "fp32") -> None:
         from transformers import CLIPConfig
 
-        from megapairs_ray.train.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        from megapairs_ray.train.step import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
         from megapairs_ray.train.tokenizer import load_tokenizer
 
         self.device = torch.device(device)

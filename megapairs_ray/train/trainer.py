@@ -2,11 +2,12 @@
 
 The driver prepares the triplets once (``data.prepare_triplets``), then hands Ray Train a
 dataset that Ray Data streams into every worker. Each worker runs ``train_loop_per_worker``:
-AdamW with linear warm-up and linear decay, optional bf16 autocast, gradient accumulation, DDP,
-and the gathered InfoNCE loss. Rank 0 checkpoints in Hugging Face CLIP form (model + tokenizer)
-plus ``trainer_state.pt`` (optimiser, scheduler, step) through ``ray.train.report``; relaunching
-the same run (same ``checkpoint.storage_path`` and ``checkpoint.name``) resumes from the newest
-checkpoint at its step, and ``FailureConfig`` restarts a failed worker group the same way.
+``TrainStep`` (AdamW with linear warm-up and decay, optional bf16 autocast, gradient
+accumulation, the gathered InfoNCE loss) under DDP. Rank 0 checkpoints in Hugging Face CLIP form
+(model + tokenizer) plus ``trainer_state.pt`` (optimiser, scheduler, step) through
+``ray.train.report``; relaunching the same run (same ``checkpoint.storage_path`` and
+``checkpoint.name``) resumes from the newest checkpoint at its step, and ``FailureConfig``
+restarts a failed worker group the same way.
 
 On resume the optimiser state and the step are exact; the data stream starts a fresh pass (Ray
 Data's streaming split has no replayable position), which for an open-domain corpus sampled
@@ -20,7 +21,6 @@ import logging
 import math
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,13 @@ from ray.train.torch import TorchTrainer
 from megapairs_ray.io import storage
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.data import (
-    ModelInput,
     RejectTally,
     prepare_triplets,
     tally_name,
     training_dataset,
 )
-from megapairs_ray.train.loss import mmret_loss
 from megapairs_ray.train.model import MMRetCLIP
+from megapairs_ray.train.step import ModelInput, TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +73,6 @@ def tokenizer_source(cfg: TrainConfig) -> str | None:
     return cfg.model.tokenizer or cfg.model.init
 
 
-def linear_schedule(warmup_steps: int, max_steps: int) -> Any:
-    """Multiplier of the peak lr at each step: linear warm-up, then linear decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-
-    return factor
-
-
-def _normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-               dtype: torch.dtype) -> torch.Tensor:
-    return ((pixels.to(torch.float32) / 255.0 - mean) / std).to(dtype)
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train.torch import get_device, prepare_model
@@ -109,99 +92,59 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            model = MMRetCLIP.from_pretrained(d)
+            core = MMRetCLIP.from_pretrained(d)
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     elif cfg.model.init is not None:
-        model = MMRetCLIP.from_pretrained(cfg.model.init)
+        core = MMRetCLIP.from_pretrained(cfg.model.init)
     else:
         torch.manual_seed(cfg.data.seed)
-        model = MMRetCLIP.from_config(**cfg.model.config_overrides)
-    # The loss has a fixed temperature (τ), so CLIP's learned logit scale takes no part; DDP
-    # must not wait for a gradient it will never get.
-    model.clip.logit_scale.requires_grad_(False)
-    model = prepare_model(model)  # moves to the device, wraps in DDP when world > 1
-    core: MMRetCLIP = model.module if hasattr(model, "module") else model
-
-    trainable = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt.lr, betas=opt.betas, eps=opt.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(opt.warmup_steps, opt.max_steps))
-    step = 0
+        core = MMRetCLIP.from_config(**cfg.model.config_overrides)
+    if opt.gradient_checkpointing:
+        core.clip.gradient_checkpointing_enable()
+    core.clip.logit_scale.requires_grad_(False)  # see TrainStep; before DDP sees the params
+    model = prepare_model(core)  # moves to the device, wraps in DDP when world > 1
+    core = model.module if hasattr(model, "module") else model
+    train_step = TrainStep(model, core, opt, cfg.data.num_hard_negatives, model_input, device,
+                           rank=rank, world_size=world)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        log.info("rank %d resumed at step %d", rank, step)
+        train_step.load_state_dict(state)
+        log.info("rank %d resumed at step %d", rank, train_step.step)
 
-    mean = torch.tensor(model_input.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(model_input.std, device=device).view(1, 3, 1, 1)
-    use_bf16 = opt.precision == "bf16"
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
-                else nullcontext())
     shard = ray.train.get_dataset_shard("train")
     tokenizer = load_tokenizer(loop_config["tokenizer"]) if rank == 0 else None
     samples_per_step = opt.batch_size * opt.grad_accum_steps * world
-
-    window_start, window_steps, loss_sum = time.perf_counter(), 0, 0.0
-    micro, passes = 0, 0
+    window_start, window_steps = time.perf_counter(), 0
+    window_loss = torch.zeros((), device=device)
+    passes = 0
     model.train()
-    while step < opt.max_steps:
+    while train_step.step < opt.max_steps:
         batches_this_pass = 0
         for batch in shard.iter_torch_batches(batch_size=opt.batch_size, drop_last=True,
                                               device=device):
             batches_this_pass += 1
-            last_micro = (micro + 1) % opt.grad_accum_steps == 0
-            sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-            q_px = _normalise(batch["query_pixels"], mean, std, torch.float32)
-            cand = torch.cat([batch["target_pixels"],
-                              batch["negative_pixels"].flatten(0, 1)])
-            c_px = _normalise(cand, mean, std, torch.float32)
-            with sync:
-                with autocast:
-                    queries, candidates = model(q_px, batch["input_ids"],
-                                                batch["attention_mask"], c_px)
-                b = queries.shape[0]
-                positives = candidates[:b].float()
-                negatives = candidates[b:].float().view(b, cfg.data.num_hard_negatives, -1)
-                loss = mmret_loss(queries.float(), positives, negatives, opt.temperature,
-                                  rank=rank, world_size=world)
-                (loss / opt.grad_accum_steps).backward()
-            loss_sum += loss.detach().item() / opt.grad_accum_steps
-            micro += 1
-            if not last_micro:
-                continue
-            if opt.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+            loss = train_step(batch)
+            if loss is None:
+                continue  # accumulating
+            step = train_step.step
+            window_loss += loss
             window_steps += 1
             is_ckpt = step % cfg.checkpoint.every_steps == 0 or step == opt.max_steps
-            if not is_ckpt and step % cfg.checkpoint.log_every_steps != 0:
-                if step >= opt.max_steps:
-                    break
-                continue
-            # A report is a barrier across workers, so it happens on log and checkpoint steps.
-            mean_loss = torch.tensor([loss_sum / window_steps], device=device)
-            if world > 1:
-                dist.all_reduce(mean_loss)
-                mean_loss /= world
-            elapsed = time.perf_counter() - window_start
-            metrics = {"step": step, "loss": float(mean_loss.item()),
-                       "lr": scheduler.get_last_lr()[0], "passes": passes,
-                       "samples_per_s": samples_per_step * window_steps / elapsed}
-            if is_ckpt:
-                _report_with_checkpoint(metrics, core, tokenizer, optimizer, scheduler, step,
-                                        rank)
-            else:
-                ray.train.report(metrics)
-            window_start, window_steps, loss_sum = time.perf_counter(), 0, 0.0
+            if is_ckpt or step % cfg.checkpoint.log_every_steps == 0:
+                # A report is a barrier across workers: only on log and checkpoint steps.
+                mean_loss = window_loss / window_steps
+                if world > 1:
+                    dist.all_reduce(mean_loss)
+                    mean_loss /= world
+                elapsed = time.perf_counter() - window_start
+                metrics = {"step": step, "loss": float(mean_loss.item()),
+                           "lr": train_step.scheduler.get_last_lr()[0], "passes": passes,
+                           "samples_per_s": samples_per_step * window_steps / elapsed}
+                if is_ckpt:
+                    _report_with_checkpoint(metrics, core, tokenizer, train_step, rank)
+                else:
+                    ray.train.report(metrics)
+                window_start, window_steps = time.perf_counter(), 0
+                window_loss = torch.zeros((), device=device)
             if step >= opt.max_steps:
                 break
         if batches_this_pass == 0:
@@ -212,17 +155,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _report_with_checkpoint(metrics: dict[str, Any], model: MMRetCLIP, tokenizer: Any,
-                            optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
-                            rank: int) -> None:
-    name = f"step_{step:08d}"
+                            train_step: TrainStep, rank: int) -> None:
+    name = f"step_{train_step.step:08d}"
     if rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         tokenizer.save_pretrained(d)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step}, Path(d) / STATE_FILE)
+        torch.save(train_step.state_dict(), Path(d) / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=name)
 

@@ -1,0 +1,121 @@
+"""One MMRet training step, free of Ray: the Ray Train loop, the plain-loop benchmark and the GPU
+benchmark all run this same object.
+
+A call takes one micro-batch as the loaders produce it (uint8 pixels, token ids), normalises the
+pixels on the device, runs query and candidate images through the image tower in one pass, takes
+the gathered InfoNCE loss and back-propagates; every ``grad_accum_steps`` calls it clips, steps
+AdamW and the linear warm-up/decay schedule.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from megapairs_ray.train.config import OptimConfig
+from megapairs_ray.train.loss import mmret_loss
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What the loaders must produce for one model: square pixels and token ids."""
+
+    image_size: int
+    max_text_len: int
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+
+def linear_schedule(warmup_steps: int, max_steps: int) -> Any:
+    """Multiplier of the peak lr at each step: linear warm-up, then linear decay to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+    return factor
+
+
+class TrainStep:
+    """``model`` is what runs forward (DDP-wrapped when distributed); ``core`` the bare
+    ``MMRetCLIP`` whose parameters are optimised."""
+
+    def __init__(self, model: nn.Module, core: nn.Module, optim: OptimConfig,
+                 num_hard_negatives: int, model_input: ModelInput, device: torch.device,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.model, self.optim, self.h = model, optim, num_hard_negatives
+        self.rank, self.world = rank, world_size
+        self.mean = torch.tensor(model_input.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(model_input.std, device=device).view(1, 3, 1, 1)
+        # The loss has a fixed temperature, so CLIP's learned logit scale takes no part; DDP
+        # must not wait for a gradient it will never get.
+        core.clip.logit_scale.requires_grad_(False)
+        trainable = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
+        no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
+        self.params = [p for _, p in trainable]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": optim.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim.lr, betas=optim.betas, eps=optim.eps,
+            fused=device.type == "cuda")  # one kernel per step instead of one per tensor
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_schedule(optim.warmup_steps, optim.max_steps))
+        self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                         if optim.precision == "bf16" else nullcontext())
+        self.step = 0
+        self._micro = 0
+        self._loss_sum: torch.Tensor | float = 0.0
+
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.float32) / 255.0 - self.mean) / self.std
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Train on one micro-batch; returns the mean loss of the accumulated micro-batches
+        when this call completed an optimiser step, else None. The loss stays a device tensor:
+        reading it would wait for the GPU, so callers read it only when they log."""
+        last_micro = (self._micro + 1) % self.optim.grad_accum_steps == 0
+        sync = (nullcontext() if last_micro or not hasattr(self.model, "no_sync")
+                else self.model.no_sync())
+        q_px = self._pixels(batch["query_pixels"])
+        c_px = self._pixels(torch.cat([batch["target_pixels"],
+                                       batch["negative_pixels"].flatten(0, 1)]))
+        with sync:
+            with self.autocast:
+                queries, candidates = self.model(q_px, batch["input_ids"],
+                                                 batch["attention_mask"], c_px)
+            b = queries.shape[0]
+            loss = mmret_loss(queries.float(), candidates[:b].float(),
+                              candidates[b:].float().view(b, self.h, -1),
+                              self.optim.temperature, rank=self.rank, world_size=self.world)
+            (loss / self.optim.grad_accum_steps).backward()
+        self._loss_sum += loss.detach()
+        self._micro += 1
+        if not last_micro:
+            return None
+        if self.optim.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        mean_loss = self._loss_sum / self.optim.grad_accum_steps
+        self._loss_sum = 0.0
+        return mean_loss  # type: ignore[return-value]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])

@@ -297,3 +297,29 @@ def test_anyscale_job_matches_the_rayjob(paper: RunConfig) -> None:
         assert 0 <= group["min_nodes"] <= group["max_nodes"]
     assert groups["gpu"]["required_resources"]["GPU"] >= paper.embed.num_gpus
     assert groups["gpu"]["max_nodes"] >= paper.embed.max_actors
+
+
+# --- the training RayJob ------------------------------------------------------------------------
+
+RAYJOB_TRAIN = KUBERAY_DIR / "rayjob-train.yaml"
+
+
+def test_train_rayjob_runs_the_training_config_on_its_gpus() -> None:
+    from megapairs_ray.train.config import TrainConfig
+
+    doc = _load(RAYJOB_TRAIN)
+    script, config = _entrypoint(doc["spec"]["entrypoint"])
+    assert script == REPO / "jobs" / "train_mmret.py" and script.is_file()
+    cfg = load_config(config, schema=TrainConfig)
+    assert cfg.scaling.use_gpu
+    spec = doc["spec"]["rayClusterSpec"]
+    gpu = _group(spec, "gpu")
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    gpus_per_node = limits["nvidia.com/gpu"]
+    # Every trainer fits: the GPU nodes hold all workers, with their CPUs.
+    assert gpu["minReplicas"] * gpus_per_node >= cfg.scaling.num_workers
+    workers_per_node = gpus_per_node / (cfg.scaling.gpus_per_worker or 1)
+    assert float(limits["cpu"]) >= workers_per_node * cfg.scaling.cpus_per_worker
+    cpu = _group(spec, "cpu")
+    cpu_limit = float(cpu["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert cpu["maxReplicas"] * cpu_limit >= cfg.data.loader_actors * cfg.data.loader_num_cpus

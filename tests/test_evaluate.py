@@ -91,13 +91,13 @@ def make_cirr(root: Path) -> Path:
     return root
 
 
-def make_fashioniq(root: Path) -> Path:
+def make_fashioniq(root: Path, ext: str = "png") -> Path:
     for cat, shapes in (("dress", SHAPES[:2]), ("shirt", SHAPES[2:])):
         keys = [k for k in KEYS if k[0] in shapes]
         names = {k: f"{cat}-{k[0]}-{k[1]}" for k in keys}
         for k, n in names.items():
             (root / "images").mkdir(parents=True, exist_ok=True)
-            (root / "images" / f"{n}.png").write_bytes(shape_image(*k))
+            (root / "images" / f"{n}.{ext}").write_bytes(shape_image(*k))
         _write(root / "image_splits" / f"split.{cat}.val.json", list(names.values()))
         caps = []
         for ref, _, rel, gts in _queries():
@@ -167,6 +167,8 @@ def test_cirr_and_fashioniq_run_in_their_published_layouts(tmp_path, checkpoint)
     assert fiq["mean"]["R@10"] == pytest.approx(
         np.mean([r["metrics"]["R@10"] for r in fiq["results"]]))
     assert fiq["mean"]["R@50"] == 100.0  # galleries of 12: every target is in the top 50
+    jpg = run_eval(checkpoint, "fashioniq", str(make_fashioniq(tmp_path / "fiq-jpg", "jpg")))
+    assert jpg["mean"] == pytest.approx(fiq["mean"])
 
 
 def test_bad_benchmarks_are_clear_errors(tmp_path, checkpoint):

@@ -12,8 +12,8 @@ Layouts (relative to the folder given):
   relative image path). Query: the caption; Recall@{1,5,10,50} without the reference image and
   Recall_subset@{1,2,3}.
 - FashionIQ: ``captions/cap.{category}.{split}.json``, ``image_splits/split.{category}.
-  {split}.json``, images ``images/<name>.png``. Query: "{c1} and {c2}"; Recall@{10,50} per
-  category and their mean.
+  {split}.json``, images ``images/<name>.png`` (or ``.jpg``). Query: "{c1} and {c2}";
+  Recall@{10,50} per category and their mean.
 """
 
 from __future__ import annotations
@@ -123,7 +123,10 @@ def fashioniq_query_text(captions: Sequence[str]) -> str:
 def load_fashioniq(root: str, category: str, split: str = "val") -> Benchmark:
     caps = _load(storage.join(root, "captions", f"cap.{category}.{split}.json"))
     names = _load(storage.join(root, "image_splits", f"split.{category}.{split}.json"))
-    gallery = {n: storage.join(root, "images", f"{n}.png") for n in names}
+    # Released copies differ in image format (.png in the original release, .jpg in others).
+    ext = next((e for e in ("png", "jpg") if names and storage.exists(
+        storage.join(root, "images", f"{names[0]}.{e}"))), "png")
+    gallery = {n: storage.join(root, "images", f"{n}.{ext}") for n in names}
     queries = []
     for i, c in enumerate(caps):
         if len(c["captions"]) < 2:
@@ -131,7 +134,7 @@ def load_fashioniq(root: str, category: str, split: str = "val") -> Benchmark:
         queries.append(CirQuery(qid=f"{category}-{i}", reference=c["candidate"],
                                 text=fashioniq_query_text(c["captions"]),
                                 targets=[c["target"]]))
-    extra = {q.reference: storage.join(root, "images", f"{q.reference}.png")
+    extra = {q.reference: storage.join(root, "images", f"{q.reference}.{ext}")
              for q in queries if q.reference not in gallery}
 
     def score(rankings: list[list[str]], qs: list[CirQuery]) -> dict[str, float]:

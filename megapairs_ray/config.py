@@ -188,6 +188,38 @@ class MineConfig(Strict):
         return self
 
 
+class InstructConfig(Strict):
+    """The LLM that rewrites each pair's description into retrieval instructions (paper:
+    Llama-3-8B-Instruct), run through ``ray.data.llm`` on vLLM."""
+
+    # An HF id or local folder; "tiny-random-llama" builds a tiny random model offline into
+    # ``tiny_model_dir`` (CPU tests and the demo).
+    model: str
+    tiny_model_dir: str = ".cache/megapairs/tiny-llm"
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    replicas: int = Field(default=1, ge=1, description="vLLM engine replicas (data parallel).")
+    batch_size: int = Field(default=64, gt=0)
+    max_model_len: int = Field(default=4096, gt=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    temperature: float = Field(default=0.8, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_tokens: int = Field(default=256, gt=0)
+    # Constrain replies to a JSON list of strings (vLLM structured output).
+    structured_output: bool = True
+    max_instructions: int = Field(default=5, ge=3)
+    max_instruction_chars: int = Field(default=300, gt=0)
+    retries: int = Field(default=1, ge=0)
+    # Seeds: ``seed`` draws the demonstrations; ``sampling_seed`` seeds vLLM's sampler (GPU
+    # engines only: vLLM's CPU sampler refuses per-request seeds).
+    seed: int = 0
+    sampling_seed: int | None = None
+    num_cpus: float = Field(default=0.25, gt=0, description="Pre- and post-processing tasks.")
+    # Resources of each engine worker (one per tensor-parallel rank); 0 GPUs runs vLLM's CPU
+    # backend (the tiny profile).
+    engine_num_gpus: float = Field(default=1, ge=0)
+    engine_num_cpus: float = Field(default=1, gt=0)
+
+
 class RayConfig(Strict):
     """How the driver reaches Ray. ``address: null`` starts a local Ray for CPU runs."""
 

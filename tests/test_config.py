@@ -59,3 +59,22 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"section\.field=value"):
         parse_overrides(["no-equals-sign"])
+
+
+@pytest.mark.parametrize("name", ["train-tiny.yaml", "train-paper.yaml"])
+def test_training_profiles_load(name):
+    from megapairs_ray.train.config import TrainConfig
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name, schema=TrainConfig)
+    assert cfg.optim.max_steps > cfg.optim.warmup_steps
+    assert cfg.scaling.use_gpu == (name == "train-paper.yaml")
+
+
+def test_training_config_errors_name_the_field(tmp_path):
+    from megapairs_ray.train.config import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "train-tiny.yaml"
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps must be below"):
+        load_config(path, ["optim.warmup_steps=500"], schema=TrainConfig)
+    with pytest.raises(ConfigError, match=r"optim\.batch_sise"):
+        load_config(path, ["optim.batch_sise=3"], schema=TrainConfig)

@@ -14,8 +14,6 @@ import pytest
 from megapairs_ray.config import InstructConfig
 from megapairs_ray.synth.instruct import instructions_schema, make_postprocess, run_instruct
 
-pytest.importorskip("vllm")
-
 DESCRIPTION = ("Both images show a wooden boat on a lake. However, the Source Image is empty "
                "near the shore, whereas the Target Image has two people rowing in fog.")
 
@@ -30,6 +28,7 @@ def _cfg(tmp_path_factory, **kw) -> InstructConfig:
 @pytest.mark.usefixtures("ray_cluster")
 def test_every_row_gets_instructions_or_a_reason(tmp_path_factory):
     import ray
+    import vllm  # noqa: F401  (installed by scripts/setup.sh; a missing vLLM must fail, not skip)
 
     cfg = _cfg(tmp_path_factory)
     rows = [{"pair_id": f"pair-{i}", "description": DESCRIPTION} for i in range(12)]

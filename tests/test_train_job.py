@@ -150,14 +150,17 @@ def test_a_killed_and_relaunched_run_resumes_at_its_checkpoint_step(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    before = read_metrics(str(store / "resume" / "metrics.jsonl"))
-    snapshot = json.loads((store / "resume" / "checkpoint_manager_snapshot.json").read_text())
-    saved = sorted(int(p.name.split("_")[1]) for p in (store / "resume").glob("step_*"))
-    assert saved and before[-1]["step"] < 60
     # Ray tears down the dead driver's trainers; wait for their CPUs before relaunching.
     deadline = time.time() + 60
     while time.time() < deadline and ray.available_resources().get("CPU", 0) < 1.5:
         time.sleep(0.5)
+    before = read_metrics(str(store / "resume" / "metrics.jsonl"))
+    # What counts is the newest checkpoint Ray Train registered: a worker that outlived its
+    # driver for a moment may have uploaded a later folder that was never registered.
+    snapshot = json.loads((store / "resume" / "checkpoint_manager_snapshot.json").read_text())
+    saved = sorted(int(c["checkpoint_dir_name"].split("_")[1])
+                   for c in snapshot["checkpoint_results"])
+    assert saved and before[-1]["step"] < 60
     summary = run_training(TrainConfig.model_validate(doc))
     after = read_metrics(str(store / "resume" / "metrics.jsonl"))[len(before):]
     assert after[0]["step"] == saved[-1] + 3, (saved, snapshot, [r["step"] for r in after])

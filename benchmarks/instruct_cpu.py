@@ -40,7 +40,8 @@ def bare(cfg, n_small: int, n_large: int) -> dict[str, float]:
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    from megapairs_ray.synth.instruct import instructions_schema, model_path
+    from megapairs_ray.synth.instruct import instructions_schema
+    from megapairs_ray.synth.llm import model_path
     from megapairs_ray.synth.prompts import instruct_prompt
 
     llm = LLM(model=model_path(cfg), enforce_eager=True, dtype="float32",

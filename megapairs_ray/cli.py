@@ -22,7 +22,8 @@ corpus_app = typer.Typer(no_args_is_help=True, help="The bundled default corpus.
 app.add_typer(corpus_app, name="corpus")
 console = Console(stderr=True)
 
-STAGES = ("ingest", "embed", "index", "mine")
+STAGES = ("ingest", "embed", "index", "mine", "describe", "instruct", "export")
+SYNTH_STAGES = ("describe", "instruct", "export")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (configs/).")]
 SetOpt = Annotated[list[str] | None, typer.Option(
@@ -39,16 +40,23 @@ def _load(config: Path, overrides: list[str] | None) -> RunConfig:
 
 def _run_stages(cfg: RunConfig, stages: list[str]) -> None:
     from megapairs_ray.pipeline.embed import run_embed
+    from megapairs_ray.pipeline.export import run_export
     from megapairs_ray.pipeline.index import run_index
     from megapairs_ray.pipeline.ingest import run_ingest
     from megapairs_ray.pipeline.mine import run_mine
     from megapairs_ray.pipeline.runtime import init_ray
+    from megapairs_ray.pipeline.synth import SynthStageError, run_describe, run_instruct_stage
 
     init_ray(cfg.ray)
-    runners = {"ingest": run_ingest, "embed": run_embed, "index": run_index, "mine": run_mine}
+    runners = {"ingest": run_ingest, "embed": run_embed, "index": run_index, "mine": run_mine,
+               "describe": run_describe, "instruct": run_instruct_stage, "export": run_export}
     for name in stages:
         console.print(f"[bold]{name}[/bold] → {cfg.run_dir}")
-        record = runners[name](cfg)
+        try:
+            record = runners[name](cfg)
+        except SynthStageError as e:
+            console.print(f"[red]{name}: {e}[/red]")
+            raise typer.Exit(1) from None
         console.print(f"  done in {record.seconds:.1f}s: "
                       + ", ".join(f"{k}={v}" for k, v in sorted(record.counts.items())))
         if record.rejects:
@@ -58,11 +66,16 @@ def _run_stages(cfg: RunConfig, stages: list[str]) -> None:
 
 @app.command()
 def run(config: ConfigOpt, set_: SetOpt = None,
-        stages: Annotated[str, typer.Option(help="Comma-separated stages, in order.")] = ",".join(
-            STAGES)) -> None:
-    """Run the pipeline's stages (all by default), resuming whatever is already done."""
+        stages: Annotated[str | None, typer.Option(
+            help="Comma-separated stages, in order (default: all the config has sections "
+                 "for).")] = None) -> None:
+    """Run the pipeline's stages, resuming whatever is already done."""
     cfg = _load(config, set_)
-    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    if stages is None:
+        synth = cfg.describe is not None and cfg.instruct is not None
+        chosen = [s for s in STAGES if synth or s not in SYNTH_STAGES]
+    else:
+        chosen = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
         console.print(f"[red]unknown stage(s) {unknown}; known: {list(STAGES)}[/red]")
@@ -93,6 +106,24 @@ def index(config: ConfigOpt, set_: SetOpt = None) -> None:
 def mine(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Mine (query, target) pairs with hard negatives from the indexes."""
     _run_stages(_load(config, set_), ["mine"])
+
+
+@app.command()
+def describe(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Describe each mined pair's two images with the vision-language model."""
+    _run_stages(_load(config, set_), ["describe"])
+
+
+@app.command()
+def instruct(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Turn each description into retrieval instructions with the LLM."""
+    _run_stages(_load(config, set_), ["instruct"])
+
+
+@app.command()
+def export(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Write the triplets in the released MegaPairs form, with a dataset card and gallery."""
+    _run_stages(_load(config, set_), ["export"])
 
 
 @app.command("config")

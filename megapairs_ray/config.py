@@ -188,14 +188,14 @@ class MineConfig(Strict):
         return self
 
 
-class InstructConfig(Strict):
-    """The LLM that rewrites each pair's description into retrieval instructions (paper:
-    Llama-3-8B-Instruct), run through ``ray.data.llm`` on vLLM."""
+class LLMStageConfig(Strict):
+    """A model run through ``ray.data.llm`` on vLLM engines: what the describe and the instruct
+    steps share."""
 
-    # An HF id or local folder; "tiny-random-llama" builds a tiny random model offline into
+    # An HF id or local folder; a "tiny-random-*" name builds a tiny random model offline into
     # ``tiny_model_dir`` (CPU tests and the demo).
     model: str
-    tiny_model_dir: str = ".cache/megapairs/tiny-llm"
+    tiny_model_dir: str
     tensor_parallel_size: int = Field(default=1, ge=1)
     replicas: int = Field(default=1, ge=1, description="vLLM engine replicas (data parallel).")
     batch_size: int = Field(default=64, gt=0)
@@ -204,13 +204,9 @@ class InstructConfig(Strict):
     temperature: float = Field(default=0.8, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     max_tokens: int = Field(default=256, gt=0)
-    # Constrain replies to a JSON list of strings (vLLM structured output).
-    structured_output: bool = True
-    max_instructions: int = Field(default=5, ge=3)
-    max_instruction_chars: int = Field(default=300, gt=0)
-    retries: int = Field(default=1, ge=0)
-    # Seeds: ``seed`` draws the demonstrations; ``sampling_seed`` seeds vLLM's sampler (GPU
-    # engines only: vLLM's CPU sampler refuses per-request seeds).
+    # Seeds: ``seed`` draws the per-pair prompt parts (WORD_NUM, demonstrations);
+    # ``sampling_seed`` seeds vLLM's sampler (GPU engines only: vLLM's CPU sampler refuses
+    # per-request seeds).
     seed: int = 0
     sampling_seed: int | None = None
     num_cpus: float = Field(default=0.25, gt=0, description="Pre- and post-processing tasks.")
@@ -218,6 +214,51 @@ class InstructConfig(Strict):
     # backend (the tiny profile).
     engine_num_gpus: float = Field(default=1, ge=0)
     engine_num_cpus: float = Field(default=1, gt=0)
+
+
+class DescribeConfig(LLMStageConfig):
+    """The vision-language model that sees both images of a pair and describes how they relate
+    (paper: InternVL2-26B)."""
+
+    model: str = "tiny-random-llava"
+    tiny_model_dir: str = ".cache/megapairs/tiny-vlm"
+    # Longest side of each image as sent to the model (both images of a pair go in one prompt).
+    image_size: int = Field(default=448, ge=16)
+    # Steer the reply into the paper's template with vLLM structured output (a regular
+    # expression). A real MLLM follows the template from the prompt alone; a random tiny model
+    # needs it to ever stop.
+    template_regex: bool = False
+    template_slot_chars: int = Field(default=240, ge=8, description="Per slot of the template.")
+    min_words: int = Field(default=8, ge=1, description="Shorter descriptions are rejects.")
+    retries: int = Field(default=1, ge=0)
+    fetch_num_cpus: float = Field(default=0.25, gt=0, description="Image fetch-and-resize tasks.")
+    fetch_batch_size: int = Field(default=64, gt=0)
+    fetch_actors: int = Field(default=4, ge=1, description="Most image-fetching actors.")
+
+
+class InstructConfig(LLMStageConfig):
+    """The LLM that rewrites each pair's description into retrieval instructions (paper:
+    Llama-3-8B-Instruct)."""
+
+    model: str = "tiny-random-llama"
+    tiny_model_dir: str = ".cache/megapairs/tiny-llm"
+    # Constrain replies to a JSON list of strings (vLLM structured output).
+    structured_output: bool = True
+    max_instructions: int = Field(default=5, ge=3)
+    max_instruction_chars: int = Field(default=300, gt=0)
+    retries: int = Field(default=1, ge=0)
+
+
+class ExportConfig(Strict):
+    """The released MegaPairs form: triplets as JSON lines + parquet, images as JPEGs in tars."""
+
+    image_size: int = Field(default=512, ge=16, description="Images are written size × size.")
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    images_per_tar: int = Field(default=1000, gt=0, description="Target images per tar shard.")
+    min_hard_negatives: int = Field(default=4, ge=1, description="Besides hns[0], the query.")
+    gallery_size: int = Field(default=24, ge=0, description="Triplets sampled into the gallery.")
+    seed: int = 0
+    num_cpus: float = Field(default=0.5, gt=0, description="Tar-writer tasks.")
 
 
 class RayConfig(Strict):
@@ -238,6 +279,10 @@ class RunConfig(Strict):
     embed: EmbedConfig
     index: IndexConfig = IndexConfig()
     mine: MineConfig = MineConfig()
+    # The synthesis steps; a run without them stops after mining.
+    describe: DescribeConfig | None = None
+    instruct: InstructConfig | None = None
+    export: ExportConfig = ExportConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("run_dir")

@@ -7,14 +7,17 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 
-# Debian's OpenClipArt packages are the bundled corpus's public-domain images and captions.
-if [ ! -d /usr/share/openclipart/png ] || [ ! -d /usr/share/openclipart/svg ]; then
+# Debian's OpenClipArt packages are the bundled corpus's public-domain images and captions;
+# Chromium renders the exported gallery in the tests (headless).
+if [ ! -d /usr/share/openclipart/png ] || [ ! -d /usr/share/openclipart/svg ] \
+    || ! command -v chromium >/dev/null; then
   if command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openclipart-png openclipart-svg >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openclipart-png openclipart-svg \
+      chromium >/dev/null
   else
-    echo "setup: openclipart-png/openclipart-svg are needed for the bundled corpus (Debian packages)" >&2
+    echo "setup: Debian packages openclipart-png, openclipart-svg and chromium are needed" >&2
   fi
 fi
 

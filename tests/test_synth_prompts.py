@@ -81,12 +81,21 @@ def test_parser_finds_the_list_in_any_common_reply_form(reply):
 
 def test_parser_drops_and_counts_junk():
     reply = json.dumps(["Make it red.", "make it red", "", "x", "A" * 400,
-                        "- Connection: Both images show", "bad\x0ebyte here", "Paint it blue."])
+                        "- Connection: Both images show", "\x0e\x01\ud800", "Paint it blue."])
     parsed = parse_instructions(reply)
     assert parsed.instructions == ["Make it red.", "Paint it blue."]
     assert dict(parsed.dropped) == {"duplicate": 1, "empty": 1, "too_short": 1, "too_long": 1,
                                     "prompt_echo": 1, "unprintable": 1}
     assert not parsed.usable  # fewer than 3 left
+
+
+def test_parser_removes_invisible_characters_and_keeps_the_rest():
+    # As a JSON reply spells them: escapes for a control character and a lone surrogate.
+    reply = '["Make it\\u000e red.", "Paint it\\ud800 blue.", "A green \\u0007one."]'
+    parsed = parse_instructions(reply)
+    assert parsed.instructions == ["Make it red.", "Paint it blue.", "A green one."]
+    assert dict(parsed.dropped) == {"unprintable_removed": 3}
+    assert all(s.isprintable() for s in parsed.instructions)
 
 
 def test_parser_reports_a_reply_without_a_list():

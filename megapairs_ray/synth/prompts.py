@@ -110,8 +110,9 @@ _PROMPT_ECHOES = ("connection:", "text query", "## ", "demonstrations", "your ta
 @dataclass
 class ParsedInstructions:
     instructions: list[str]
-    # Why candidate strings were dropped: empty, duplicate, too_long, too_short, unprintable,
-    # prompt_echo.
+    # Why candidate strings were dropped: empty, duplicate, too_long, too_short, prompt_echo,
+    # unprintable (nothing visible left); and unprintable_removed: kept once invisible
+    # characters were taken out.
     dropped: Counter[str] = field(default_factory=Counter)
     # "" when a list was found, else why not (no_list).
     problem: str = ""
@@ -163,6 +164,15 @@ def parse_instructions(text: str, max_chars: int = MAX_INSTRUCTION_CHARS) -> Par
     seen: set[str] = set()
     for item in items:
         s = " ".join(str(item).split()) if item is not None else ""
+        if s and not s.isprintable():
+            # Invisible characters (controls, lone surrogates, unassigned code points) arrive
+            # through JSON escapes; they are removed and counted, and the rest judged as usual.
+            raw = s
+            s = " ".join("".join(ch for ch in s if ch.isprintable()).split())
+            if not s:
+                out.dropped["unprintable"] += 1
+                continue
+            out.dropped["unprintable_removed"] += raw != s
         key = s.lower().rstrip(".!?")
         if not s:
             out.dropped["empty"] += 1
@@ -170,8 +180,6 @@ def parse_instructions(text: str, max_chars: int = MAX_INSTRUCTION_CHARS) -> Par
             out.dropped["too_long"] += 1
         elif len(key) < 3:
             out.dropped["too_short"] += 1
-        elif not s.isprintable():
-            out.dropped["unprintable"] += 1
         elif any(e in s.lower() for e in _PROMPT_ECHOES):
             out.dropped["prompt_echo"] += 1
         elif key in seen:

@@ -113,3 +113,26 @@ def good_samples(n: int, start: int = 0, prefix: str = "") -> list[dict[str, byt
              "txt": f"picture number {i}".encode(),
              "json": json.dumps({"caption": f"json caption {i}"}).encode()}
             for i in range(start, start + n)]
+
+
+def tar_locations(path: Path) -> dict[str, dict[str, Any]]:
+    """Member name -> the images table's location columns for it."""
+    with tarfile.open(path) as tar:
+        return {m.name: {"format_kind": "webdataset", "file_uri": str(path),
+                         "offset": m.offset_data, "length": m.size, "row": None}
+                for m in tar.getmembers()}
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+
+def chromium(args: list[str], profile_dir: Path, timeout: float = 120) -> str:
+    """Run headless Chromium (Debian's, installed by scripts/setup.sh); its stdout."""
+    import subprocess
+
+    proc = subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}",
+                           *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout

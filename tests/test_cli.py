@@ -6,7 +6,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -67,31 +66,3 @@ def test_corpus_is_real_images_with_captions_in_webdataset_form(tmp_path):
     mtime = shards[0].stat().st_mtime_ns
     build_corpus(tmp_path / "c", n_images=25, shard_size=10)
     assert shards[0].stat().st_mtime_ns == mtime
-
-
-@needs_openclipart
-@pytest.mark.ray
-@pytest.mark.slow
-def test_run_command_on_a_small_bundled_corpus(tmp_path, ray_cluster):
-    corpus = tmp_path / "corpus"
-    result = runner.invoke(app, ["corpus", "build", "--out", str(corpus), "--n-images", "30",
-                                 "--shard-size", "15"])
-    assert result.exit_code == 0, result.output
-    run_dir = tmp_path / "run"
-    result = runner.invoke(app, [
-        "run", "-c", str(ROOT / "configs" / "tiny.yaml"), "-s", f"run_dir={run_dir}",
-        "-s", f"input.uris=[{corpus}]", "-s", "embed.num_cpus=0.5",
-        "-s", "ingest.num_cpus=0.25"])
-    assert result.exit_code == 0, result.output
-    doc = json.loads((run_dir / "manifest.json").read_text())
-    assert doc["stages"]["ingest"]["counts"]["records"] == 30
-    embedded = doc["stages"]["embed"]["counts"]["embedded"]
-    assert embedded == doc["stages"]["ingest"]["counts"]["images"] > 25
-    assert doc["stages"]["ingest"]["counts"]["converted_from_RGBA"] == 3
-    assert doc["stages"]["index"]["counts"]["clip_image_vectors"] == embedded
-    mined = doc["stages"]["mine"]["counts"]
-    assert mined["shards_mined"] == 2
-    pairs = pq.read_table(run_dir / "pairs").to_pylist()
-    assert mined.get("pairs", 0) == len(pairs)
-    for p in pairs:
-        assert p["hard_negatives"][0] == p["query_id"] != p["target_id"]

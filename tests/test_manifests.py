@@ -292,11 +292,31 @@ def test_anyscale_job_matches_the_rayjob(paper: RunConfig) -> None:
     compute = job["compute_config"]
     assert compute["head_node"]["resources"]["CPU"] == 0
     groups = {g["name"]: g for g in compute["worker_nodes"]}
-    assert set(groups) == {"cpu", "gpu"}
+    assert set(groups) == {"cpu", "gpu", "llm"}
     for group in groups.values():
         assert 0 <= group["min_nodes"] <= group["max_nodes"]
     assert groups["gpu"]["required_resources"]["GPU"] >= paper.embed.num_gpus
     assert groups["gpu"]["max_nodes"] >= paper.embed.max_actors
+    llm = _group(_cluster_spec(RAYJOB), "llm")
+    pod = llm["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert groups["llm"]["required_resources"]["GPU"] == pod["nvidia.com/gpu"]
+    assert groups["llm"]["max_nodes"] == llm["maxReplicas"]
+
+
+@pytest.mark.parametrize("step", ["describe", "instruct"])
+def test_llm_group_holds_every_engine(paper: RunConfig, step: str) -> None:
+    """Each vLLM engine's tensor-parallel ranks fit on one node, and the group holds all of a
+    step's replicas at once."""
+    cfg = getattr(paper, step)
+    llm = _group(_cluster_spec(RAYJOB), "llm")
+    limits = llm["template"]["spec"]["containers"][0]["resources"]["limits"]
+    gpus, cpus = limits["nvidia.com/gpu"], _cpus(limits["cpu"])
+    ranks = cfg.tensor_parallel_size
+    assert ranks * cfg.engine_num_gpus <= gpus and ranks * cfg.engine_num_cpus <= cpus
+    engines_per_node = min(gpus // (ranks * cfg.engine_num_gpus),
+                           cpus // (ranks * cfg.engine_num_cpus))
+    assert llm["maxReplicas"] * engines_per_node >= cfg.replicas
+    assert llm["template"]["spec"]["containers"][0]["image"].startswith("rayproject/ray-llm:")
 
 
 # --- the training RayJob ------------------------------------------------------------------------

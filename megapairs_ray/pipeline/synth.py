@@ -12,6 +12,7 @@ each with its reason.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -253,8 +254,12 @@ def run_instruct_stage(cfg: RunConfig) -> manifest.StageRecord:
             lambda todo, attempt: build_instruct_processor(ins, attempt, input_columns)(todo),
             input_columns, record)
         gather(cfg, "instruct", tries, instructions_dir(cfg.run_dir), drop=[], record=record)
-        good = storage.read_parquet_dir(instructions_dir(cfg.run_dir), ["pair_id"])
+        good = storage.read_parquet_dir(instructions_dir(cfg.run_dir), ["pair_id", "dropped"])
         record.counts["pairs_instructed"] = 0 if good is None else good.num_rows
+        # What the junk filter did to the kept replies' items, by reason.
+        for dropped in ([] if good is None else good.column("dropped").to_pylist()):
+            for reason, n in json.loads(dropped).items():
+                record.counts[f"items_filtered_{reason}"] += n
         record.counts["tries"] = tries
     record.outputs = {"instructions": instructions_dir(cfg.run_dir)}
     record.finish()

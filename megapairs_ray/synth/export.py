@@ -75,7 +75,8 @@ def triplet_record(row: dict[str, Any], num_tars: int, failed: set[int], min_neg
     q, t = int(row["query_id"]), int(row["target_id"])
     if q in failed or t in failed:
         return None, UNREADABLE
-    negatives = [int(h) for h in row["hard_negatives"] if int(h) not in failed]
+    # Mining lists the query first (the released hns[0]); here it is added back once.
+    negatives = [int(h) for h in row["hard_negatives"] if int(h) != q and int(h) not in failed]
     if len(negatives) < min_negatives:
         return None, TOO_FEW_NEGATIVES
     record = {

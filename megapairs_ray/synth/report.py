@@ -48,7 +48,8 @@ def _img(src: str, label: str, cls: str) -> str:
 GALLERY_CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}
 h1{font-size:22px} .triplet{background:#fff;border:1px solid #ddd;border-radius:8px;
-padding:12px;margin:0 0 18px} .row{display:flex;gap:12px;align-items:flex-start;flex-wrap:wrap}
+padding:12px;margin:0 0 18px} .row{display:flex;gap:12px;align-items:flex-start}
+.middle{flex:1;min-width:0;overflow-wrap:anywhere} .negatives{flex-wrap:wrap;margin-top:8px}
 figure{margin:0;text-align:center;font-size:12px} figure img{width:160px;height:160px;
 object-fit:cover;border-radius:4px;display:block} .query img{outline:3px solid #2b6cb0}
 .target img{outline:3px solid #2f855a} .hn img{width:96px;height:96px;opacity:.9}
@@ -81,11 +82,12 @@ def gallery_html(rows: list[dict[str, Any]], store: ImageStore, title: str) -> s
         cards.append(
             f'<section class="triplet" data-pair="{r["pair_id"]}">'
             f'<div class="row">{_img(thumbs[r["q_img"]], "query", "query")}'
-            f'<div><b>instructions</b><ol>{instructions}</ol>'
+            f'<div class="middle"><b>instructions</b><ol>{instructions}</ol>'
             f'<p class="desc"><b>description</b>: {html.escape(r["description"])}</p>'
             f'<p class="meta">pair {r["pair_id"]} · found in {html.escape(sims)}</p></div>'
             f'{_img(thumbs[r["t_img"]], "target", "target")}</div>'
-            f'<div class="row"><span class="meta">hard negatives</span>{negatives}</div>'
+            f'<div class="row negatives"><span class="meta">hard negatives</span>{negatives}'
+            "</div>"
             "</section>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{GALLERY_CSS}</style></head><body><h1>{html.escape(title)}</h1>"

@@ -1,0 +1,207 @@
+"""The main job end to end through the CLI, as the README runs it: the tiny profile on a small
+bundled corpus, ingest to export, with real vLLM (CPU) behind ``ray.data.llm`` for both
+synthesis steps and tiny random models built offline.
+
+Between mining and synthesis the test breaks things the way a long run meets them: one image's
+bytes are damaged after ingest, and one pair names an image no images table holds. Every pair
+must come out exactly once — a triplet, or a reject with its reason — and the export must be the
+released MegaPairs form that our trainer reads, with a card and a gallery that renders.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from megapairs_ray.cli import app
+from megapairs_ray.config import InputConfig, config_from_dict
+from megapairs_ray.corpus import OPENCLIPART
+from megapairs_ray.io.shards import fetch_bytes
+from megapairs_ray.pipeline.mine import PAIRS_SCHEMA
+from megapairs_ray.synth.export import path_of
+from megapairs_ray.train.config import TrainConfig
+from megapairs_ray.train.triplets import TRIPLET_FIELDS, ImageStore
+from tests.helpers import chromium
+from tests.train_helpers import train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+pytestmark = [
+    pytest.mark.ray, pytest.mark.slow,
+    pytest.mark.skipif(not (OPENCLIPART / "png").is_dir(),
+                       reason="Debian's openclipart packages are not installed "
+                              "(scripts/setup.sh installs them)")]
+
+MISSING_ID = 123456789
+INPUT = InputConfig(uris=["unused"])
+
+
+def _cli(*args: str) -> None:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output[-3000:]
+
+
+def _damage(run_dir: Path, image_id: int) -> None:
+    """Overwrite an ingested image's bytes in its tar, in place (offsets stay valid)."""
+    images = pq.read_table(run_dir / "images").to_pylist()
+    row = next(r for r in images if r["image_id"] == image_id)
+    with open(row["file_uri"], "r+b") as f:
+        f.seek(row["offset"])
+        f.write(b"\x00" * row["length"])
+
+
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory, ray_cluster):
+    tmp = tmp_path_factory.mktemp("synth")
+    corpus, run_dir = tmp / "corpus", tmp / "run"
+    _cli("corpus", "build", "--out", str(corpus), "--n-images", "30", "--shard-size", "15")
+    common = ["-c", str(ROOT / "configs" / "tiny.yaml"), "-s", f"run_dir={run_dir}",
+              "-s", f"input.uris=[{corpus}]", "-s", "embed.num_cpus=0.5",
+              "-s", "ingest.num_cpus=0.25"]
+    _cli("run", *common, "--stages", "ingest,embed,index,mine")
+    pairs = pq.read_table(run_dir / "pairs").to_pylist()
+    assert len(pairs) >= 10
+    # The most used target is damaged; one more pair names an image that was never ingested.
+    damaged = Counter(p["target_id"] for p in pairs).most_common(1)[0][0]
+    _damage(run_dir, damaged)
+    ghost = {**pairs[0], "pair_id": 42, "target_id": MISSING_ID}
+    pq.write_table(pa.Table.from_pylist([ghost], schema=PAIRS_SCHEMA),
+                   run_dir / "pairs" / "zz-injected.parquet")
+    _cli("run", *common, "--stages", "describe,instruct,export")
+    doc = json.loads((run_dir / "manifest.json").read_text())
+    return run_dir, [*pairs, ghost], damaged, doc, common
+
+
+def test_every_pair_is_a_triplet_or_a_reject_with_its_reason(synth_run):
+    run_dir, pairs, damaged, doc, _ = synth_run
+    st = doc["stages"]
+    broken = {p["pair_id"] for p in pairs if damaged in (p["query_id"], p["target_id"])}
+    assert broken
+    described = pq.read_table(run_dir / "descriptions").to_pylist()
+    describe_rejects = pq.read_table(run_dir / "rejects" / "describe").to_pylist()
+    ids = [r["pair_id"] for r in described + describe_rejects]
+    assert sorted(ids) == sorted(p["pair_id"] for p in pairs)  # each exactly once
+    reasons = {r["pair_id"]: r["reject_reason"] for r in describe_rejects}
+    assert {pid for pid, r in reasons.items() if r.startswith("unreadable_image")} == broken
+    assert reasons[42] == "missing_image:t"
+    assert st["describe"]["rejects"]["unreadable_image"] == len(broken)
+    assert st["describe"]["counts"]["pairs_described"] == len(described)
+    for r in described:
+        assert r["description"].startswith("Both images") and "Target Image" in r["description"]
+        assert r["attempts"] in (1, 2) and r["word_num"] in range(60, 101)
+
+    instructed = pq.read_table(run_dir / "instructions").to_pylist()
+    instruct_rejects = (pq.read_table(run_dir / "rejects" / "instruct").to_pylist()
+                        if (run_dir / "rejects" / "instruct").exists() else [])
+    assert sorted(r["pair_id"] for r in instructed + instruct_rejects) == sorted(
+        r["pair_id"] for r in described)
+    assert len(instructed) >= len(described) // 2
+    for r in instruct_rejects:
+        assert r["reject_reason"] in {"no_list", "truncated", "too_few_instructions"}
+        assert r["attempts"] == 2  # retried once before giving up
+
+    triplets = [json.loads(line) for line in
+                (run_dir / "triplets" / "megapairs.jsonl").read_text().splitlines()]
+    export_rejects = (pq.read_table(run_dir / "rejects" / "export").to_pylist()
+                      if (run_dir / "rejects" / "export").exists() else [])
+    assert sorted([t["pair_id"] for t in triplets] + [r["pair_id"] for r in export_rejects]) \
+        == sorted(r["pair_id"] for r in instructed)
+    assert st["export"]["counts"]["triplets"] == len(triplets) > 0
+    # The damaged image is no negative of any triplet (dropped, or the triplet rejected); the
+    # export met it only where an instructed pair named it as a negative.
+    assert all(damaged not in t["hard_negative_ids"] for t in triplets)
+    named = any(damaged in r["hard_negatives"] for r in instructed)
+    assert st["export"]["rejects"].get("image_unreadable_image", 0) == int(named)
+
+
+def test_export_is_the_released_form_with_real_images(synth_run):
+    run_dir, pairs, _, doc, _ = synth_run
+    out = run_dir / "triplets"
+    lines = [json.loads(x) for x in (out / "megapairs.jsonl").read_text().splitlines()]
+    table = pq.read_table(out / "megapairs.parquet")
+    assert table.column_names[:4] == list(TRIPLET_FIELDS)
+    assert table.to_pylist() == [{**r, "similarities": table.to_pylist()[i]["similarities"]}
+                                 for i, r in enumerate(lines)]
+    num_tars = doc["stages"]["export"]["counts"]["image_tars"]
+    by_pair = {p["pair_id"]: p for p in pairs}
+    store = ImageStore(str(out))
+    for t in lines:
+        assert list(t)[:4] == list(TRIPLET_FIELDS)
+        p = by_pair[t["pair_id"]]
+        assert t["q_img"] == path_of(p["query_id"], num_tars) == t["hns"][0]
+        assert t["t_img"] == path_of(p["target_id"], num_tars) != t["q_img"]
+        assert len(t["hns"]) >= 5 and len(set(t["hns"])) == len(t["hns"])
+        assert len(t["q_text"]) >= 3 and all(s.isprintable() for s in t["q_text"])
+        assert t["describe_model"] == "tiny-random-llava"
+        assert t["instruct_model"] == "tiny-random-llama"
+        assert set(t["spaces"]) <= {"clip_image", "dino_image", "clip_text"}
+    paths = sorted({p for t in lines for p in [t["q_img"], t["t_img"], *t["hns"]]})
+    data = store.read_many(paths)
+    assert all(isinstance(d, bytes) for d in data), "every annotated path is in a tar"
+    assert doc["stages"]["export"]["counts"]["images_written"] == len(paths)
+    # Each image is its source's picture, resized: compare with the source read independently.
+    located = {r["image_id"]: r for r in pq.read_table(run_dir / "images").to_pylist()}
+    ids = {path_of(i, num_tars): i for i in located}
+    for path, d in list(zip(paths, data))[:6]:
+        im = Image.open(io.BytesIO(d))
+        assert im.format == "JPEG" and im.size == (512, 512)
+        source = Image.open(io.BytesIO(fetch_bytes([located[ids[path]]], INPUT)[0]))
+        # Ingest's rule for transparent images: onto white (a no-op for opaque ones).
+        source = Image.alpha_composite(Image.new("RGBA", source.size, "white"),
+                                       source.convert("RGBA"))
+        want = np.asarray(source.convert("RGB").resize((512, 512), Image.Resampling.BICUBIC),
+                          dtype=float)
+        assert np.abs(np.asarray(im, dtype=float) - want).mean() < 4
+
+
+def test_our_trainer_reads_the_export_without_a_reject(synth_run, tmp_path):
+    from megapairs_ray.train.data import prepare_triplets
+
+    run_dir = synth_run[0]
+    cfg = config_from_dict(train_config(str(run_dir / "triplets" / "megapairs.jsonl"),
+                                        str(tmp_path), "read-export",
+                                        data={"num_hard_negatives": 4}),
+                           schema=TrainConfig)
+    _, counts = prepare_triplets(cfg)
+    n = len((run_dir / "triplets" / "megapairs.jsonl").read_text().splitlines())
+    assert counts["rows"] == counts["usable"] == n
+
+
+def test_card_and_gallery(synth_run, tmp_path):
+    run_dir, _, _, doc, _ = synth_run
+    card = (run_dir / "triplets" / "README.md").read_text()
+    assert "| describe: unreadable_image | " in card and "| describe: missing_image | 1 |" in card
+    assert f"| export: triplets | {doc['stages']['export']['counts']['triplets']} |" in card
+    assert "tiny-random-llava" in card and "profile: tiny" in card
+    page = run_dir / "triplets" / "gallery.html"
+    n_imgs = page.read_text().count("<img ")
+    assert n_imgs >= 7  # query, target and at least 5 negatives per sampled triplet
+    dom = chromium(["--virtual-time-budget=10000", "--dump-dom", page.as_uri()], tmp_path / "p")
+    assert f'data-images-loaded="{n_imgs}"' in dom and 'data-images-broken="0"' in dom
+    shot = tmp_path / "gallery.png"
+    chromium(["--window-size=1200,1400", f"--screenshot={shot}", page.as_uri()], tmp_path / "p")
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    assert pixels.shape == (1400, 1200, 3)
+    # Rendered images, not an empty page: many distinct colours, and the query's blue frame.
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500
+    blue = (np.abs(pixels - [0x2B, 0x6C, 0xB0]).sum(axis=2) < 30).sum()
+    assert blue > 200
+
+
+def test_a_rerun_resumes_the_finished_tries(synth_run):
+    run_dir, _, _, _, common = synth_run
+    before = pq.read_table(run_dir / "descriptions").sort_by("pair_id")
+    _cli("run", *common, "--stages", "describe")
+    doc = json.loads((run_dir / "manifest.json").read_text())
+    counts = doc["stages"]["describe"]["counts"]
+    assert counts["try_0_resumed"] > 0 and "earlier_descriptions_discarded" not in counts
+    assert pq.read_table(run_dir / "descriptions").sort_by("pair_id").equals(before)

@@ -4,25 +4,17 @@ Both paths send the same pairs — two images each (source, then target), the pa
 WORD_NUM drawn per pair, the chat template applied, the same sampling parameters (the template
 regex as structured output) — to the same tiny random LLaVA on vLLM's CPU backend. The images
 are already fetched and shrunk: what is timed is the model step and Ray's machinery around it.
-Each path runs on N and on 2N rows; the extra rows over the extra time is its steady throughput,
-with fixed costs (engine start-up for Ray's stage; none for the warm bare engine) cancelled.
+Throughput is marginal (``llm_bench.marginal``): fixed costs cancel.
 
     python benchmarks/describe_cpu.py --rows 64 --out benchmarks/results/cpu-2core/describe.json
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import os
-import platform
-import tempfile
 import time
-from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from llm_bench import compare, marginal
 
 
 def config(model_dir: str, batch: int):
@@ -66,19 +58,24 @@ def bare(cfg, n_small: int, n_large: int) -> dict[str, float]:
                             regex=template_regex(cfg.template_slot_chars)))
     pre = make_preprocess(cfg, attempt=0)
 
-    def run(n: int) -> tuple[float, int]:
-        rows = [pre(r) for r in pair_rows(n)]  # decoding and the prompt, as Ray's stage does
+    def run(n: int, time_prompts: bool = False) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        rows = [pre(r) for r in pair_rows(n)]  # decoding and the prompt, as Ray's stages do
         prompts = [{"prompt": processor.apply_chat_template(r["messages"], tokenize=False,
                                                             add_generation_prompt=True),
                     "multi_modal_data": r["multimodal_data"]} for r in rows]
-        t0 = time.perf_counter()
+        if not time_prompts:
+            t0 = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=False)
         return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
 
     run(8)  # warm-up
-    (t1, k1), (t2, k2) = run(n_small), run(n_large)
-    return {"rows_per_s": (n_large - n_small) / (t2 - t1), "tokens_per_s": (k2 - k1) / (t2 - t1),
-            "seconds_small": t1, "seconds_large": t2}
+    result = marginal(run, n_small, n_large)
+    # The same with decoding the images and building the prompts timed too (Ray's path does
+    # both in its pre-processing and chat-template stages).
+    with_prompts = marginal(lambda n: run(n, time_prompts=True), n_small, n_large)
+    result["rows_per_s_with_prompt_building"] = with_prompts["rows_per_s"]
+    return result
 
 
 def through_ray(cfg, n_small: int, n_large: int) -> dict[str, float]:
@@ -95,35 +92,13 @@ def through_ray(cfg, n_small: int, n_large: int) -> dict[str, float]:
         out = build_describe_processor(cfg, 0, ["pair_id"])(ds).take_all()
         return time.perf_counter() - t0, sum(r["generated_tokens"] for r in out)
 
-    (t1, k1), (t2, k2) = run(n_small), run(n_large)
+    result = marginal(run, n_small, n_large)
     ray.shutdown()
-    return {"rows_per_s": (n_large - n_small) / (t2 - t1), "tokens_per_s": (k2 - k1) / (t2 - t1),
-            "seconds_small": t1, "seconds_large": t2,
-            "end_to_end_rows_per_s": n_large / t2}
+    return result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32, help="ray.data.llm batch size")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        cfg = config(str(Path(d) / "vlm"), args.batch)
-        b = bare(cfg, args.rows, 2 * args.rows)
-        r = through_ray(cfg, args.rows, 2 * args.rows)
-    import vllm
-
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "vllm": vllm.__version__},
-              "rows": [args.rows, 2 * args.rows], "batch_size": args.batch,
-              "bare_llm_generate": b, "ray_data_llm": r,
-              "ratio_rows": r["rows_per_s"] / b["rows_per_s"],
-              "ratio_tokens": r["tokens_per_s"] / b["tokens_per_s"]}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    compare(__doc__, config, bare, through_ray, "bare_llm_generate", model_dir="vlm")
 
 
 if __name__ == "__main__":

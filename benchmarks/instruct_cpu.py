@@ -12,16 +12,10 @@ replies differ in length from run to run.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import tempfile
 import time
-from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from llm_bench import compare, marginal
 
 DESCRIPTION = ("Both images show a wooden boat on a lake. However, the Source Image is empty "
                "near the shore, whereas the Target Image has two people rowing in fog.")
@@ -59,9 +53,7 @@ def bare(cfg, n_small: int, n_large: int) -> dict[str, float]:
         return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
 
     run(8)  # warm-up
-    (t1, k1), (t2, k2) = run(n_small), run(n_large)
-    return {"rows_per_s": (n_large - n_small) / (t2 - t1), "tokens_per_s": (k2 - k1) / (t2 - t1),
-            "seconds_small": t1, "seconds_large": t2}
+    return marginal(run, n_small, n_large)
 
 
 def through_ray(cfg, n_small: int, n_large: int) -> dict[str, float]:
@@ -78,35 +70,13 @@ def through_ray(cfg, n_small: int, n_large: int) -> dict[str, float]:
         out = build_instruct_processor(cfg)(ray.data.from_items(rows)).take_all()
         return time.perf_counter() - t0, sum(r["generated_tokens"] for r in out)
 
-    (t1, k1), (t2, k2) = run(n_small), run(n_large)
+    result = marginal(run, n_small, n_large)
     ray.shutdown()
-    return {"rows_per_s": (n_large - n_small) / (t2 - t1), "tokens_per_s": (k2 - k1) / (t2 - t1),
-            "seconds_small": t1, "seconds_large": t2,
-            "end_to_end_rows_per_s": n_large / t2}
+    return result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32, help="ray.data.llm batch size")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        cfg = config(str(Path(d) / "llm"), args.batch)
-        b = bare(cfg, args.rows, 2 * args.rows)
-        r = through_ray(cfg, args.rows, 2 * args.rows)
-    import vllm
-
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "vllm": vllm.__version__},
-              "rows": [args.rows, 2 * args.rows], "batch_size": args.batch,
-              "bare_llm_chat": b, "ray_data_llm": r,
-              "ratio_rows": r["rows_per_s"] / b["rows_per_s"],
-              "ratio_tokens": r["tokens_per_s"] / b["tokens_per_s"]}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    compare(__doc__, config, bare, through_ray, "bare_llm_chat", model_dir="llm")
 
 
 if __name__ == "__main__":

@@ -201,6 +201,9 @@ class LLMStageConfig(Strict):
     batch_size: int = Field(default=64, gt=0)
     max_model_len: int = Field(default=4096, gt=0)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Environment of the step's Ray workers, engines included (e.g. VLLM_CPU_KVCACHE_SPACE for
+    # vLLM's CPU backend, HF_TOKEN for gated weights).
+    env_vars: dict[str, str] = Field(default_factory=dict)
     temperature: float = Field(default=0.8, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     max_tokens: int = Field(default=256, gt=0)

@@ -42,6 +42,7 @@ pytestmark = [
                               "(scripts/setup.sh installs them)")]
 
 MISSING_ID = 123456789
+MIN_WORDS = 28
 INPUT = InputConfig(uris=["unused"])
 
 
@@ -76,7 +77,10 @@ def synth_run(tmp_path_factory, ray_cluster):
     ghost = {**pairs[0], "pair_id": 42, "target_id": MISSING_ID}
     pq.write_table(pa.Table.from_pylist([ghost], schema=PAIRS_SCHEMA),
                    run_dir / "pairs" / "zz-injected.parquet")
-    _cli("run", *common, "--stages", "describe,instruct,export")
+    # A bar on description length that about half the tiny model's replies miss, so the describe
+    # step's retry and its final rejects are exercised too.
+    _cli("run", *common, "-s", f"describe.min_words={MIN_WORDS}",
+         "--stages", "describe,instruct,export")
     doc = json.loads((run_dir / "manifest.json").read_text())
     return run_dir, [*pairs, ghost], damaged, doc, common
 
@@ -97,7 +101,18 @@ def test_every_pair_is_a_triplet_or_a_reject_with_its_reason(synth_run):
     assert st["describe"]["counts"]["pairs_described"] == len(described)
     for r in described:
         assert r["description"].startswith("Both images") and "Target Image" in r["description"]
+        assert len(r["description"].split()) >= MIN_WORDS
         assert r["attempts"] in (1, 2) and r["word_num"] in range(60, 101)
+    # Short replies were tried again; what failed twice is a reject with its reason.
+    assert st["describe"]["counts"]["tries"] == 2
+    retried = [r for r in described + describe_rejects if r["attempts"] == 2]
+    assert retried
+    for r in describe_rejects:
+        if not r["reject_reason"].startswith(("unreadable_image", "missing_image")):
+            assert r["reject_reason"] in {"too_short", "truncated", "empty_description"}
+            assert r["attempts"] == 2
+        else:
+            assert r["attempts"] == 1  # no second try can read a missing image
 
     instructed = pq.read_table(run_dir / "instructions").to_pylist()
     instruct_rejects = (pq.read_table(run_dir / "rejects" / "instruct").to_pylist()
@@ -200,8 +215,9 @@ def test_card_and_gallery(synth_run, tmp_path):
 def test_a_rerun_resumes_the_finished_tries(synth_run):
     run_dir, _, _, _, common = synth_run
     before = pq.read_table(run_dir / "descriptions").sort_by("pair_id")
-    _cli("run", *common, "--stages", "describe")
+    _cli("run", *common, "-s", f"describe.min_words={MIN_WORDS}", "--stages", "describe")
     doc = json.loads((run_dir / "manifest.json").read_text())
     counts = doc["stages"]["describe"]["counts"]
-    assert counts["try_0_resumed"] > 0 and "earlier_descriptions_discarded" not in counts
+    assert counts["try_0_resumed"] > 0 and counts["try_1_resumed"] > 0
+    assert "earlier_descriptions_discarded" not in counts
     assert pq.read_table(run_dir / "descriptions").sort_by("pair_id").equals(before)

@@ -151,7 +151,7 @@ def _reject_reasons(try_dir: str) -> list[str]:
 
 def gather(cfg: RunConfig, step: str, tries: int, good_dir: str, drop: Sequence[str],
            record: manifest.StageRecord) -> None:
-    """Usable rows of every try into ``good_dir``; the last try's rejects into the rejects."""
+    """Usable rows of every try into ``good_dir``; final rejects into ``rejects/<step>``."""
     storage.remove(good_dir, recursive=True)
     rejects_dir = layout.rejects_dir(cfg.run_dir, step)
     storage.remove(rejects_dir, recursive=True)
@@ -165,12 +165,15 @@ def gather(cfg: RunConfig, step: str, tries: int, good_dir: str, drop: Sequence[
         record.counts[f"usable_after_try_{attempt}"] = good.num_rows
         if good.num_rows:
             storage.write_parquet(storage.join(good_dir, f"try-{attempt}.parquet"), good)
-        if attempt == tries - 1:
-            bad = t.filter(pc.invert(ok)).select(keep)
-            if bad.num_rows:
-                storage.write_parquet(storage.join(rejects_dir, f"try-{attempt}.parquet"), bad)
-            for reason in bad.column("reject_reason").to_pylist():
-                record.rejects[reason.split(":")[0]] += 1
+        # A try's rejects are final when no later try took them: all of the last try's, and
+        # those of earlier tries whose reason another try cannot change.
+        final = pc.invert(ok) if attempt == tries - 1 else pc.and_(
+            pc.invert(ok), pc.invert(_worth_retrying(t)))
+        bad = t.filter(final).select(keep)
+        if bad.num_rows:
+            storage.write_parquet(storage.join(rejects_dir, f"try-{attempt}.parquet"), bad)
+        for reason in bad.column("reject_reason").to_pylist():
+            record.rejects[reason.split(":")[0]] += 1
 
 
 def _pairs_state(cfg: RunConfig) -> Any:

@@ -61,7 +61,8 @@ def build_llm_processor(cfg: LLMStageConfig, preprocess: RowFn, postprocess: Row
         prepare_multimodal_stage={"enabled": False},
         chat_template_stage=cpu_stage,
         tokenize_stage=False, detokenize_stage=False,
-        placement_group_config={"bundle_per_worker": bundle})
+        placement_group_config={"bundle_per_worker": bundle},
+        runtime_env={"env_vars": dict(cfg.env_vars)} if cfg.env_vars else None)
     return build_processor(
         config, preprocess=preprocess, postprocess=postprocess,
         preprocess_map_kwargs={"num_cpus": cfg.num_cpus},

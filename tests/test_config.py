@@ -23,6 +23,16 @@ def test_paper_profile_names_the_papers_models_and_asks_for_gpus():
     assert cfg.embed.decode == "gpu" and cfg.embed.precision == "bf16"
 
 
+def test_profiles_name_the_paper_s_synthesis_models():
+    paper = load_config(ROOT / "configs" / "paper.yaml")
+    assert paper.describe.model == "OpenGVLab/InternVL2-26B"
+    assert paper.instruct.model == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert paper.export.image_size == 512 and paper.describe.engine_num_gpus >= 1
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert tiny.describe.model == "tiny-random-llava" and tiny.instruct.model == "tiny-random-llama"
+    assert tiny.describe.engine_num_gpus == tiny.instruct.engine_num_gpus == 0
+
+
 def test_overrides_are_applied_and_validated():
     cfg = load_config(ROOT / "configs" / "tiny.yaml",
                       ["embed.batch_size=7", "run_dir=/tmp/x/", "input.uris=[a, b]"])
@@ -40,11 +50,15 @@ def test_overrides_are_applied_and_validated():
     ({"embed": {"device": "cuda", "num_gpus": 0}}, "embed.num_gpus"),
     ({"embed": {"decode": "gpu"}}, "embed.decode"),
     ({"input": {"uris": []}}, "input.uris"),
+    ({"describe": {"image_size": 4}}, "describe.image_size"),
+    ({"describe": {"tempreature": 0.5}}, "describe.tempreature"),
+    ({"instruct": {"max_instructions": 2}}, "instruct.max_instructions"),
+    ({"export": {"jpeg_quality": 101}}, "export.jpeg_quality"),
 ])
 def test_bad_fields_are_named(tmp_path, change, field):
     doc = tiny_config(tmp_path, ["x"])
     for section, values in change.items():
-        doc[section] = {**doc[section], **values}
+        doc[section] = {**doc.get(section, {}), **values}
     with pytest.raises(ConfigError) as err:
         config_from_dict(doc)
     assert field in str(err.value)

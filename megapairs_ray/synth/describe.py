@@ -11,7 +11,6 @@ with that reason. A pair whose image cannot be read is rejected before the model
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -117,9 +116,3 @@ def build_describe_processor(cfg: DescribeConfig, attempt: int, carry: Sequence[
     return build_llm_processor(
         cfg, make_preprocess(cfg, attempt), make_postprocess(cfg, attempt, carry),
         engine_kwargs={"limit_mm_per_prompt": {"image": 2}})
-
-
-def words_over_limit(text: str, pair_id: str, seed: int) -> bool:
-    """Whether a description runs past its pair's WORD_NUM (reported, not rejected: the paper
-    asks for "under WORD_NUM words" but filters nothing)."""
-    return len(re.findall(r"\S+", text)) > word_num(pair_id, seed)

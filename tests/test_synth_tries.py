@@ -54,7 +54,7 @@ def test_tries_on_s3_keep_every_row_once_and_resume(bucket, ray_cluster):
 
     def run() -> manifest.StageRecord:
         record = manifest.StageRecord("describe")
-        tries = run_tries(cfg, "describe", cfg.describe, 1,
+        tries = run_tries(cfg, "describe", 1,
                           lambda: ray.data.from_items(rows, override_num_blocks=3), step,
                           ["pair_id"], record)
         gather(cfg, "describe", tries, storage.join(run_dir, "descriptions"), drop=[],

@@ -13,7 +13,6 @@ each with its reason.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ import pyarrow.compute as pc
 import ray
 
 from megapairs_ray import manifest
-from megapairs_ray.config import LLMStageConfig, RunConfig
+from megapairs_ray.config import RunConfig
 from megapairs_ray.io import storage
 from megapairs_ray.stages import layout
 from megapairs_ray.synth.images import LOCATION_COLUMNS, MISSING_IMAGE, UNREADABLE_IMAGE
@@ -111,7 +110,7 @@ def _reset_if_changed(cfg: RunConfig, step: str, state: dict[str, Any], outputs:
     return stale
 
 
-def run_tries(cfg: RunConfig, step: str, stage_cfg: LLMStageConfig, retries: int,
+def run_tries(cfg: RunConfig, step: str, retries: int,
               first_input: Callable[[], ray.data.Dataset],
               pipeline_for_try: Callable[[ray.data.Dataset, int], ray.data.Dataset],
               input_columns: Sequence[str], record: manifest.StageRecord) -> int:
@@ -213,7 +212,7 @@ def run_describe(cfg: RunConfig) -> manifest.StageRecord:
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=d.fetch_actors))
         return build_describe_processor(d, attempt, input_columns)(fetched)
 
-    tries = run_tries(cfg, "describe", d, d.retries, lambda: located_pairs(cfg).materialize(),
+    tries = run_tries(cfg, "describe", d.retries, lambda: located_pairs(cfg).materialize(),
                          pipeline, input_columns, record)
     gather(cfg, "describe", tries, descriptions_dir(cfg.run_dir),
            drop=[r + c for r in ("q_", "t_") for c in LOCATION_COLUMNS], record=record)
@@ -258,7 +257,7 @@ def run_instruct_stage(cfg: RunConfig) -> manifest.StageRecord:
             return ds
 
         tries = run_tries(
-            cfg, "instruct", ins, ins.retries, first,
+            cfg, "instruct", ins.retries, first,
             lambda todo, attempt: build_instruct_processor(ins, attempt, input_columns)(todo),
             input_columns, record)
         gather(cfg, "instruct", tries, instructions_dir(cfg.run_dir), drop=[], record=record)
@@ -273,9 +272,3 @@ def run_instruct_stage(cfg: RunConfig) -> manifest.StageRecord:
     record.finish()
     manifest.record_stage(cfg.run_dir, record)
     return record
-
-
-def reject_counts(run_dir: str, step: str) -> Counter[str]:
-    t = storage.read_parquet_dir(layout.rejects_dir(run_dir, step), ["reject_reason"])
-    return Counter() if t is None else Counter(
-        r.split(":")[0] for r in t.column("reject_reason").to_pylist())

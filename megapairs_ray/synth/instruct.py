@@ -14,10 +14,8 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import ray
-
 from megapairs_ray.config import InstructConfig
-from megapairs_ray.synth.llm import build_llm_processor, run_with_retries, sampling_params
+from megapairs_ray.synth.llm import build_llm_processor, sampling_params
 from megapairs_ray.synth.prompts import MIN_INSTRUCTIONS, instruct_prompt, parse_instructions
 
 
@@ -71,12 +69,3 @@ def build_instruct_processor(cfg: InstructConfig, attempt: int = 0,
                              carry: Sequence[str] = ("pair_id", "description")) -> Any:
     return build_llm_processor(cfg, make_preprocess(cfg, attempt),
                                make_postprocess(cfg, attempt, carry))
-
-
-def run_instruct(descriptions: ray.data.Dataset, cfg: InstructConfig,
-                 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(usable rows, rejected rows) after up to ``1 + cfg.retries`` tries; both materialised.
-    Every input column is carried through to both."""
-    carry = descriptions.columns() or ["pair_id", "description"]
-    return run_with_retries(descriptions, cfg.retries,
-                            lambda attempt: build_instruct_processor(cfg, attempt, carry), carry)

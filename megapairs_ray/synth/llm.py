@@ -1,5 +1,5 @@
-"""What the describe and the instruct steps share: one ``ray.data.llm`` processor per try, and
-the retry loop that sends a try's rejects back to the model.
+"""What the describe and the instruct steps share: the model, the sampling parameters, and one
+``ray.data.llm`` processor per try (``pipeline/synth.py`` runs the tries).
 
 Both steps follow one contract: every row comes out exactly once, either usable (an empty
 ``reject_reason``) or with the reason of its last try. Columns other than the step's own are
@@ -8,10 +8,8 @@ carried through the engine untouched, so a pair's ids, spaces and negatives trav
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
-
-import ray
 
 from megapairs_ray.config import LLMStageConfig
 
@@ -67,24 +65,3 @@ def build_llm_processor(cfg: LLMStageConfig, preprocess: RowFn, postprocess: Row
         config, preprocess=preprocess, postprocess=postprocess,
         preprocess_map_kwargs={"num_cpus": cfg.num_cpus},
         postprocess_map_kwargs={"num_cpus": cfg.num_cpus})
-
-
-def run_with_retries(rows: ray.data.Dataset, retries: int,
-                     processor_for_try: Callable[[int], Any], input_columns: Sequence[str],
-                     ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(usable rows, rejected rows) after up to ``1 + retries`` tries; both materialised.
-    A try's rejects, reduced to ``input_columns``, are the next try's input."""
-    done: list[ray.data.Dataset] = []
-    todo = rows
-    out = None
-    for attempt in range(retries + 1):
-        out = processor_for_try(attempt)(todo).materialize()
-        done.append(out.filter(lambda r: r["reject_reason"] == "").materialize())
-        todo = out.filter(lambda r: r["reject_reason"] != "").select_columns(
-            list(input_columns)).materialize()
-        if todo.count() == 0:
-            break
-    assert out is not None
-    rejects = out.filter(lambda r: r["reject_reason"] != "")  # the last try's failures
-    good = done[0].union(*done[1:]) if len(done) > 1 else done[0]
-    return good.materialize(), rejects.materialize()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import time
 
-from llm_bench import compare, marginal
+from llm_bench import compare, marginal, ray_data_marginal
 
 
 def config(model_dir: str, batch: int):
@@ -79,22 +79,10 @@ def bare(cfg, n_small: int, n_large: int) -> dict[str, float]:
 
 
 def through_ray(cfg, n_small: int, n_large: int) -> dict[str, float]:
-    import ray
-
     from megapairs_ray.synth.describe import build_describe_processor
 
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-    def run(n: int) -> tuple[float, int]:
-        ds = ray.data.from_items(pair_rows(n))
-        t0 = time.perf_counter()
-        out = build_describe_processor(cfg, 0, ["pair_id"])(ds).take_all()
-        return time.perf_counter() - t0, sum(r["generated_tokens"] for r in out)
-
-    result = marginal(run, n_small, n_large)
-    ray.shutdown()
-    return result
+    return ray_data_marginal(pair_rows, lambda: build_describe_processor(cfg, 0, ["pair_id"]),
+                             n_small, n_large)
 
 
 def main() -> None:

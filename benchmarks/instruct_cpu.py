@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 
-from llm_bench import compare, marginal
+from llm_bench import compare, marginal, ray_data_marginal
 
 DESCRIPTION = ("Both images show a wooden boat on a lake. However, the Source Image is empty "
                "near the shore, whereas the Target Image has two people rowing in fog.")
@@ -57,22 +57,12 @@ def bare(cfg, n_small: int, n_large: int) -> dict[str, float]:
 
 
 def through_ray(cfg, n_small: int, n_large: int) -> dict[str, float]:
-    import ray
-
     from megapairs_ray.synth.instruct import build_instruct_processor
 
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    def rows(n: int) -> list[dict]:
+        return [{"pair_id": f"pair-{i}", "description": DESCRIPTION} for i in range(n)]
 
-    def run(n: int) -> tuple[float, int]:
-        rows = [{"pair_id": f"pair-{i}", "description": DESCRIPTION} for i in range(n)]
-        t0 = time.perf_counter()
-        out = build_instruct_processor(cfg)(ray.data.from_items(rows)).take_all()
-        return time.perf_counter() - t0, sum(r["generated_tokens"] for r in out)
-
-    result = marginal(run, n_small, n_large)
-    ray.shutdown()
-    return result
+    return ray_data_marginal(rows, lambda: build_instruct_processor(cfg), n_small, n_large)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,28 @@ def marginal(run: Run, n_small: int, n_large: int) -> dict[str, float]:
     (t1, k1), (t2, k2) = run(n_small), run(n_large)
     return {"rows_per_s": (n_large - n_small) / (t2 - t1), "tokens_per_s": (k2 - k1) / (t2 - t1),
             "seconds_small": t1, "seconds_large": t2, "end_to_end_rows_per_s": n_large / t2}
+
+
+def ray_data_marginal(make_rows: Callable[[int], list[dict[str, Any]]],
+                      make_processor: Callable[[], Any], n_small: int,
+                      n_large: int) -> dict[str, float]:
+    """``marginal`` of a ``ray.data.llm`` processor on a local 2-CPU Ray; rows are made before
+    the clock starts, the processor (whose engines start on first use) after."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def run(n: int) -> tuple[float, int]:
+        ds = ray.data.from_items(make_rows(n))
+        t0 = time.perf_counter()
+        out = make_processor()(ds).take_all()
+        return time.perf_counter() - t0, sum(r["generated_tokens"] for r in out)
+
+    try:
+        return marginal(run, n_small, n_large)
+    finally:
+        ray.shutdown()
 
 
 def arguments(doc: str | None) -> argparse.Namespace:

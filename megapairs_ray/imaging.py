@@ -49,6 +49,7 @@ class Reason:
     BAD_COLUMN_TYPE = "bad_column_type"
     SOURCE_CHANGED = "source_changed"
     DECODE_FAILED = "decode_failed"
+    UNREADABLE_IMAGE = "unreadable_image"  # its bytes could not be read back from where they live
     INVALID_RECORD = "invalid_record"
 
 

@@ -415,3 +415,20 @@ def fetch_bytes(rows: list[dict[str, object]], cfg: InputConfig) -> list[bytes]:
                     f.seek(int(rows[i]["offset"]))  # type: ignore[arg-type]
                     out[i] = f.read(int(rows[i]["length"]))  # type: ignore[arg-type]
     return [b if b is not None else b"" for b in out]
+
+
+def fetch_bytes_tolerant(rows: list[dict[str, object]], cfg: InputConfig) -> list[bytes]:
+    """``fetch_bytes``, but a file that cannot be read costs only its own rows: they come back
+    as ``b""`` (the caller's reject), never as an exception for the whole batch."""
+    # OSError: a file gone or unreadable; ValueError: pyarrow's ArrowInvalid on a damaged
+    # parquet file.
+    try:
+        return fetch_bytes(rows, cfg)
+    except (OSError, ValueError):  # one read per image, to blame the right rows
+        out = []
+        for row in rows:
+            try:
+                out.extend(fetch_bytes([row], cfg))
+            except (OSError, ValueError):
+                out.append(b"")
+        return out

@@ -10,7 +10,9 @@ a byte of them, and nothing is ever written twice.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import ray
 
@@ -69,6 +71,21 @@ def build_embed_dataset(cfg: RunConfig, todo: list[Shard]) -> ray.data.Dataset:
     )
 
 
+def count_until_done(summaries: Iterable[dict[str, Any]], expected: dict[str, int],
+                     mark_done: Callable[[str, Counter[str]], None]) -> list[str]:
+    """Add up the writers' per-shard summary rows as they stream back; call ``mark_done`` the
+    moment all of a shard's ``expected`` rows are written or rejected. Returns the shards that
+    ended short."""
+    tallies: dict[str, Counter[str]] = {slug: Counter() for slug in expected}
+    for summary in summaries:
+        t = tallies[summary["shard"]]
+        for k in ("rows", "embedded", "texts", "rejected"):
+            t[k] += int(summary[k])
+        if t["rows"] == expected[summary["shard"]]:
+            mark_done(summary["shard"], t)
+    return [slug for slug, t in tallies.items() if t["rows"] != expected[slug]]
+
+
 def run_embed(cfg: RunConfig) -> manifest.StageRecord:
     record = manifest.StageRecord("embed").start()
     shards = run_shards(cfg)
@@ -88,22 +105,17 @@ def run_embed(cfg: RunConfig) -> manifest.StageRecord:
 
     for s in todo:
         _clear_partial(cfg.run_dir, s.slug)
-    tallies: dict[str, Counter[str]] = {s.slug: Counter() for s in todo}
     for s in [s for s in todo if expected[s.slug] == 0]:
-        _mark_done(cfg, s.slug, tallies[s.slug])
+        _mark_done(cfg, s.slug, Counter())
     todo = [s for s in todo if expected[s.slug] > 0]
 
     if todo:
-        for summary in build_embed_dataset(cfg, todo).iter_rows():
-            slug = summary["shard"]
-            t = tallies[slug]
-            for k in ("rows", "embedded", "texts", "rejected"):
-                t[k] += int(summary[k])
-            if t["rows"] == expected[slug]:
-                _mark_done(cfg, slug, t)
-                record.counts["shards_embedded"] += 1
-        unfinished = [s.slug for s in todo
-                      if tallies[s.slug]["rows"] != expected[s.slug]]
+        def done(slug: str, tally: Counter[str]) -> None:
+            _mark_done(cfg, slug, tally)
+            record.counts["shards_embedded"] += 1
+
+        unfinished = count_until_done(build_embed_dataset(cfg, todo).iter_rows(),
+                                      {s.slug: expected[s.slug] for s in todo}, done)
         if unfinished:
             raise IncompleteEmbedError(
                 f"{len(unfinished)} shard(s) ended with rows unaccounted for: {unfinished[:5]}")

@@ -92,8 +92,15 @@ def embedding_table(ids: np.ndarray, vectors: np.ndarray) -> pa.Table:
                      "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
 
 
-def write_embeddings(batch: dict[str, np.ndarray], run_dir: str) -> dict[str, Any]:
-    """Write one batch of embed output; return per-shard counts of the rows it accounted for."""
+def write_embeddings(batch: dict[str, np.ndarray], run_dir: str,
+                     image_spaces: tuple[str, ...] = ("clip_image", "dino_image"),
+                     text_space: str | None = "clip_text", stage: str = "embed",
+                     ) -> dict[str, Any]:
+    """Write one batch of embed output; return per-shard counts of the rows it accounted for.
+
+    ``image_spaces`` are columns every accepted row has; ``text_space`` is a column only rows
+    with ``has_text`` have (captions). The gallery job writes its one ``retriever`` space the
+    same way, with ``text_space=None``."""
     shards = batch["shard"]
     status = batch["status"]
     out: dict[str, list[Any]] = {"shard": [], "rows": [], "embedded": [], "texts": [],
@@ -108,22 +115,22 @@ def write_embeddings(batch: dict[str, np.ndarray], run_dir: str) -> dict[str, An
         part = f"part-{hashlib.blake2b(ids_bytes, digest_size=12).hexdigest()}.parquet"
         if ok.any():
             ids = batch["image_id"][ok]
-            for space in ("clip_image", "dino_image"):
+            for space in image_spaces:
                 storage.write_parquet(
                     storage.join(layout.embeddings_shard_dir(run_dir, space, slug), part),
                     embedding_table(ids, batch[space][ok]))
-        text = ok & batch["has_text"].astype(bool)
-        if text.any():
+        text = ok & batch["has_text"].astype(bool) if text_space else np.zeros_like(ok)
+        if text_space and text.any():
             storage.write_parquet(
-                storage.join(layout.embeddings_shard_dir(run_dir, "clip_text", slug), part),
-                embedding_table(batch["image_id"][text], batch["clip_text"][text]))
+                storage.join(layout.embeddings_shard_dir(run_dir, text_space, slug), part),
+                embedding_table(batch["image_id"][text], batch[text_space][text]))
         if bad.any():
-            rejects = [{"image_id": int(i), "shard": slug, "key": None, "stage": "embed",
+            rejects = [{"image_id": int(i), "shard": slug, "key": None, "stage": stage,
                         "reason": str(r), "detail": str(d)}
                        for i, r, d in zip(batch["image_id"][bad], status[bad],
                                           batch["detail"][bad])]
             storage.write_parquet(
-                storage.join(layout.rejects_dir(run_dir, "embed"), f"{slug}-{part}"),
+                storage.join(layout.rejects_dir(run_dir, stage), f"{slug}-{part}"),
                 pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
         out["shard"].append(slug)
         out["rows"].append(int(sel.sum()))

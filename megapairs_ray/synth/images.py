@@ -15,13 +15,13 @@ from typing import Any
 from PIL import Image
 
 from megapairs_ray.config import InputConfig
-from megapairs_ray.imaging import decode_rgb
-from megapairs_ray.io.shards import fetch_bytes
+from megapairs_ray.imaging import Reason, decode_rgb
+from megapairs_ray.io.shards import fetch_bytes_tolerant
 
 LOCATION_COLUMNS = ("format_kind", "file_uri", "offset", "length", "row")
 
-MISSING_IMAGE = "missing_image"      # the id is in no images table
-UNREADABLE_IMAGE = "unreadable_image"  # its bytes could not be read or decoded
+MISSING_IMAGE = Reason.MISSING_IMAGE  # the id is in no images table
+UNREADABLE_IMAGE = Reason.UNREADABLE_IMAGE  # its bytes could not be read or decoded
 
 
 def shrink_jpeg(data: bytes, longest_side: int, quality: int = 90) -> bytes:
@@ -62,15 +62,7 @@ def fetch_resized(rows: list[dict[str, Any]], prefixes: tuple[str, ...], cfg: In
                 errors[i] = errors[i] or f"{MISSING_IMAGE}:{p.rstrip('_')}"
             else:
                 wanted.append((i, p, loc))
-    try:
-        raw = fetch_bytes([loc for _, _, loc in wanted], cfg)
-    except OSError:  # a whole file gone: fall back to one read per image to blame the right rows
-        raw = []
-        for _, _, loc in wanted:
-            try:
-                raw.extend(fetch_bytes([loc], cfg))
-            except OSError:
-                raw.append(b"")
+    raw = fetch_bytes_tolerant([loc for _, _, loc in wanted], cfg)
     out = [dict(row) for row in rows]  # locations stay: a retry reads the images again
     for o in out:
         for p in prefixes:

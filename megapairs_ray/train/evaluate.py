@@ -19,9 +19,7 @@ Layouts (relative to the folder given):
 from __future__ import annotations
 
 import json
-import posixpath
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +27,8 @@ import numpy as np
 import torch
 
 from megapairs_ray.io import storage
-from megapairs_ray.models.encoders import ImageSpec
-from megapairs_ray.stages.pixels import decode_cpu, to_model_input
+from megapairs_ray.models.retriever import RetrieverEncoder, UndecodableImage
 from megapairs_ray.train import metrics
-from megapairs_ray.train.model import MMRetCLIP
 
 BENCHMARKS = ("circo", "cirr", "fashioniq")
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -144,67 +140,40 @@ def load_fashioniq(root: str, category: str, split: str = "val") -> Benchmark:
                      extra_images=extra)
 
 
-class Embedder:
-    """Batched embedding of image URIs and composed queries with one checkpoint."""
+class Embedder(RetrieverEncoder):
+    """The retriever's encoders reading benchmark images by URI (local or s3://)."""
 
-    def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = 64,
-                 threads: int = 8, precision: str = "fp32") -> None:
-        from transformers import CLIPConfig
-
-        from megapairs_ray.train.step import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        from megapairs_ray.train.tokenizer import load_tokenizer
-
-        self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.model = MMRetCLIP.from_pretrained(checkpoint).eval().to(self.device, self.dtype)
-        self.tokenizer = load_tokenizer(checkpoint)
-        conf = CLIPConfig.from_pretrained(checkpoint)
-        self.max_len = conf.text_config.max_position_embeddings
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        pre = posixpath.join(checkpoint, "preprocessor_config.json")
-        if storage.exists(pre):
-            p = storage.read_json(pre)
-            mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
-        # CLIP's processor: short side to the input size, centre crop.
-        self.spec = ImageSpec(size=conf.vision_config.image_size, crop_fraction=1.0,
-                              mean=mean, std=std)  # type: ignore[arg-type]
-        self.batch_size = batch_size
-        self.pool = ThreadPoolExecutor(threads)
-
-    def _pixels(self, uris: Sequence[str]) -> torch.Tensor:
+    def _read(self, uris: Sequence[str]) -> list[bytes]:
         def read(uri: str) -> bytes:
             fs, path = storage.filesystem(uri)
             return fs.cat_file(path)
 
         try:
-            raw = list(self.pool.map(read, uris))
+            return list(self.pool.map(read, uris))
         except FileNotFoundError as e:
             raise BenchmarkError(f"benchmark image missing: {e}") from None
-        # Full decodes (no DCT-domain shrinking): benchmark numbers must follow the protocol's
-        # pixels, not a faster approximation of them.
-        decoded = decode_cpu(raw, 0, self.pool)
-        for uri, d in zip(uris, decoded):
-            if isinstance(d, Exception):
-                raise BenchmarkError(f"benchmark image {uri} cannot be decoded: {d}")
-        return to_model_input([d.to(self.device) for d in decoded], self.spec,  # type: ignore[union-attr]
-                              self.dtype)
 
-    @torch.no_grad()
+    def _pixels(self, uris: Sequence[str]) -> torch.Tensor:
+        try:
+            return self.pixels_of(self._read(uris), names=[f"benchmark image {u}" for u in uris])
+        except UndecodableImage as e:
+            raise BenchmarkError(str(e)) from None
+
     def images(self, uris: Sequence[str]) -> np.ndarray:
-        out = [self.model.embed_candidates(self._pixels(uris[i : i + self.batch_size]))
-               .float().cpu().numpy() for i in range(0, len(uris), self.batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+        out = [self.candidates(self._pixels(uris[i : i + self.batch_size]))
+               for i in range(0, len(uris), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
-    @torch.no_grad()
-    def queries(self, uris: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+    def queries(self, uris: Sequence[str], texts: Sequence[str]) -> np.ndarray:  # type: ignore[override]
         out = []
         for i in range(0, len(uris), self.batch_size):
-            tok = self.tokenizer(list(texts[i : i + self.batch_size]), padding="max_length",
-                                 truncation=True, max_length=self.max_len, return_tensors="pt")
-            emb = self.model.embed_queries(self._pixels(uris[i : i + self.batch_size]),
-                                           tok["input_ids"].to(self.device),
-                                           tok["attention_mask"].to(self.device))
-            out.append(emb.float().cpu().numpy())
+            chunk = uris[i : i + self.batch_size]
+            try:
+                out.append(super().queries(self._read(chunk),
+                                           list(texts[i : i + self.batch_size])))
+            except UndecodableImage:
+                self._pixels(chunk)  # raises the benchmark error that names the image
+                raise
         return np.concatenate(out)
 
 

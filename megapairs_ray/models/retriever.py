@@ -1,0 +1,126 @@
+"""The retriever's encoders: one MMRet / CLIP checkpoint in Hugging Face form, as every consumer
+uses it.
+
+``megapairs eval`` (benchmark galleries and queries), the gallery job (candidate embeddings) and
+the query-encoder deployment of the service all embed through this one class, so a served
+ranking is the offline ranking: same decode, same CLIP preprocessing, same tokenisation, same
+composition (``normalize(proj_image + proj_text)``, REFERENCE.md §4).
+
+Images arrive as encoded bytes. They are decoded whole (no reduced-scale JPEG decoding): the
+protocol's pixels, not a faster approximation of them. A batch may mix composed, image-only and
+text-only queries: the image tower runs once over every row that has an image, the text tower
+once over every row that has a text, and each row sums what it has.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megapairs_ray.io import storage
+from megapairs_ray.models.encoders import ImageSpec
+from megapairs_ray.stages.pixels import decode_cpu, to_model_input
+from megapairs_ray.train.model import MMRetCLIP
+
+
+class UndecodableImage(ValueError):
+    """An image the encoder cannot decode; the message says which and why."""
+
+
+class RetrieverEncoder:
+    """Batched embedding of gallery images and of composed, image-only or text-only queries."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = 64,
+                 threads: int = 8, precision: str = "fp32") -> None:
+        from transformers import CLIPConfig
+
+        from megapairs_ray.train.step import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        from megapairs_ray.train.tokenizer import load_tokenizer
+
+        self.checkpoint = checkpoint
+        self.device = torch.device(device)
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.model = MMRetCLIP.from_pretrained(checkpoint).eval().to(self.device, self.dtype)
+        self.tokenizer = load_tokenizer(checkpoint)
+        conf = CLIPConfig.from_pretrained(checkpoint)
+        self.max_len = conf.text_config.max_position_embeddings
+        self.dim = conf.projection_dim
+        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        pre = posixpath.join(checkpoint, "preprocessor_config.json")
+        if storage.exists(pre):
+            p = storage.read_json(pre)
+            mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+        # CLIP's processor: short side to the input size, centre crop.
+        self.spec = ImageSpec(size=conf.vision_config.image_size, crop_fraction=1.0,
+                              mean=mean, std=std)  # type: ignore[arg-type]
+        self.batch_size = batch_size
+        self.pool = ThreadPoolExecutor(threads)
+
+    # ------------------------------------------------------------------ pixels and tokens
+
+    def decode(self, images: Sequence[bytes]) -> list[torch.Tensor | Exception]:
+        """HWC uint8 tensors, or the exception that stopped each image."""
+        return decode_cpu(images, 0, self.pool)
+
+    def pixels(self, decoded: Sequence[torch.Tensor]) -> torch.Tensor:
+        return to_model_input([d.to(self.device) for d in decoded], self.spec, self.dtype)
+
+    def pixels_of(self, images: Sequence[bytes], names: Sequence[str] | None = None,
+                  ) -> torch.Tensor:
+        """Model input of encoded images; any undecodable one raises, naming it."""
+        decoded = self.decode(images)
+        for i, d in enumerate(decoded):
+            if isinstance(d, Exception):
+                name = names[i] if names is not None else f"image {i}"
+                raise UndecodableImage(f"{name} cannot be decoded: {d}")
+        return self.pixels(decoded)  # type: ignore[arg-type]
+
+    def tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=self.max_len, return_tensors="pt")
+        return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+
+    # ------------------------------------------------------------------ embeddings
+
+    @torch.no_grad()
+    def candidates(self, pixels: torch.Tensor) -> np.ndarray:
+        """Unit-norm gallery embeddings [N, D] (float32) of preprocessed pixels, in batches."""
+        out = [self.model.embed_candidates(pixels[i : i + self.batch_size]).float().cpu().numpy()
+               for i in range(0, len(pixels), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    @torch.no_grad()
+    def queries(self, images: Sequence[bytes | None], texts: Sequence[str | None],
+                ) -> np.ndarray:
+        """Unit-norm query embeddings [N, D]: row i is composed when it has both an image and a
+        text, image-only or text-only when it has one. Every image must decode (callers check
+        images before they batch them)."""
+        if len(images) != len(texts):
+            raise ValueError("images and texts must pair up")
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            out.append(self._query_batch(images[i : i + self.batch_size],
+                                         texts[i : i + self.batch_size]))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def _query_batch(self, images: Sequence[bytes | None], texts: Sequence[str | None],
+                     ) -> np.ndarray:
+        n = len(images)
+        with_image = [i for i in range(n) if images[i] is not None]
+        with_text = [i for i in range(n) if texts[i] is not None]
+        missing = [i for i in range(n) if images[i] is None and texts[i] is None]
+        if missing:
+            raise ValueError(f"query {missing[0]} has neither an image nor a text")
+        total = torch.zeros((n, self.dim), dtype=torch.float32, device=self.device)
+        if with_image:
+            px = self.pixels_of([images[i] for i in with_image])  # type: ignore[misc]
+            total[with_image] += self.model.image_features(px).float()
+        if with_text:
+            ids, mask = self.tokens([texts[i] for i in with_text])  # type: ignore[misc]
+            total[with_text] += self.model.text_features(ids, mask).float()
+        return F.normalize(total, dim=-1).cpu().numpy()

@@ -228,6 +228,69 @@ def evaluate(
         storage.write_json(out, report)
 
 
+@app.command()
+def gallery(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Embed a gallery with a retriever checkpoint and index it, for `megapairs serve`."""
+    from megapairs_ray.pipeline.gallery import run_gallery
+    from megapairs_ray.pipeline.runtime import init_ray
+    from megapairs_ray.serve.config import GalleryConfig
+    from megapairs_ray.serve.gallery import GalleryError
+    from megapairs_ray.stages.index import IndexStageError
+
+    try:
+        cfg = load_config(config, set_ or [], schema=GalleryConfig)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    init_ray(cfg.ray)
+    try:
+        record = run_gallery(cfg)
+    except (GalleryError, IndexStageError, FileNotFoundError) as e:
+        console.print(f"[red]gallery: {e}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"gallery {cfg.run_dir}: " + ", ".join(
+        f"{k}={v}" for k, v in sorted(record.counts.items())))
+    if record.rejects:
+        console.print("  rejects: " + ", ".join(f"{k}={v}" for k, v in
+                                                sorted(record.rejects.items())))
+
+
+@app.command("serve")
+def serve_cmd(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Ray Serve config file "
+                                         "(configs/serve-*.yaml).")],
+    host: Annotated[str | None, typer.Option(help="Override http_options.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override http_options.port.")] = None,
+    detach: Annotated[bool, typer.Option(help="Return once deployed (on a cluster, Serve "
+                                         "keeps running).")] = False,
+) -> None:
+    """Serve the retriever: the search page, /search, /embed, /images, /healthz."""
+    import time
+
+    from megapairs_ray.config import RayConfig
+    from megapairs_ray.pipeline.runtime import init_ray
+    from megapairs_ray.serve.deploy import deploy
+    from megapairs_ray.serve.gallery import GalleryError
+
+    try:
+        init_ray(RayConfig())
+        urls = deploy(config, host=host, port=port)
+    except (ConfigError, GalleryError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    for url in urls:
+        console.print(f"serving: [bold]{url}[/bold]  (search page; API docs at {url}docs)")
+    if detach:
+        return
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 @corpus_app.command("build")
 def corpus_build(
     out: Annotated[Path, typer.Option(help="Folder for the webdataset shards.")] = Path(

@@ -136,17 +136,27 @@ def read_meta(index_dir: str) -> dict[str, Any]:
 class IndexShard:
     """One shard, loaded once, searched many times (a Ray actor holds one of these)."""
 
-    def __init__(self, index_dir: str, shard: int, cfg: IndexConfig) -> None:
+    def __init__(self, index_dir: str, shard: int, cfg: IndexConfig, mmap: bool = False,
+                 ) -> None:
+        """``mmap``: map a local shard file instead of reading it into memory (IVF lists and
+        flat codes stay on disk, paged in by the OS: a service's replicas on one node share
+        them through the page cache)."""
         import faiss
 
         uri = shard_uri(index_dir, shard)
         if not storage.exists(uri):
             raise IndexStageError(f"index shard missing: {uri}")
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        if mmap and storage.is_remote(uri):
+            raise IndexStageError(f"cannot memory-map {uri}: copy the index to local disk")
         try:
-            self.index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+            if mmap:
+                flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+                self.index = faiss.read_index(storage.filesystem(uri)[1], flags)
+            else:
+                fs, path = storage.filesystem(uri)
+                with fs.open(path, "rb") as f:
+                    data = f.read()
+                self.index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except Exception as e:  # FAISS raises RuntimeError with its own text
             raise IndexStageError(f"index shard {uri} is corrupt: {e}") from None
         self.dim = self.index.d

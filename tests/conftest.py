@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vLLM's CPU backend
+# The service tests' bearer token: in the environment before Ray starts, so Serve replicas read
+# it the way a pod reads a Kubernetes secret.
+os.environ.setdefault("MEGAPAIRS_TEST_SERVE_TOKEN", "test-token-6c1f0e")
 
 
 def _free_port() -> int:
@@ -59,3 +62,22 @@ def bucket(s3_endpoint: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem().mkdir(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def retriever_gallery(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory,
+                      ) -> dict[str, object]:
+    """A retriever checkpoint and a finished gallery of 36 photos (folder input, flat index in
+    two id-range shards), built once for the gallery and service tests."""
+    from megapairs_ray.pipeline.gallery import run_gallery
+
+    from .serve_helpers import gallery_config, make_checkpoint, write_gallery_folder
+
+    root = tmp_path_factory.mktemp("retriever")
+    checkpoint = make_checkpoint(root / "checkpoint")
+    images = write_gallery_folder(root / "images")
+    cfg = gallery_config(root / "gallery", checkpoint,
+                         input={"uris": [str(root / "images")], "format": "folder"})
+    record = run_gallery(cfg)
+    return {"checkpoint": checkpoint, "gallery_dir": cfg.run_dir, "images": images,
+            "record": record, "config": cfg}

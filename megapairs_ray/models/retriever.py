@@ -28,6 +28,21 @@ from megapairs_ray.stages.pixels import decode_cpu, to_model_input
 from megapairs_ray.train.model import MMRetCLIP
 
 
+def resolve_checkpoint(path: str) -> str:
+    """An HF-form checkpoint folder (or hub id) as given, or, for a `megapairs train` run
+    folder (``storage_path/name``), the checkpoint that run reported last (its
+    ``summary.json``)."""
+    if storage.exists(posixpath.join(path, "config.json")):
+        return path
+    summary = posixpath.join(path, "summary.json")
+    if storage.exists(summary):
+        checkpoint = storage.read_json(summary).get("checkpoint")
+        if checkpoint:
+            return str(checkpoint)
+        raise FileNotFoundError(f"training run {path} has no checkpoint yet")
+    return path  # a hub id, or a folder from_pretrained will name in its own error
+
+
 class UndecodableImage(ValueError):
     """An image the encoder cannot decode; the message says which and why."""
 

@@ -24,6 +24,7 @@ from megapairs_ray import manifest
 from megapairs_ray.config import InputConfig
 from megapairs_ray.io import storage
 from megapairs_ray.io.shards import Shard
+from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.pipeline.embed import count_until_done
 from megapairs_ray.pipeline.index import build_space
 from megapairs_ray.pipeline.ingest import run_ingest
@@ -65,9 +66,9 @@ def _sources(cfg: GalleryConfig) -> tuple[str, list[tuple[str, str, int]], Input
                   for s, m in zip(shards, markers)], input_cfg
 
 
-def _settings(cfg: GalleryConfig, root: str) -> dict[str, Any]:
+def _settings(checkpoint: str, cfg: GalleryConfig, root: str) -> dict[str, Any]:
     """What decides the vectors: a change discards them."""
-    return {"checkpoint": cfg.checkpoint, "precision": cfg.encoder.precision, "images": root}
+    return {"checkpoint": checkpoint, "precision": cfg.encoder.precision, "images": root}
 
 
 def _reset(cfg: GalleryConfig) -> None:
@@ -84,8 +85,9 @@ def _clear_partial(cfg: GalleryConfig, slug: str) -> None:
             storage.remove(f)
 
 
-def build_gallery_dataset(cfg: GalleryConfig, todo: list[tuple[str, str, int]],
-                          input_cfg: InputConfig) -> ray.data.Dataset:
+def build_gallery_dataset(cfg: GalleryConfig, checkpoint: str,
+                          todo: list[tuple[str, str, int]], input_cfg: InputConfig,
+                          ) -> ray.data.Dataset:
     """The streaming pipeline; its output is the writers' per-shard summary rows."""
     e = cfg.encoder
     ds = ray.data.from_items([{"shard": slug, "images_file": uri} for slug, uri, _ in todo],
@@ -95,7 +97,7 @@ def build_gallery_dataset(cfg: GalleryConfig, todo: list[tuple[str, str, int]],
                         batch_size=1, num_cpus=e.reader_num_cpus)
     ds = ds.map_batches(
         GalleryEncoder,
-        fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "device": e.device,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "device": e.device,
                                "precision": e.precision, "batch_size": e.batch_size,
                                "threads": e.decode_threads},
         batch_size=e.batch_size, batch_format="numpy",
@@ -113,7 +115,8 @@ def run_gallery(cfg: GalleryConfig) -> manifest.StageRecord:
         run_ingest(cfg)  # type: ignore[arg-type]  # reads run_dir, input and ingest only
     record = manifest.StageRecord(STAGE).start()
     root, sources, input_cfg = _sources(cfg)
-    settings = _settings(cfg, root)
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    settings = _settings(checkpoint, cfg, root)
     if storage.exists(settings_uri(cfg.run_dir)) and \
             storage.read_json(settings_uri(cfg.run_dir)) != settings:
         _reset(cfg)
@@ -122,7 +125,7 @@ def run_gallery(cfg: GalleryConfig) -> manifest.StageRecord:
 
     todo = [s for s in sources if not storage.exists(layout.embed_marker(cfg.run_dir, s[0]))]
     record.inputs = {"images": root, "tables": len(sources),
-                     "rows": sum(n for *_, n in sources), "checkpoint": cfg.checkpoint}
+                     "rows": sum(n for *_, n in sources), "checkpoint": checkpoint}
     record.counts["tables_skipped_done"] = len(sources) - len(todo)
     for slug, _, n in todo:
         _clear_partial(cfg, slug)
@@ -134,7 +137,8 @@ def run_gallery(cfg: GalleryConfig) -> manifest.StageRecord:
             _mark_done(cfg, slug, tally)
             record.counts["tables_embedded"] += 1
 
-        unfinished = count_until_done(build_gallery_dataset(cfg, todo, input_cfg).iter_rows(),
+        ds = build_gallery_dataset(cfg, checkpoint, todo, input_cfg)
+        unfinished = count_until_done(ds.iter_rows(),
                                       {slug: n for slug, _, n in todo}, done)
         if unfinished:
             raise GalleryError(f"{len(unfinished)} images table(s) ended with rows unaccounted "
@@ -147,7 +151,7 @@ def run_gallery(cfg: GalleryConfig) -> manifest.StageRecord:
     index_meta = _index(cfg, rebuild=bool(todo) or record.counts["reset_changed_settings"] > 0)
     record.counts["indexed"] = index_meta["count"]
     storage.write_json(gallery_json(cfg.run_dir), {
-        "checkpoint": cfg.checkpoint, "space": SPACE, "dim": index_meta["dim"],
+        "checkpoint": checkpoint, "space": SPACE, "dim": index_meta["dim"],
         "count": index_meta["count"], "index": index_dir(cfg.run_dir),
         "index_build": index_meta["build"], "images_tables": [uri for _, uri, _ in sources],
         "input": input_cfg.model_dump(mode="json"), "settings": settings,

@@ -1,0 +1,92 @@
+"""Builders for the gallery and service tests: a retriever checkpoint, a gallery folder, configs."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from megapairs_ray.config import config_from_dict
+from megapairs_ray.serve.config import GalleryConfig
+from megapairs_ray.train.model import MMRetCLIP
+from megapairs_ray.train.tokenizer import load_tokenizer
+
+from .helpers import jpeg
+from .train_helpers import TINY_CLIP
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SERVE_TOKEN_ENV = "MEGAPAIRS_TEST_SERVE_TOKEN"
+SERVE_TOKEN = "test-token-6c1f0e"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_checkpoint(folder: Path, seed: int = 3) -> str:
+    """A random-initialised MMRet-CLIP in HF form, with its tokenizer: what `megapairs train`
+    writes, at test size."""
+    torch.manual_seed(seed)
+    MMRetCLIP.from_config(**TINY_CLIP).save_pretrained(folder)
+    load_tokenizer(None).save_pretrained(folder)
+    return str(folder)
+
+
+def write_gallery_folder(root: Path, n: int = 36) -> list[Path]:
+    """``n`` distinct photos of several sizes, each with a caption file beside it (the folder
+    layout ingest reads)."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        size = [(96, 72), (72, 96), (80, 80), (120, 64)][i % 4]
+        p = root / f"img{i:03d}.jpg"
+        p.write_bytes(jpeg(1000 + i, size))
+        (root / f"img{i:03d}.txt").write_text(f"a {COLOURS[i % len(COLOURS)]} picture {i}")
+        paths.append(p)
+    return paths
+
+
+def gallery_config(gallery_dir: Path | str, checkpoint: str, **sections: Any) -> GalleryConfig:
+    doc: dict[str, Any] = {
+        "profile": "test", "run_dir": str(gallery_dir), "checkpoint": checkpoint,
+        "ingest": {"min_side": 16, "num_cpus": 0.25},
+        "encoder": {"num_cpus": 0.5, "batch_size": 8, "decode_threads": 1,
+                    "read_batch_rows": 16, "writer_batch_rows": 16},
+        "index": {"kind": "flat", "shards": 2, "shard_num_cpus": 0.25},
+    }
+    for k, v in sections.items():
+        doc[k] = {**doc[k], **v} if isinstance(doc.get(k), dict) and isinstance(v, dict) else v
+    return config_from_dict(doc, schema=GalleryConfig)
+
+
+def app_args(gallery_dir: str, **over: Any) -> dict[str, Any]:
+    """Application args for tests: no CPU reservations (the session's 2-CPU Ray is shared with
+    the other tests), batches that fill under concurrent load."""
+    args: dict[str, Any] = {
+        "gallery_dir": gallery_dir,
+        "ingress": {"num_cpus": 0, "max_ongoing_requests": 128},
+        "query_encoder": {"num_cpus": 0, "torch_threads": 1, "max_batch_size": 8,
+                          "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 64},
+        "search": {"num_cpus": 0, "max_batch_size": 8, "batch_wait_timeout_s": 0.02,
+                   "max_ongoing_requests": 64},
+        "limits": {"max_request_bytes": 2_000_000, "max_image_pixels": 4_000_000,
+                   "max_text_chars": 200, "max_top_k": 20, "default_top_k": 5,
+                   "thumbnail_size": 64},
+    }
+    args.update(over)
+    return args
+
+
+def write_serve_file(path: Path, port: int, apps: list[tuple[str, str, dict[str, Any]]]) -> Path:
+    """A Ray Serve config file with our applications: (name, route prefix, args)."""
+    doc = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{"name": name, "route_prefix": prefix,
+                             "import_path": "megapairs_ray.serve.app:build_app", "args": args}
+                            for name, prefix, args in apps]}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path

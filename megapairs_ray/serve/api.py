@@ -473,7 +473,9 @@ def create_api(cfg: ServeAppConfig, backend: Backend) -> FastAPI:
         if off:
             raise ApiError(422, "unsupported_option", f"{off}: this service has no model for "
                            "that; leave it off")
-        k = reader.top_k(req.num_result_ids or req.num_images)
+        # clip-retrieval's clients ask for 40 by default: clamped to this service's limit
+        # rather than refused, so they work unchanged.
+        k = reader.top_k(min(req.num_result_ids or req.num_images, cfg.limits.max_top_k))
         if req.embedding_input is not None:
             vector = np.asarray(req.embedding_input, dtype=np.float32)
             if vector.shape != (backend.dim,) or not np.isfinite(vector).all() or \

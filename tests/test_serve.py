@@ -1,0 +1,374 @@
+"""The retriever service, live: Ray Serve on the session's Ray, real HTTP on 127.0.0.1.
+
+Two applications share one Serve instance: ``open`` at ``/`` (no auth) and ``secured`` at
+``/secured`` (a bearer token from the replicas' environment, and URI fetching allowed under one
+prefix). Rankings are checked against the eval code's offline ranking for the same checkpoint
+and gallery images.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from PIL import Image
+
+from megapairs_ray.models.retriever import RetrieverEncoder
+from megapairs_ray.train.evaluate import Embedder, rank
+
+from .helpers import encode, jpeg
+from .serve_helpers import SERVE_TOKEN, SERVE_TOKEN_ENV, app_args, free_port, write_serve_file
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def service(retriever_gallery, tmp_path_factory):
+    from ray import serve
+
+    from megapairs_ray.serve.deploy import deploy
+
+    g = retriever_gallery
+    images_dir = str(Path(g["images"][0]).parent)
+    port = free_port()
+    path = write_serve_file(tmp_path_factory.mktemp("serve") / "serve.yaml", port, [
+        ("open", "/", app_args(g["gallery_dir"])),
+        ("secured", "/secured", app_args(
+            g["gallery_dir"], auth={"token_env": SERVE_TOKEN_ENV},
+            url_fetch={"enabled": True, "allowed_prefixes": [images_dir]})),
+    ])
+    urls = deploy(path)
+    assert urls == [f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}/secured/"]
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=120) as client:
+        yield {"base": base, "client": client, **g}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline(retriever_gallery):
+    """The eval code's view of the same gallery: ids, embeddings, the embedder."""
+    import pyarrow.parquet as pq
+
+    from megapairs_ray.io import storage
+
+    g = retriever_gallery
+    tables = [pq.read_table(f) for f in storage.list_files(
+        storage.join(g["gallery_dir"], "images"), ".parquet")]
+    by_path = {r["file_uri"]: r["image_id"] for t in tables for r in t.to_pylist()}
+    paths = sorted(by_path)
+    emb = Embedder(g["checkpoint"])
+    return {"embedder": emb, "paths": paths, "ids": [str(by_path[p]) for p in paths],
+            "gallery": emb.images(paths), "id_of": {p: str(i) for p, i in by_path.items()}}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _hit_ids(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [h["id"] for h in response.json()["hits"]]
+
+
+def _assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert body["error"]["message"] and "Traceback" not in response.text
+    if code is not None:
+        assert body["error"]["code"] == code, body
+
+
+def test_a_gallery_image_queried_by_itself_comes_back_first(service, offline):
+    c = service["client"]
+    for path in offline["paths"][:6]:
+        data = Path(path).read_bytes()
+        r = c.post("/search", files={"image": ("q.jpg", data, "image/jpeg")},
+                   data={"top_k": "3"})
+        body = r.json()
+        assert body["kind"] == "image" and body["top_k"] == 3
+        assert body["hits"][0]["id"] == offline["id_of"][path]
+        assert body["hits"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+        assert body["hits"][0]["caption"].startswith("a ")
+
+
+@pytest.mark.parametrize("kind", ["composed", "image", "text"])
+def test_served_ranking_equals_the_offline_eval_ranking(service, offline, kind):
+    c, emb = service["client"], offline["embedder"]
+    ref = offline["paths"][7]
+    text = "make it purple and brighter"
+    body = {"top_k": 10}
+    if kind in ("composed", "image"):
+        body["image_base64"] = _b64(Path(ref).read_bytes())
+    if kind in ("composed", "text"):
+        body["text"] = text
+    r = c.post("/search", json=body)
+    if kind == "composed":
+        q = emb.queries([ref], [text])
+    elif kind == "image":
+        q = emb.images([ref])
+    else:
+        q = RetrieverEncoder.queries(emb, [None], [text])  # the base class's text-only path
+    want = rank(q, offline["gallery"], offline["ids"], depth=9)[0][:10]
+    assert r.json()["kind"] == kind
+    assert _hit_ids(r) == want
+    scores = [h["score"] for h in r.json()["hits"]]
+    expected = np.sort(q @ offline["gallery"].T)[0][::-1][:10]
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+def test_concurrent_mixed_queries_each_get_their_own_answer(service, offline):
+    """Composed, image-only and text-only queries with different top_k, sent at once so they
+    share batches: each answer equals the one the same query gets alone."""
+    c = service["client"]
+    texts = ["more red", "a bigger one", "same but green", "darker", None, None]
+    queries = []
+    for i in range(18):
+        body: dict = {"top_k": 1 + i % 7}
+        if i % 3 != 2:
+            body["image_base64"] = _b64(Path(offline["paths"][i]).read_bytes())
+        text = texts[i % len(texts)]
+        if text is not None or "image_base64" not in body:
+            body["text"] = text or f"query number {i}"
+        queries.append(body)
+    alone = [_hit_ids(c.post("/search", json=q)) for q in queries]
+    with ThreadPoolExecutor(18) as pool:
+        together = list(pool.map(lambda q: c.post("/search", json=q), queries))
+    for q, a, t in zip(queries, alone, together):
+        assert len(a) == q["top_k"]
+        assert _hit_ids(t) == a
+
+
+def test_a_malformed_image_in_a_batch_fails_only_its_own_request(service, offline):
+    c = service["client"]
+    good = [{"image_base64": _b64(Path(p).read_bytes()), "top_k": 2}
+            for p in offline["paths"][:10]]
+    truncated = Path(offline["paths"][3]).read_bytes()
+    bad = [{"image_base64": _b64(truncated[: len(truncated) // 2]), "top_k": 2},
+           {"image_base64": _b64(b"GIF89a but not really a gif" * 3)}]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda q: c.post("/search", json=q), good + bad))
+    for path, r in zip(offline["paths"][:10], answers[:10]):
+        assert _hit_ids(r)[0] == offline["id_of"][path]
+    _assert_error(answers[10], 422, "image_corrupt_image")
+    _assert_error(answers[11], 422)
+    assert c.get("/healthz").status_code == 200
+
+
+def test_the_encoder_answers_an_undecodable_image_on_its_own(retriever_gallery):
+    """Past the ingress's header checks, an image that still fails to decode must not fail the
+    batch it shares: the deployment answers that query alone."""
+    from megapairs_ray.models.retriever import RetrieverEncoder
+    from megapairs_ray.serve.api import ApiError, Query
+    from megapairs_ray.serve.app import QueryEncoder
+
+    deployment = object.__new__(QueryEncoder.func_or_class)
+    deployment.encoder = RetrieverEncoder(retriever_gallery["checkpoint"])
+    good = Path(retriever_gallery["images"][0]).read_bytes()
+    out = deployment._encode([Query(good, "x"), Query(b"\xff\xd8\xff garbage", None),
+                              Query(None, "text only")])
+    assert isinstance(out[1], ApiError) and out[1].status == 422
+    assert np.allclose(out[0], deployment.encoder.queries([good], ["x"])[0], atol=1e-5)
+    assert np.allclose(out[2], deployment.encoder.queries([None], ["text only"])[0], atol=1e-5)
+
+
+def test_limits_are_4xx_naming_the_problem(service, offline):
+    c = service["client"]
+    img = _b64(Path(offline["paths"][0]).read_bytes())
+    bomb = encode(Image.new("1", (3000, 3000)), "PNG")  # 9 Mpx in a few kB
+    sliver = encode(Image.new("RGB", (2000, 20)), "PNG")
+    cases = [
+        (c.post("/search", content=b"{" + b" " * 2_100_000 + b"}",
+                headers={"content-type": "application/json"}), 413, "request_too_large"),
+        (c.post("/search", content=iter([b"{", b" " * 1_500_000, b" " * 1_500_000, b"}"]),
+                headers={"content-type": "application/json"}), 413, "request_too_large"),
+        (c.post("/search", json={"image_base64": _b64(bomb)}), 413, "image_too_many_pixels"),
+        (c.post("/search", json={"image_base64": _b64(sliver)}), 422,
+         "image_extreme_aspect_ratio"),
+        (c.post("/search", json={"text": "x" * 201}), 422, "text_too_long"),
+        (c.post("/search", json={"text": "x", "top_k": 21}), 422, "top_k_out_of_range"),
+        (c.post("/search", json={"text": "x", "top_k": 0}), 422, "invalid_request"),
+        (c.post("/search", json={"text": "x", "top_k": "many"}), 422, "invalid_request"),
+        (c.post("/search", json={"text": 5}), 422, "invalid_request"),
+        (c.post("/search", json={"image_base64": "not base64!"}), 422, "bad_base64"),
+        (c.post("/search", json={"image_base64": _b64(b"plain text, no image")}), 422,
+         "image_not_an_image"),
+        (c.post("/search", json={"image_base64": img, "colour": "red"}), 422,
+         "invalid_request"),
+        (c.post("/search", json={}), 422, "empty_query"),
+        (c.post("/search", json={"text": "   "}), 422, "empty_query"),
+        (c.post("/search", content=b""), 422, "empty_body"),
+        (c.post("/search", content=b"{not json", headers={"content-type": "application/json"}),
+         400, "bad_json"),
+        (c.post("/search", content=b"[1, 2]", headers={"content-type": "application/json"}),
+         422, "invalid_request"),
+        (c.post("/search", content=b"text=hi", headers={"content-type": "text/plain"}), 415,
+         "unsupported_media_type"),
+        (c.post("/search", data={"text": "hi", "extra": "1"}, files={"f": ("a", b"1")}), 422,
+         "invalid_request"),
+        (c.post("/search", data={"text": "hi", "top_k": "-3"},
+                files={"image": ("a.jpg", b"", "image/jpeg")}), 422, None),
+        (c.post("/search", json={"image_uri": "/etc/passwd"}), 422, "url_fetch_disabled"),
+        (c.get("/images/99"), 404, "not_found"),
+        (c.get("/images/not-a-number"), 422, "invalid_request"),
+        (c.get("/images/99999999999999999999999"), 404, "not_found"),
+        (c.get("/no-such-route"), 404, "not_found"),
+        (c.post("/knn-service", json={"text": "x", "use_safety_model": True}), 422,
+         "unsupported_option"),
+        (c.post("/knn-service", json={"embedding_input": [0.0] * 32}), 422, "bad_embedding"),
+    ]
+    for i, (r, status, code) in enumerate(cases):
+        try:
+            _assert_error(r, status, code)
+        except AssertionError as e:
+            raise AssertionError(f"case {i}: {e}") from None
+    assert c.get("/healthz").json()["status"] == "ok"  # no replica died
+
+
+def test_auth_on_and_off(service, offline):
+    c = service["client"]
+    query = {"text": "a red picture", "top_k": 3}
+    assert c.get("/secured/healthz").status_code == 200
+    _assert_error(c.post("/secured/search", json=query), 401, "unauthorized")
+    _assert_error(c.post("/secured/search", json=query,
+                         headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    _assert_error(c.get("/secured/"), 401)
+    auth = {"Authorization": f"Bearer {SERVE_TOKEN}"}
+    secured = c.post("/secured/search", json=query, headers=auth)
+    assert _hit_ids(secured) == _hit_ids(c.post("/search", json=query))
+    hit = secured.json()["hits"][0]
+    assert hit["image_url"].startswith("/secured/images/")
+    _assert_error(c.get(hit["image_url"]), 401)
+    assert c.get(hit["image_url"], headers=auth).headers["content-type"] == "image/jpeg"
+
+
+def test_uri_fetching_only_under_an_allowed_prefix(service, offline, tmp_path):
+    c = service["client"]
+    auth = {"Authorization": f"Bearer {SERVE_TOKEN}"}
+    inside = offline["paths"][5]
+    r = c.post("/secured/search", json={"image_uri": inside, "top_k": 1}, headers=auth)
+    assert _hit_ids(r) == [offline["id_of"][inside]]
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(jpeg(5))
+    allowed = str(Path(inside).parent)
+    for uri in [str(outside), f"{allowed}/../{outside.parent.name}/outside.jpg",
+                "http://127.0.0.1:1/x.jpg", f"{allowed}-sibling/x.jpg"]:
+        _assert_error(c.post("/secured/search", json={"image_uri": uri}, headers=auth), 422,
+                      "uri_not_allowed")
+    _assert_error(c.post("/secured/search", json={"image_uri": f"{allowed}/missing.jpg"},
+                         headers=auth), 404, "image_not_found")
+
+
+def test_thumbnails_embed_and_health(service, offline):
+    c = service["client"]
+    hits = c.post("/search", json={"text": "a green picture", "top_k": 4}).json()["hits"]
+    for h in hits:
+        r = c.get(h["image_url"])
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        im = Image.open(io.BytesIO(r.content))
+        im.load()
+        assert max(im.size) <= 64
+    ref = offline["paths"][2]
+    r = c.post("/embed", data={"text": "brighter"},
+               files={"image": ("q.jpg", Path(ref).read_bytes(), "image/jpeg")})
+    body = r.json()
+    assert body["kind"] == "composed" and body["dim"] == 32
+    want = offline["embedder"].queries([ref], ["brighter"])[0]
+    np.testing.assert_allclose(body["embedding"], want, atol=1e-5)
+    health = c.get("/healthz").json()
+    assert health == {"status": "ok", "images": 36, "dim": 32, "probe_hits": 1}
+
+
+def test_clip_retrieval_facade_takes_composed_queries(service, offline):
+    c = service["client"]
+    ref = offline["paths"][9]
+    img = _b64(Path(ref).read_bytes())
+    knn = c.post("/knn-service", json={"text": "in blue", "image": img, "modality": "image",
+                                       "num_images": 6, "indice_name": "megapairs",
+                                       "aesthetic_score": "", "aesthetic_weight": ""})
+    assert knn.status_code == 200, knn.text
+    ours = c.post("/search", json={"text": "in blue", "image_base64": img, "top_k": 6})
+    assert [h["id"] for h in knn.json()] == _hit_ids(ours)
+    assert {"id", "caption", "url", "similarity"} == set(knn.json()[0])
+    vec = c.post("/embed", json={"image_base64": img}).json()["embedding"]
+    by_vector = c.post("/knn-service", json={"embedding_input": vec, "num_images": 1}).json()
+    assert by_vector[0]["id"] == offline["id_of"][ref]
+    assert c.get("/indices-list").json() == ["megapairs"]
+
+
+def test_openapi_fuzz_never_gets_a_server_error(service):
+    """Property-based requests from the live OpenAPI schema (schemathesis + hypothesis): any
+    body, any content type the schema names, any path id: 4xx at worst, never a 5xx.
+
+    (schemathesis's lazy pytest fixture does not run under pytest 9, so each operation's
+    strategy is driven by hypothesis here.)"""
+    schema = schemathesis.openapi.from_url(f"{service['base']}/openapi.json")
+    operations = [op.ok() for op in schema.get_all_operations()]
+    assert {o.label for o in operations} >= {"POST /search", "POST /embed",
+                                             "GET /images/{image_id}", "POST /knn-service"}
+    server_errors = []
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(case) -> None:
+            response = case.call(base_url=service["base"], timeout=60)
+            if response.status_code >= 500:
+                server_errors.append((case.method, case.path, case.body, response.text[:300]))
+
+        check()
+    assert not server_errors, server_errors[:3]
+    assert service["client"].get("/healthz").status_code == 200
+
+
+def test_search_page_in_chromium(service, offline, tmp_path):
+    """The page's own form, in Debian's Chromium: pick an image, type an instruction, search;
+    every result image decodes, and clicking a result searches with it."""
+    from playwright.sync_api import sync_playwright
+
+    query = Path(offline["paths"][11])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"{service['base']}/")
+            assert page.title() == "megapairs-ray retriever"
+            page.set_input_files("#image", str(query))
+            page.select_option("#top_k", "8")
+            page.click("#go")
+            page.wait_for_function("document.body.dataset.searches === '1'", timeout=60_000)
+            page.wait_for_function(
+                "[...document.querySelectorAll('#results img')].every("
+                "i => i.complete && i.naturalWidth > 0)", timeout=60_000)
+            ids = page.eval_on_selector_all("#results figure", "fs => fs.map(f => f.dataset.id)")
+            assert len(ids) == 8 and ids[0] == offline["id_of"][str(query)]
+            assert "image query" in page.text_content("#status")
+            page.fill("#text", "make it orange")
+            page.click("#go")
+            page.wait_for_function("document.body.dataset.searches === '2'", timeout=60_000)
+            assert "composed query" in page.text_content("#status")
+            composed = page.eval_on_selector_all("#results figure",
+                                                 "fs => fs.map(f => f.dataset.id)")
+            want = _hit_ids(service["client"].post("/search", json={
+                "image_base64": _b64(query.read_bytes()), "text": "make it orange",
+                "top_k": 8}))
+            assert composed == want
+            page.wait_for_function(
+                "[...document.querySelectorAll('#results img')].every("
+                "i => i.complete && i.naturalWidth > 0)", timeout=60_000)
+            shot = tmp_path / "page.png"
+            page.screenshot(path=str(shot))
+            colours = Image.open(shot).convert("RGB").getcolors(1 << 20)
+            assert colours is not None and len(colours) > 500
+        finally:
+            browser.close()

@@ -269,10 +269,14 @@ def serve_cmd(
 
     from megapairs_ray.config import RayConfig
     from megapairs_ray.pipeline.runtime import init_ray
+    from megapairs_ray.serve.config import load_serve_file
     from megapairs_ray.serve.deploy import deploy
-    from megapairs_ray.serve.gallery import GalleryError
+    from megapairs_ray.serve.gallery import GalleryError, read_gallery
 
     try:
+        # Every mistake the file can hold is found before Ray starts.
+        for app_cfg in load_serve_file(config)[2].values():
+            read_gallery(app_cfg.gallery_dir)
         init_ray(RayConfig())
         urls = deploy(config, host=host, port=port)
     except (ConfigError, GalleryError) as e:

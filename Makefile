@@ -6,13 +6,20 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench-cpu clean
+.PHONY: setup demo serve-demo test lint bench-cpu clean
 
 setup:
 	bash scripts/setup.sh
 
 demo: setup
 	$(BIN)/megapairs run --config configs/tiny.yaml
+
+# From the demo's triplets to a running endpoint: train the tiny MMRet on them, embed the bundled
+# corpus as the gallery, serve it on 127.0.0.1:8000 (Ctrl-C stops it).
+serve-demo: demo
+	$(BIN)/megapairs train --config configs/train-demo.yaml
+	$(BIN)/megapairs gallery --config configs/gallery-tiny.yaml
+	$(BIN)/megapairs serve --config configs/serve-tiny.yaml
 
 lint: setup
 	$(BIN)/ruff check .

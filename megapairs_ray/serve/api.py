@@ -200,6 +200,8 @@ class RequestReader:
                            f"content-type {ctype!r}: send application/json or "
                            "multipart/form-data")
         image = fields.get("image")
+        if fields.get("image_base64") is not None and fields.get("image_uri") is not None:
+            raise ApiError(422, "invalid_request", "give image_base64 or image_uri, not both")
         if fields.get("image_base64") is not None:
             image = _b64(fields["image_base64"], "image_base64")
         if fields.get("image_uri") is not None:

@@ -13,19 +13,22 @@ directly.
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 import os
 import shutil
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from megapairs_ray.config import IndexConfig, InputConfig
+from megapairs_ray.imaging import decode_rgb
 from megapairs_ray.io import storage
 from megapairs_ray.io.shards import fetch_bytes_tolerant
 from megapairs_ray.serve.gallery import META_COLUMNS, GalleryError, index_dir, read_gallery
 from megapairs_ray.stages.index import IndexShard, merge_topk, read_meta
-from megapairs_ray.synth.images import shrink_jpeg
 
 
 class GallerySearcher:
@@ -92,7 +95,7 @@ class GallerySearcher:
         row = self.meta.slice(at, 1).to_pylist()[0]
         (raw,) = fetch_bytes_tolerant([row], self.input_cfg)
         try:
-            return shrink_jpeg(raw, size) if raw else None
+            return thumbnail_jpeg(raw, size) if raw else None
         except Exception:  # the source changed under the gallery: answer "gone", not a crash
             return None
 
@@ -103,6 +106,20 @@ class GallerySearcher:
         hits = self.search(q, 1)
         if not hits[0]:
             raise GalleryError("the gallery index returned no hit")
+
+
+def thumbnail_jpeg(data: bytes, size: int, quality: int = 85) -> bytes:
+    """A JPEG at most ``size`` on its longer side. Decoded at no more resolution than that needs
+    (JPEG DCT scaling, integer reduction otherwise): a 50-megapixel gallery image costs a
+    thumbnail's worth of memory, not a full decode's."""
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+    need_short = max(1, math.ceil(size * min(w, h) / max(w, h, 1)))
+    im = Image.fromarray(decode_rgb(data, min_short_side=need_short))
+    im.thumbnail((size, size), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=quality)
+    return out.getvalue()
 
 
 def _local_copy(index_uri: str, meta: dict[str, Any], cache_dir: str) -> str:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from megapairs_ray.config import ConfigError, RunConfig, load_config
+from megapairs_ray.config import ConfigError, ConfigT, RunConfig, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="MegaPairs data synthesis on Ray.")
@@ -30,9 +30,10 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a field: section.field=value (YAML value).")]
 
 
-def _load(config: Path, overrides: list[str] | None) -> RunConfig:
+def _load(config: Path, overrides: list[str] | None,
+          schema: type[ConfigT] = RunConfig) -> ConfigT:  # type: ignore[assignment]
     try:
-        return load_config(config, overrides or [])
+        return load_config(config, overrides or [], schema=schema)
     except ConfigError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
@@ -156,11 +157,7 @@ def train(config: ConfigOpt, set_: SetOpt = None) -> None:
     from megapairs_ray.train.config import TrainConfig
     from megapairs_ray.train.trainer import TrainDataError, run_training
 
-    try:
-        cfg = load_config(config, set_ or [], schema=TrainConfig)
-    except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    cfg = _load(config, set_, TrainConfig)
     try:
         summary = run_training(cfg)
     except (TrainDataError, FileNotFoundError) as e:
@@ -237,11 +234,7 @@ def gallery(config: ConfigOpt, set_: SetOpt = None) -> None:
     from megapairs_ray.serve.gallery import GalleryError
     from megapairs_ray.stages.index import IndexStageError
 
-    try:
-        cfg = load_config(config, set_ or [], schema=GalleryConfig)
-    except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    cfg = _load(config, set_, GalleryConfig)
     init_ray(cfg.ray)
     try:
         record = run_gallery(cfg)

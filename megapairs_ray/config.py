@@ -8,7 +8,7 @@ from the machine the driver happens to run on, because the driver is often a CPU
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,42 +77,52 @@ class DinoEncoderConfig(Strict):
     pooling: Literal["cls", "mean"] = "cls"
 
 
-class EmbedConfig(Strict):
-    """The triple-encoder stage and the Ray actor pool that runs it."""
+class ActorPoolSection(Strict):
+    """A model stage on a Ray Data actor pool: shard readers → an autoscaling pool of model
+    actors (between min and max, resources per actor) → writers."""
 
-    clip: ClipEncoderConfig
-    dino: DinoEncoderConfig
+    section: ClassVar[str] = "embed"  # the YAML section, for error messages
+
     device: Literal["cpu", "cuda"] = "cpu"
-    # Random-initialised models are seeded so that every actor holds the same weights.
-    seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    decode: Literal["cpu", "gpu"] = "cpu"
     batch_size: int = Field(default=64, gt=0)
     decode_threads: int = Field(default=4, gt=0)
-    # Actor pool: an autoscaling pool between min and max actors, resources per actor.
     min_actors: int = Field(default=1, ge=1)
     max_actors: int = Field(default=1, ge=1)
     num_gpus: float = Field(default=0.0, ge=0)
     num_cpus: float = Field(default=1.0, gt=0)
-    max_tasks_in_flight_per_actor: int = Field(default=2, ge=1)
-    # >1 runs that many calls of one actor at once in threads (each on its own CUDA stream),
-    # hiding decode and host work behind another batch's forward passes.
-    concurrent_calls_per_actor: int = Field(default=1, ge=1)
-    # Shard readers feeding the pool and the writers after it.
     reader_num_cpus: float = Field(default=0.5, gt=0)
     writer_num_cpus: float = Field(default=0.25, gt=0)
     writer_batch_rows: int = Field(default=4096, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> EmbedConfig:
+    def _pool(self) -> ActorPoolSection:
+        name = self.section
         if self.min_actors > self.max_actors:
-            raise ValueError(
-                f"embed.min_actors ({self.min_actors}) > embed.max_actors ({self.max_actors})"
-            )
+            raise ValueError(f"{name}.min_actors ({self.min_actors}) > {name}.max_actors "
+                             f"({self.max_actors})")
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError(f"{name}.device=cuda needs {name}.num_gpus > 0 (GPUs per actor)")
+        return self
+
+
+class EmbedConfig(ActorPoolSection):
+    """The triple-encoder stage and the Ray actor pool that runs it."""
+
+    clip: ClipEncoderConfig
+    dino: DinoEncoderConfig
+    # Random-initialised models are seeded so that every actor holds the same weights.
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    decode: Literal["cpu", "gpu"] = "cpu"
+    max_tasks_in_flight_per_actor: int = Field(default=2, ge=1)
+    # >1 runs that many calls of one actor at once in threads (each on its own CUDA stream),
+    # hiding decode and host work behind another batch's forward passes.
+    concurrent_calls_per_actor: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> EmbedConfig:
         if self.device == "cpu" and self.decode == "gpu":
             raise ValueError("embed.decode=gpu needs embed.device=cuda")
-        if self.device == "cuda" and self.num_gpus == 0:
-            raise ValueError("embed.device=cuda needs embed.num_gpus > 0 (GPUs per actor)")
         if self.device == "cpu" and self.precision == "fp16":
             raise ValueError("embed.precision=fp16 is not supported on embed.device=cpu")
         return self
@@ -296,7 +306,7 @@ class RunConfig(Strict):
         return v.rstrip("/")
 
 
-_ConfigT = TypeVar("_ConfigT", bound=BaseModel)
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
@@ -337,8 +347,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 def load_config(
     path: str | Path, overrides: list[str] | dict[str, Any] | None = None,
-    schema: type[_ConfigT] = RunConfig,  # type: ignore[assignment]
-) -> _ConfigT:
+    schema: type[ConfigT] = RunConfig,  # type: ignore[assignment]
+) -> ConfigT:
     """Load a YAML profile, apply ``section.field=value`` overrides, validate against
     ``schema`` (the synthesis ``RunConfig`` unless told otherwise)."""
     path = Path(path)
@@ -357,8 +367,8 @@ def load_config(
 
 
 def config_from_dict(doc: dict[str, Any], source: str = "<dict>",
-                     schema: type[_ConfigT] = RunConfig,  # type: ignore[assignment]
-                     ) -> _ConfigT:
+                     schema: type[ConfigT] = RunConfig,  # type: ignore[assignment]
+                     ) -> ConfigT:
     try:
         return schema.model_validate(doc)
     except ValidationError as e:

@@ -11,12 +11,13 @@ fails on keys that schema would silently ignore, then validates every applicatio
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from megapairs_ray.config import (
+    ActorPoolSection,
     ConfigError,
     IndexConfig,
     IngestConfig,
@@ -29,31 +30,16 @@ from megapairs_ray.config import (
 SPACE = "retriever"  # the gallery's one embedding space, beside the synthesis run's three
 
 
-class GalleryEncoderConfig(Strict):
-    """The retriever's image tower on a Ray Data actor pool."""
+class GalleryEncoderConfig(ActorPoolSection):
+    """The retriever's image tower on a Ray Data actor pool; readers fetch each images table's
+    bytes grouped by file, ``read_batch_rows`` at a time."""
 
-    device: Literal["cpu", "cuda"] = "cpu"
+    section: ClassVar[str] = "encoder"
+
     precision: Literal["fp32", "bf16"] = "fp32"
-    batch_size: int = Field(default=64, gt=0)
-    decode_threads: int = Field(default=4, gt=0)
-    min_actors: int = Field(default=1, ge=1)
-    max_actors: int = Field(default=1, ge=1)
-    num_gpus: float = Field(default=0.0, ge=0)
-    num_cpus: float = Field(default=1.0, gt=0)
-    # Tasks that read the images table and fetch the bytes (grouped by file), and the writers.
     read_batch_rows: int = Field(default=256, gt=0)
     reader_num_cpus: float = Field(default=0.25, gt=0)
-    writer_num_cpus: float = Field(default=0.25, gt=0)
     writer_batch_rows: int = Field(default=1024, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> GalleryEncoderConfig:
-        if self.min_actors > self.max_actors:
-            raise ValueError(f"encoder.min_actors ({self.min_actors}) > encoder.max_actors "
-                             f"({self.max_actors})")
-        if self.device == "cuda" and self.num_gpus == 0:
-            raise ValueError("encoder.device=cuda needs encoder.num_gpus > 0 (GPUs per actor)")
-        return self
 
 
 class GalleryConfig(Strict):

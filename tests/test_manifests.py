@@ -5,13 +5,16 @@ CRD (KubeRay v1.7, ray.io/v1) from ``shared/reference/kuberay-crds/`` beside the
 the API server, the check rejects fields the schema does not know (CRD schemas leave
 ``additionalProperties`` open; Kubernetes prunes or, with strict field validation, rejects unknown
 fields); the CEL rules (``x-kubernetes-validations``) are not evaluated. The entrypoints must name
-a script that imports and a config that loads.
+a script that imports and a config that loads; the RayService and the Anyscale service must carry
+configs/serve-paper.yaml unchanged, and their worker groups must hold its deployments.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
+import math
 import shlex
 from functools import cache
 from pathlib import Path
@@ -21,14 +24,19 @@ import jsonschema
 import pytest
 import yaml
 
-from megapairs_ray.config import RunConfig, load_config
+from megapairs_ray.config import ConfigError, RunConfig, load_config
+from megapairs_ray.serve.config import IMPORT_PATH, ServeAppConfig, validate_serve_doc
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kuberay-crds"
 KUBERAY_DIR = REPO / "cluster" / "kuberay"
 ANYSCALE_JOB = REPO / "cluster" / "anyscale" / "job.yaml"
+ANYSCALE_SERVICE = REPO / "cluster" / "anyscale" / "service.yaml"
 RAYJOB = KUBERAY_DIR / "rayjob-pipeline.yaml"
 RAYCLUSTER = KUBERAY_DIR / "raycluster.yaml"
+RAYJOB_TRAIN = KUBERAY_DIR / "rayjob-train.yaml"
+RAYSERVICE = KUBERAY_DIR / "rayservice.yaml"
+SERVE_CONFIG = REPO / "configs" / "serve-paper.yaml"
 
 KUBERAY_MANIFESTS = sorted(KUBERAY_DIR.glob("*.yaml"))
 RAY_VERSION = "2.60.0"
@@ -95,8 +103,17 @@ def _entrypoint(cmd: str) -> tuple[Path, Path]:
 
 
 def _cluster_spec(path: Path) -> dict[str, Any]:
+    """The RayCluster spec of a RayCluster, RayJob (rayClusterSpec) or RayService
+    (rayClusterConfig)."""
     doc = _load(path)
-    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    key = {"RayCluster": None, "RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}
+    return doc["spec"] if key[doc["kind"]] is None else doc["spec"][key[doc["kind"]]]
+
+
+def _ray_pods(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod specs of the head and of every worker group."""
+    pods = [spec["headGroupSpec"]["template"]["spec"]]
+    return pods + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
 
 
 def _group(spec: dict[str, Any], name: str) -> dict[str, Any]:
@@ -119,7 +136,8 @@ def paper() -> RunConfig:
 
 
 def test_every_kuberay_manifest_is_checked() -> None:
-    assert {p.name for p in KUBERAY_MANIFESTS} >= {RAYJOB.name, RAYCLUSTER.name}
+    expected = {RAYJOB, RAYCLUSTER, RAYJOB_TRAIN, RAYSERVICE}
+    assert {p.name for p in KUBERAY_MANIFESTS} >= {p.name for p in expected}
 
 
 @pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=lambda p: p.name)
@@ -210,7 +228,7 @@ def test_rayjob_and_raycluster_define_the_same_cluster() -> None:
     )
 
 
-@pytest.mark.parametrize("path", [RAYJOB, RAYCLUSTER], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=lambda p: p.name)
 def test_cluster_shape(path: Path) -> None:
     spec = _cluster_spec(path)
     assert spec["rayVersion"] == RAY_VERSION
@@ -226,20 +244,38 @@ def test_cluster_shape(path: Path) -> None:
 
     assert head["image"] == f"rayproject/ray:{RAY_VERSION}-py311-cpu"
     assert _group(spec, "cpu")["template"]["spec"]["containers"][0]["image"] == head["image"]
-    gpu = _group(spec, "gpu")
-    gpu_pod = gpu["template"]["spec"]
-    assert gpu_pod["containers"][0]["image"] == f"rayproject/ray:{RAY_VERSION}-py311-gpu"
-    assert gpu_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert any(t["key"] == "nvidia.com/gpu" for t in gpu_pod.get("tolerations", []))
+    gpu = _group(spec, "gpu")["template"]["spec"]["containers"][0]
+    assert gpu["image"] == f"rayproject/ray:{RAY_VERSION}-py311-gpu"
+    gpu_images = (f"rayproject/ray:{RAY_VERSION}-py311-gpu",
+                  f"rayproject/ray-llm:{RAY_VERSION}-py311-cu")
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        ray = pod["containers"][0]
+        gpus = ray["resources"]["limits"].get("nvidia.com/gpu", 0)
+        if gpus:
+            # Kubernetes wants extended resources requested exactly as limited.
+            assert ray["resources"]["requests"]["nvidia.com/gpu"] == gpus, group["groupName"]
+            assert ray["image"].startswith(gpu_images), group["groupName"]
+            assert any(t["key"] == "nvidia.com/gpu" for t in pod.get("tolerations", []))
+        else:
+            assert ray["image"] == head["image"], group["groupName"]
+        replicas = group.get("replicas", group["minReplicas"])
+        assert 0 <= group["minReplicas"] <= replicas <= group["maxReplicas"], group["groupName"]
+
+
+@pytest.mark.parametrize("path", [RAYJOB, RAYCLUSTER], ids=lambda p: p.name)
+def test_pipeline_cluster_idles_as_its_head(path: Path) -> None:
+    spec = _cluster_spec(path)
+    limits = _group(spec, "gpu")["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 1  # one embed actor per GPU pod
     for group in spec["workerGroupSpecs"]:
         assert group["minReplicas"] == 0 <= group["maxReplicas"]
 
 
-@pytest.mark.parametrize("path", [RAYJOB, RAYCLUSTER], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=lambda p: p.name)
 def test_every_container_has_requests_and_limits(path: Path) -> None:
     spec = _cluster_spec(path)
-    pods = [spec["headGroupSpec"]["template"]["spec"]]
-    pods += [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    pods = _ray_pods(spec)
     containers = [c for pod in pods for c in pod["containers"] + pod.get("initContainers", [])]
     containers.append({"name": "autoscaler", **spec["autoscalerOptions"]})
     for c in containers:
@@ -249,12 +285,9 @@ def test_every_container_has_requests_and_limits(path: Path) -> None:
             )
 
 
-@pytest.mark.parametrize("path", [RAYJOB, RAYCLUSTER], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=lambda p: p.name)
 def test_s3_credentials_come_from_the_secret(path: Path) -> None:
-    spec = _cluster_spec(path)
-    pods = [spec["headGroupSpec"]["template"]["spec"]]
-    pods += [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
-    for pod in pods:
+    for pod in _ray_pods(_cluster_spec(path)):
         ray_container = pod["containers"][0]
         secrets = {e["secretRef"]["name"] for e in ray_container.get("envFrom", [])}
         assert "megapairs-s3" in secrets, ray_container["name"]
@@ -321,8 +354,6 @@ def test_llm_group_holds_every_engine(paper: RunConfig, step: str) -> None:
 
 # --- the training RayJob ------------------------------------------------------------------------
 
-RAYJOB_TRAIN = KUBERAY_DIR / "rayjob-train.yaml"
-
 
 def test_train_rayjob_runs_the_training_config_on_its_gpus() -> None:
     from megapairs_ray.train.config import TrainConfig
@@ -343,3 +374,222 @@ def test_train_rayjob_runs_the_training_config_on_its_gpus() -> None:
     cpu = _group(spec, "cpu")
     cpu_limit = float(cpu["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert cpu["maxReplicas"] * cpu_limit >= cfg.data.loader_actors * cfg.data.loader_num_cpus
+
+
+# --- the retriever service: RayService ----------------------------------------------------------
+
+
+def _serve_doc(path: Path) -> dict[str, Any]:
+    """The Serve config a manifest carries: the RayService's serveConfigV2, parsed."""
+    return yaml.safe_load(_load(path)["spec"]["serveConfigV2"])
+
+
+@pytest.fixture(scope="module")
+def serve_app() -> ServeAppConfig:
+    """The megapairs application's args in configs/serve-paper.yaml."""
+    _, apps = validate_serve_doc(yaml.safe_load(SERVE_CONFIG.read_text()), str(SERVE_CONFIG))
+    (app,) = apps.values()
+    return app
+
+
+def test_rayservice_carries_the_serve_config_file() -> None:
+    assert _serve_doc(RAYSERVICE) == yaml.safe_load(SERVE_CONFIG.read_text()), (
+        "rayservice.yaml's serveConfigV2 and configs/serve-paper.yaml differ: edit both"
+    )
+
+
+def test_rayservice_serve_config_validates() -> None:
+    doc = _serve_doc(RAYSERVICE)
+    schema, apps = validate_serve_doc(doc, f"{RAYSERVICE.name} serveConfigV2")
+    assert set(apps) == {"megapairs"}
+    assert [a.import_path for a in schema.applications] == [IMPORT_PATH]
+    app = apps["megapairs"]
+    assert app.gallery_dir.startswith("s3://")
+    assert app.query_encoder.device == "cuda" and app.query_encoder.num_gpus > 0
+    assert app.auth.token_env, "the service must not serve without auth"
+
+
+def test_serve_import_path_names_the_app_builder() -> None:
+    (app,) = _serve_doc(RAYSERVICE)["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), attr, None)
+    assert callable(builder), f"{app['import_path']} is not a callable"
+
+
+def _misspelt_arg(doc: dict[str, Any]) -> None:
+    encoder = doc["applications"][0]["args"]["query_encoder"]
+    encoder["num_gpu"] = encoder.pop("num_gpus")
+
+
+def _misspelt_serve_field(doc: dict[str, Any]) -> None:
+    app = doc["applications"][0]
+    app["route_prefx"] = app.pop("route_prefix")
+
+
+def _inverted_bounds(doc: dict[str, Any]) -> None:
+    doc["applications"][0]["args"]["search"]["autoscaling"]["min_replicas"] = 99
+
+
+def _cuda_without_gpus(doc: dict[str, Any]) -> None:
+    doc["applications"][0]["args"]["query_encoder"]["num_gpus"] = 0
+
+
+def _bad_proxy_location(doc: dict[str, Any]) -> None:
+    doc["proxy_location"] = "Everywhere"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (_misspelt_arg, "query_encoder.num_gpu: Extra inputs are not permitted"),
+        (_misspelt_serve_field, "unknown key(s) ['applications[0].route_prefx']"),
+        (_inverted_bounds, "min_replicas (99) > max_replicas"),
+        (_cuda_without_gpus, "device=cuda needs query_encoder.num_gpus > 0"),
+        (_bad_proxy_location, "not a valid Ray Serve config"),
+    ],
+    ids=["misspelt-arg", "misspelt-serve-field", "inverted-bounds", "cuda-without-gpus",
+         "bad-proxy-location"],
+)
+def test_serve_config_check_rejects_broken_serve_config(breakage: Any, expected: str) -> None:
+    doc = _serve_doc(RAYSERVICE)
+    breakage(doc)
+    with pytest.raises(ConfigError) as e:
+        validate_serve_doc(doc, RAYSERVICE.name)
+    assert expected in str(e.value)
+
+
+def _pod_limits(group: dict[str, Any]) -> tuple[float, float]:
+    """(CPUs, GPUs) of one pod of a worker group."""
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    return _cpus(limits["cpu"]), float(limits.get("nvidia.com/gpu", 0))
+
+
+def test_gpu_group_holds_the_query_encoders(serve_app: ServeAppConfig) -> None:
+    enc = serve_app.query_encoder
+    gpu = _group(_cluster_spec(RAYSERVICE), "gpu")
+    cpus, gpus = _pod_limits(gpu)
+    assert gpus >= enc.num_gpus and cpus >= enc.num_cpus, "a query encoder must fit one GPU pod"
+    per_pod = min(gpus // enc.num_gpus, cpus // enc.num_cpus)
+    assert gpu["maxReplicas"] * per_pod >= enc.autoscaling.max_replicas, (
+        f"the GPU group holds at most {gpu['maxReplicas'] * per_pod} query encoders, but "
+        f"query_encoder.autoscaling.max_replicas is {enc.autoscaling.max_replicas}"
+    )
+    # The pods the group keeps hold the encoders Serve always keeps.
+    assert gpu["minReplicas"] * per_pod >= enc.autoscaling.min_replicas
+
+
+def _pods_for(cpus_per_pod: float, search: tuple[int, float], ingress: tuple[int, float]) -> int:
+    """CPU pods needed for (replicas, CPUs each) of search, then ingress in the space left."""
+    (n_search, c_search), (n_ingress, c_ingress) = search, ingress
+    per_pod = cpus_per_pod // c_search if c_search else math.inf
+    pods = math.ceil(n_search / per_pod) if n_search else 0
+    free = pods * cpus_per_pod - n_search * c_search
+    fit_in_free = int(free // c_ingress) if c_ingress else n_ingress
+    left = max(0, n_ingress - fit_in_free)
+    return pods + (math.ceil(left / (cpus_per_pod // c_ingress)) if left else 0)
+
+
+def test_cpu_group_holds_ingress_and_search(serve_app: ServeAppConfig) -> None:
+    """Search and ingress replicas at their maxima fit the CPU group alone (the CPUs GPU pods
+    leave over are a bonus), and its minimum holds their minima."""
+    search, ingress = serve_app.search, serve_app.ingress
+    cpu = _group(_cluster_spec(RAYSERVICE), "cpu")
+    cpus, gpus = _pod_limits(cpu)
+    assert gpus == 0
+    assert search.num_gpus == ingress.num_gpus == 0
+    assert cpus >= max(search.num_cpus, ingress.num_cpus), "a replica must fit one CPU pod"
+    for bound, pods in (("max_replicas", cpu["maxReplicas"]), ("min_replicas", cpu["minReplicas"])):
+        need = _pods_for(cpus, (getattr(search.autoscaling, bound), search.num_cpus),
+                         (getattr(ingress.autoscaling, bound), ingress.num_cpus))
+        assert pods >= need, f"{bound}: the CPU group needs {need} pods, has {pods}"
+
+
+def test_serve_token_comes_from_a_secret(serve_app: ServeAppConfig) -> None:
+    name = serve_app.auth.token_env
+    spec = _cluster_spec(RAYSERVICE)
+    refs = []
+    for pod in _ray_pods(spec):
+        ray = pod["containers"][0]
+        (env,) = [e for e in ray.get("env", []) if e["name"] == name] or [None]
+        assert env is not None, f"{ray['name']}: no {name} (the ingress refuses to start)"
+        assert "value" not in env, f"{ray['name']}: {name} is written in the manifest"
+        refs.append(env["valueFrom"]["secretKeyRef"])
+    assert all(r == refs[0] for r in refs) and set(refs[0]) == {"name", "key"}
+    assert refs[0]["name"] not in {"megapairs-s3", _load(RAYSERVICE)["metadata"]["name"]}
+
+
+def test_rayservice_installs_the_project_before_ray_starts() -> None:
+    """serveConfigV2 has no runtime_env, so the images must import megapairs_ray: every Ray
+    container pip-installs the project, then runs KubeRay's ray start command."""
+    doc = _load(RAYSERVICE)
+    assert doc["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    assert 'name = "megapairs-ray"' in (REPO / "pyproject.toml").read_text()
+    rays = [pod["containers"][0] for pod in _ray_pods(_cluster_spec(RAYSERVICE))]
+    for ray in rays:
+        assert ray["command"] == ["/bin/bash", "-lc", "--"], ray["name"]
+        (script,) = ray["args"]
+        assert script == rays[0]["args"][0], f"{ray['name']} starts differently from the head"
+        assert script.startswith("ulimit -n 65536;")
+        assert 'pip install --no-cache-dir "megapairs-ray @ ' in script
+        assert script.endswith('&& exec /bin/bash -c "$KUBERAY_GEN_RAY_START_CMD"')
+
+
+def test_rayservice_serving(serve_app: ServeAppConfig) -> None:
+    doc = _load(RAYSERVICE)
+    spec = doc["spec"]
+    assert spec["upgradeStrategy"]["type"] == "NewCluster"
+    # In the v1 schema but unused since KubeRay 1.1 (kuberay#1685): setting them does nothing.
+    assert not {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"} & set(spec)
+    port = _serve_doc(RAYSERVICE)["http_options"]["port"]
+    for pod in _ray_pods(spec["rayClusterConfig"]):
+        ports = {p["name"]: p["containerPort"] for p in pod["containers"][0].get("ports", [])}
+        assert ports.get("serve") == port
+    # Search replicas copy the s3 index to local disk: the cache folder is a volume.
+    cpu = _group(spec["rayClusterConfig"], "cpu")["template"]["spec"]
+    mounts = {m["mountPath"] for m in cpu["containers"][0]["volumeMounts"]}
+    assert serve_app.search.local_cache_dir in mounts
+
+
+# --- the retriever service: Anyscale ------------------------------------------------------------
+
+
+def test_anyscale_configs_load() -> None:
+    """Both files load with the Anyscale CLI's own models, which reject unknown fields."""
+    from anyscale.job.models import JobConfig
+    from anyscale.service.models import ServiceConfig
+
+    service = ServiceConfig.from_yaml(str(ANYSCALE_SERVICE))
+    assert service.name and service.working_dir == "."
+    assert len(service.applications) == 1
+    assert JobConfig.from_yaml(str(ANYSCALE_JOB)).name
+
+
+def test_anyscale_service_carries_the_serve_config_file(serve_app: ServeAppConfig) -> None:
+    service, serve = _load(ANYSCALE_SERVICE), yaml.safe_load(SERVE_CONFIG.read_text())
+    assert service["applications"] == serve["applications"], (
+        "cluster/anyscale/service.yaml's applications differ from configs/serve-paper.yaml's"
+    )
+    assert service["applications"][0]["args"] == serve["applications"][0]["args"]
+    assert service["proxy_location"] == serve["proxy_location"]
+    assert ("image_uri" in service) != ("containerfile" in service)
+    assert RAY_VERSION in service.get("image_uri", RAY_VERSION)
+    assert service["requirements"] == _load(ANYSCALE_JOB)["requirements"]
+    # One bearer token per request: the application's, or Anyscale's, never both.
+    assert service["query_auth_token_enabled"] is (serve_app.auth.token_env is None)
+    assert serve_app.auth.token_env not in service.get("env_vars", {}), "a secret in the file"
+
+
+def test_anyscale_service_nodes_match_the_rayservice_pods() -> None:
+    compute = _load(ANYSCALE_SERVICE)["compute_config"]
+    assert compute["head_node"]["resources"]["CPU"] == 0
+    groups = {g["name"]: g for g in compute["worker_nodes"]}
+    spec = _cluster_spec(RAYSERVICE)
+    assert set(groups) == {g["groupName"] for g in spec["workerGroupSpecs"]}
+    for name, node in groups.items():
+        group = _group(spec, name)
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        cpus, gpus = _pod_limits(group)
+        want = {"CPU": cpus, "memory": limits["memory"], **({"GPU": gpus} if gpus else {})}
+        assert node["required_resources"] == want, name
+        assert (node["min_nodes"], node["max_nodes"]) == (group["minReplicas"],
+                                                          group["maxReplicas"]), name

@@ -44,6 +44,10 @@ class Reason:
     EMPTY_CAPTION = "empty_caption"
     DUPLICATE_KEY = "duplicate_key"
     TAR_TRUNCATED = "tar_truncated"
+    NOT_A_TAR = "not_a_tar"  # a .tar file with no tar header at its start
+    COMPRESSED_TAR = "compressed_tar"  # gzip/bzip2/xz/zstd: offsets could not be fetched back
+    DUPLICATE_MEMBER = "duplicate_member"  # the same member name twice in a row in a tar
+    UNDECODABLE_NAME = "undecodable_name"  # a file or member name that is not UTF-8
     SHARD_UNREADABLE = "shard_unreadable"
     MISSING_COLUMN = "missing_column"
     BAD_COLUMN_TYPE = "bad_column_type"

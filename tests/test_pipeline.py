@@ -57,7 +57,8 @@ def test_counts_add_up(local_run):
     assert n == 10 + 30 + 12
     assert ingest_rec.counts["images"] == n
     assert ingest_rec.counts["shards_ingested"] == 3
-    assert ingest_rec.rejects["tar_truncated"] == 2
+    assert ingest_rec.rejects["tar_truncated"] == 1  # the cut sample
+    assert ingest_rec.counts["shard_problem:tar_truncated"] == 1  # the cut itself
     assert embed_rec.counts["embedded"] == n
     assert embed_rec.counts["shards_embedded"] == 3
     for space in ("clip_image", "dino_image", "clip_text"):

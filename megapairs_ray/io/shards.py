@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,22 +45,34 @@ class Shard:
     name: str  # path relative to the input root: stable across copies of the corpus
     format: ShardFormat
     members: tuple[str, ...] = ()  # folder shards: the image files, as URIs
+    # Set when the shard cannot be read at all (a path that is not UTF-8): ingest records it as
+    # the shard's one reject instead of failing the job. uri and name are then printable forms.
+    problem: str = ""
 
     @property
     def slug(self) -> str:
         """A file-name-safe, unique name for this shard's outputs."""
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("_")[-80:]
-        digest = hashlib.blake2b(self.name.encode(), digest_size=8).hexdigest()
+        digest = hashlib.blake2b(self.name.encode("utf-8", "surrogateescape"),
+                                 digest_size=8).hexdigest()
         return f"{stem}-{digest}"
 
+    @property
+    def id_source(self) -> str:
+        """What image ids are hashed from with each record's key: the shard's name, or for a
+        folder the folder itself (its keys are paths under it), so adding a file never changes
+        another image's id."""
+        return self.name.split("#part-", 1)[0] if self.format == "folder" else self.name
+
     def to_row(self) -> dict[str, str]:
+        # Members as JSON (ASCII-escaped): a folder may hold names that are not UTF-8.
         return {"uri": self.uri, "name": self.name, "format": self.format,
-                "members": json.dumps(list(self.members))}
+                "members": json.dumps(list(self.members)), "problem": self.problem}
 
     @staticmethod
     def from_row(row: dict[str, str]) -> Shard:
         return Shard(row["uri"], row["name"], row["format"],  # type: ignore[arg-type]
-                     tuple(json.loads(row.get("members") or "[]")))
+                     tuple(json.loads(row.get("members") or "[]")), row.get("problem") or "")
 
 
 @dataclass
@@ -82,6 +96,28 @@ class ShardProblem:
 
 
 # --------------------------------------------------------------------------- listing
+
+# Compressed tars: tarfile would read them transparently, but the byte offsets it reports are
+# into the decompressed stream, so no image could be fetched back by location.
+_COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+                     b"\x28\xb5\x2f\xfd": "zstd"}
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+
+
+def has_undecodable_name(name: str) -> bool:
+    """A file or member name whose bytes are not UTF-8 (the OS and tarfile hand it back with
+    surrogate escapes; Arrow and JSON consumers refuse it)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def printable(name: str) -> str:
+    """A name as valid UTF-8 text: undecodable bytes as ``\\xNN``, so it can be stored and
+    shown, and the original bytes read off it."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _split_ext_last(name: str) -> tuple[str, str]:
@@ -120,12 +156,12 @@ def list_shards(cfg: InputConfig) -> list[Shard]:
     return shards
 
 
-def _detect_format(paths: list[str]) -> ShardFormat:
-    if any(p.endswith(".tar") for p in paths):
+def _kind(path: str, image_exts: set[str]) -> ShardFormat | None:
+    if path.endswith(TAR_SUFFIXES):
         return "webdataset"
-    if any(p.endswith(".parquet") for p in paths):
+    if path.endswith(".parquet"):
         return "parquet"
-    return "folder"
+    return "folder" if _split_ext_last(path)[1] in image_exts else None
 
 
 def _shards_for(uri: str, cfg: InputConfig) -> list[Shard]:
@@ -133,36 +169,48 @@ def _shards_for(uri: str, cfg: InputConfig) -> list[Shard]:
     if any(ch in path for ch in "*?["):
         root = path.split("*")[0].split("?")[0].split("[")[0]
         root = root if root.endswith("/") else posixpath.dirname(root)
-        files = sorted(p for p in fs.glob(path) if fs.isfile(p))
+        files = sorted(p for p in fs.glob(path) if _is_regular(fs, p))
     elif fs.isdir(path):
         root = path
-        files = sorted(fs.find(path))
+        files = sorted(p for p in fs.find(path) if _is_regular(fs, p))
     elif fs.isfile(path):
         root = posixpath.dirname(path)
         files = [path]
     else:
         raise FileNotFoundError(f"input uri does not exist: {uri}")
     root = root.rstrip("/")
-    fmt = cfg.format if cfg.format != "auto" else _detect_format(files)
+    image_exts = {e.lower() for e in cfg.image_extensions}
+    kinds = {p: _kind(p, image_exts) for p in files}
+    # format: auto takes every kind a uri holds (tars, parquet files and loose images each
+    # become their own shards); a named format takes its own kind only.
+    wanted = {"webdataset", "parquet", "folder"} if cfg.format == "auto" else {cfg.format}
 
     def rel(p: str) -> str:
         return posixpath.relpath(p, root) if root else p
 
-    if fmt == "webdataset":
-        return [Shard(storage.with_scheme(fs, p), rel(p), "webdataset")
-                for p in files if p.endswith(".tar")]
-    if fmt == "parquet":
-        return [Shard(storage.with_scheme(fs, p), rel(p), "parquet")
-                for p in files if p.endswith(".parquet")]
-    image_exts = {e.lower() for e in cfg.image_extensions}
-    images = [p for p in files if _split_ext_last(p)[1] in image_exts]
-    out = []
+    out = [_shard(storage.with_scheme(fs, p), rel(p), kinds[p])  # type: ignore[arg-type]
+           for p in files if kinds[p] in ("webdataset", "parquet") and kinds[p] in wanted]
+    images = [p for p in files if kinds[p] == "folder"] if "folder" in wanted else []
     for i in range(0, len(images), FOLDER_SHARD_SIZE):
         chunk = images[i : i + FOLDER_SHARD_SIZE]
         name = f"{posixpath.basename(root)}#part-{i // FOLDER_SHARD_SIZE:05d}"
         out.append(Shard(storage.with_scheme(fs, root), name,
                          "folder", tuple(storage.with_scheme(fs, p) for p in chunk)))
     return out
+
+
+def _shard(uri: str, name: str, fmt: ShardFormat) -> Shard:
+    if has_undecodable_name(uri):
+        return Shard(printable(uri), printable(name), fmt,
+                     problem=f"shard path {printable(uri)!r} is not UTF-8")
+    return Shard(uri, name, fmt)
+
+
+def _is_regular(fs: Any, path: str) -> bool:
+    """Regular files only: a FIFO or a device in a folder would block the reader forever."""
+    if storage.is_remote(storage.with_scheme(fs, path)):
+        return bool(fs.isfile(path))
+    return stat.S_ISREG(os.stat(path).st_mode) if os.path.exists(path) else False
 
 
 # --------------------------------------------------------------------------- reading
@@ -210,42 +258,89 @@ def _record_from_group(key: str, members: dict[str, tuple[bytes, dict[str, objec
     return Record(key, data, caption, location=loc)
 
 
-def read_webdataset(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProblem]:
-    """Stream a tar once, grouping consecutive members by key, recording byte offsets."""
+def read_webdataset(shard: Shard, cfg: InputConfig, max_member_bytes: int | None = None,
+                    ) -> Iterator[Record | ShardProblem]:
+    """Stream a tar once, grouping consecutive members by key, recording byte offsets.
+
+    A member larger than ``max_member_bytes`` is never read (its size is in its header): the
+    record becomes a ``too_many_bytes`` reject, so one hostile member cannot exhaust memory."""
     fs, path = storage.filesystem(shard.uri)
     wanted = {e.lower() for e in (*cfg.image_extensions, *cfg.caption_extensions)}
     current: str | None = None
     group: dict[str, tuple[bytes, dict[str, object]]] = {}
+    problem: tuple[str, str] | None = None  # a member of the group that made it unusable
     seen: set[str] = set()
+    members = 0
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, ext = _split_ext(info.name)
-                if key != current:
-                    if current is not None:
-                        yield _finish(current, group, seen, cfg)
-                    current, group = key, {}
-                if ext not in wanted:
-                    continue
-                member = tar.extractfile(info)
-                data = member.read() if member is not None else b""
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is cut short")
-                group[ext] = (data, {"offset": info.offset_data, "length": info.size})
-            _check_end_of_archive(f, tar)
+        with fs.open(path, "rb") as f:
+            head = f.read(tarfile.BLOCKSIZE)
+            kind = next((k for m, k in _COMPRESSED_MAGIC.items() if head.startswith(m)), None)
+            if kind is not None:
+                yield ShardProblem(Reason.COMPRESSED_TAR, f"{kind}-compressed: byte offsets into "
+                                   "it cannot be fetched back; decompress the shard")
+                return
+            if not _looks_like_tar(head):
+                yield ShardProblem(Reason.NOT_A_TAR, f"no tar header at byte 0 ({head[:8]!r})")
+                return
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    members += 1
+                    key, ext = _split_ext(info.name)
+                    if key != current:
+                        if current is not None:
+                            yield _finish(current, group, seen, cfg, problem)
+                        current, group, problem = key, {}, None
+                    if ext not in wanted:
+                        continue
+                    if has_undecodable_name(info.name):
+                        problem = problem or (Reason.UNDECODABLE_NAME,
+                                              f"member name {printable(info.name)!r}")
+                        continue
+                    if ext in group:
+                        problem = problem or (Reason.DUPLICATE_MEMBER,
+                                              f"{info.name} appears twice in a row")
+                        continue
+                    if max_member_bytes is not None and info.size > max_member_bytes:
+                        problem = problem or (Reason.TOO_MANY_BYTES,
+                                              f"member {info.name}: {info.size} bytes > "
+                                              f"{max_member_bytes}, not read")
+                        continue
+                    member = tar.extractfile(info)
+                    data = member.read() if member is not None else b""
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} is cut short")
+                    group[ext] = (data, {"offset": info.offset_data, "length": info.size})
+                _check_end_of_archive(f, tar)
     except Exception as e:
         # A cut-short or damaged tar (or storage failing mid-read): keep what came before.
         reason = (Reason.TAR_TRUNCATED if isinstance(e, (tarfile.TarError, EOFError))
                   else Reason.SHARD_UNREADABLE)
+        if members == 0 and reason == Reason.TAR_TRUNCATED:
+            reason = Reason.NOT_A_TAR
         if current is not None:
             # The sample in flight may be missing members that sat past the cut: not trusted.
-            yield Record(current, None, None, problem=reason, detail=f"{type(e).__name__}: {e}")
+            yield Record(printable(current), None, None, problem=reason,
+                         detail=f"{type(e).__name__}: {e}")
         yield ShardProblem(reason, f"{type(e).__name__}: {e}")
         return
     if current is not None:
-        yield _finish(current, group, seen, cfg)
+        yield _finish(current, group, seen, cfg, problem)
+
+
+def _looks_like_tar(block: bytes) -> bool:
+    """A ustar/gnu magic, or a v7 header whose checksum adds up (an empty tar is all zeros)."""
+    if len(block) < tarfile.BLOCKSIZE:
+        return len(block.strip(b"\0")) == 0 and len(block) > 0
+    if not block.strip(b"\0") or block[257:262] == b"ustar":
+        return True
+    try:
+        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(block[:148]) + 8 * 32 + sum(block[156:])
 
 
 def _check_end_of_archive(f: BinaryIO, tar: tarfile.TarFile) -> None:
@@ -263,11 +358,16 @@ def _check_end_of_archive(f: BinaryIO, tar: tarfile.TarFile) -> None:
 
 
 def _finish(key: str, group: dict[str, tuple[bytes, dict[str, object]]], seen: set[str],
-            cfg: InputConfig) -> Record:
+            cfg: InputConfig, problem: tuple[str, str] | None = None) -> Record:
+    if has_undecodable_name(key):
+        return Record(printable(key), None, None, problem=Reason.UNDECODABLE_NAME,
+                      detail=f"key {printable(key)!r} is not UTF-8")
     if key in seen:
         return Record(key, None, None, problem=Reason.DUPLICATE_KEY,
                       detail="key appears twice in the shard")
     seen.add(key)
+    if problem is not None:
+        return Record(key, None, None, problem=problem[0], detail=problem[1])
     return _record_from_group(key, group, cfg)
 
 
@@ -324,7 +424,12 @@ def read_parquet(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProbl
                 keys = (batch.column(cfg.key_column).to_pylist() if has_key  # type: ignore[arg-type]
                         else [None] * len(images))
                 for img, cap, key in zip(images, captions, keys):
-                    key = str(key) if key is not None else f"{row:09d}"
+                    # Without a key column, rows are keyed by position. A null in a key column
+                    # gets a positional key no real key can equal (it starts with NUL).
+                    if key is None:
+                        key = f"\x00row-{row:09d}" if has_key else f"{row:09d}"
+                    else:
+                        key = clean_text(key) or f"\x00row-{row:09d}"
                     if key in seen:
                         yield Record(key, None, None, problem=Reason.DUPLICATE_KEY,
                                      detail=f"row {row}")
@@ -338,7 +443,8 @@ def read_parquet(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProbl
                                f"after row {row}: {type(e).__name__}: {e}")
 
 
-def read_folder(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProblem]:
+def read_folder(shard: Shard, cfg: InputConfig, max_member_bytes: int | None = None,
+                ) -> Iterator[Record | ShardProblem]:
     """Images with a caption file of the same stem beside them (``cat.jpg`` + ``cat.txt``)."""
     fs, root = storage.filesystem(shard.uri)
     root = root.rstrip("/")
@@ -347,18 +453,27 @@ def read_folder(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProble
         _, mpath = storage.filesystem(member_uri)
         stem, _ext = _split_ext_last(mpath)
         key = posixpath.relpath(stem, root)
+        if has_undecodable_name(key):
+            yield Record(printable(key), None, None, problem=Reason.UNDECODABLE_NAME,
+                         detail=f"file name {printable(posixpath.basename(mpath))!r} is not UTF-8")
+            continue
         if key in seen:  # cat.jpg beside cat.png: one id, so the second is a duplicate
             yield Record(key, None, None, problem=Reason.DUPLICATE_KEY,
                          detail=f"{posixpath.basename(mpath)}: another image has this name")
             continue
         seen.add(key)
         try:
+            size = fs.size(mpath)
+            if max_member_bytes is not None and size is not None and size > max_member_bytes:
+                yield Record(key, None, None, problem=Reason.TOO_MANY_BYTES,
+                             detail=f"{size} bytes > {max_member_bytes}, not read")
+                continue
             with fs.open(mpath, "rb") as f:
                 data = f.read()
             caption = None
             for ext in cfg.caption_extensions:
                 cpath = f"{stem}.{ext}"
-                if fs.exists(cpath):
+                if fs.exists(cpath) and _is_regular(fs, cpath):
                     with fs.open(cpath, "rb") as f:
                         caption = _caption_from(ext, f.read(), cfg)
                     if caption is not None:
@@ -371,9 +486,16 @@ def read_folder(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProble
                      location={"file": member_uri, "offset": 0, "length": len(data)})
 
 
-def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProblem]:
-    readers = {"webdataset": read_webdataset, "parquet": read_parquet, "folder": read_folder}
-    return readers[shard.format](shard, cfg)
+def read_shard(shard: Shard, cfg: InputConfig, max_member_bytes: int | None = None,
+               ) -> Iterator[Record | ShardProblem]:
+    """Every record of a shard. ``max_member_bytes``: tar members and folder files larger than
+    this are rejected from their size, never read (parquet cells come with their row group)."""
+    if shard.problem:
+        return iter([ShardProblem(Reason.UNDECODABLE_NAME, shard.problem)])
+    if shard.format == "parquet":
+        return read_parquet(shard, cfg)
+    reader = read_webdataset if shard.format == "webdataset" else read_folder
+    return reader(shard, cfg, max_member_bytes)
 
 
 # --------------------------------------------------------------------------- fetch by location

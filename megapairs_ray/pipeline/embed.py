@@ -44,7 +44,8 @@ def build_embed_dataset(cfg: RunConfig, todo: list[Shard]) -> ray.data.Dataset:
     ds = ray.data.from_items([s.to_row() for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         read_accepted_images,
-        fn_kwargs={"run_dir": cfg.run_dir, "input_cfg": cfg.input},
+        fn_kwargs={"run_dir": cfg.run_dir, "input_cfg": cfg.input,
+                   "max_member_bytes": cfg.ingest.max_bytes},
         batch_size=1,
         num_cpus=e.reader_num_cpus,
     )

@@ -59,4 +59,6 @@ def _tally(cfg: RunConfig, shards: list[Shard], record: manifest.StageRecord) ->
     for marker in markers:
         totals.update(marker["counts"])
         record.rejects.update(marker["rejects"])
+        totals.update({f"shard_problem:{k}": v
+                       for k, v in marker.get("shard_problems", {}).items()})
     record.counts.update(totals)

@@ -27,8 +27,12 @@ READ_BATCH_ROWS = 256
 
 
 def read_accepted_images(batch: dict[str, np.ndarray], run_dir: str, input_cfg: InputConfig,
-                         rows_per_batch: int = READ_BATCH_ROWS) -> Iterator[dict[str, Any]]:
-    """For each shard row in ``batch``: the ingest-accepted images, with their bytes."""
+                         rows_per_batch: int = READ_BATCH_ROWS,
+                         max_member_bytes: int | None = None) -> Iterator[dict[str, Any]]:
+    """For each shard row in ``batch``: the ingest-accepted images, with their bytes.
+
+    ``max_member_bytes`` (ingest's ``max_bytes``): members ingest refused for their size are
+    skipped from their headers again, not read."""
     for i in range(len(batch["uri"])):
         shard = Shard.from_row({k: batch[k][i] for k in batch})
         accepted = storage.read_parquet(
@@ -37,7 +41,7 @@ def read_accepted_images(batch: dict[str, np.ndarray], run_dir: str, input_cfg: 
         by_key = {r["key"]: r for r in accepted}
         rows: list[dict[str, Any]] = []
         problem: ShardProblem | None = None
-        for rec in read_shard(shard, input_cfg):
+        for rec in read_shard(shard, input_cfg, max_member_bytes=max_member_bytes):
             if isinstance(rec, ShardProblem):
                 problem = rec
                 continue

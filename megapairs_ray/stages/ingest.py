@@ -17,7 +17,7 @@ from megapairs_ray.config import IngestConfig, InputConfig
 from megapairs_ray.ids import image_id
 from megapairs_ray.imaging import PLAIN_MODES, Reason, inspect_image
 from megapairs_ray.io import storage
-from megapairs_ray.io.shards import Record, Shard, ShardProblem, read_shard
+from megapairs_ray.io.shards import Record, Shard, ShardProblem, printable, read_shard
 from megapairs_ray.stages import layout
 
 IMAGES_SCHEMA = pa.schema([
@@ -48,8 +48,11 @@ REJECTS_SCHEMA = pa.schema([
 
 def reject_row(shard: str, key: str | None, stage: str, reason: str, detail: str,
                iid: int | None = None) -> dict[str, Any]:
-    return {"image_id": iid, "shard": shard, "key": key, "stage": stage, "reason": reason,
-            "detail": detail[:500]}
+    """The one reject shape. Names are stored printable (a hostile name never stops the
+    write); a shard-level problem has no key."""
+    return {"image_id": iid, "shard": printable(shard),
+            "key": None if key is None else printable(key), "stage": stage, "reason": reason,
+            "detail": printable(detail[:500])}
 
 
 class IngestShard:
@@ -77,10 +80,11 @@ class IngestShard:
     def ingest(self, shard: Shard) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []
+        problems: list[dict[str, Any]] = []  # shard-level: key None, counted apart from records
         counts: Counter[str] = Counter()
-        for item in read_shard(shard, self.input_cfg):
+        for item in read_shard(shard, self.input_cfg, max_member_bytes=self.cfg.max_bytes):
             if isinstance(item, ShardProblem):
-                rejects.append(reject_row(shard.name, None, "ingest", item.reason, item.detail))
+                problems.append(reject_row(shard.name, None, "ingest", item.reason, item.detail))
                 counts["shard_problems"] += 1
                 continue
             counts["records"] += 1
@@ -98,18 +102,19 @@ class IngestShard:
         counts["rejects"] = len(rejects)
         # Rejects first, images second, marker last: the marker vouches for both files.
         storage.write_parquet(layout.rejects_file(self.run_dir, "ingest", shard.slug),
-                              pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
+                              pa.Table.from_pylist(rejects + problems, schema=REJECTS_SCHEMA))
         storage.write_parquet(layout.images_file(self.run_dir, shard.slug),
                               pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
         storage.write_json(layout.ingest_marker(self.run_dir, shard.slug), {
             "shard": shard.name, "uri": shard.uri, "counts": dict(counts),
             "rejects": dict(by_reason),
+            "shard_problems": dict(Counter(p["reason"] for p in problems)),
         })
         return {"shard": shard.slug, "images": len(rows), "rejects": len(rejects)}
 
     def _gate(self, shard: Shard, rec: Record, counts: Counter[str],
               ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        iid = image_id(shard.name, rec.key)
+        iid = image_id(shard.id_source, rec.key)
         if rec.problem is not None:
             return None, reject_row(shard.name, rec.key, "ingest", rec.problem, rec.detail, iid)
         verdict = inspect_image(

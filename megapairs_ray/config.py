@@ -13,8 +13,10 @@ from typing import Any, ClassVar, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from megapairs_ray.errors import MegapairsError
 
-class ConfigError(ValueError):
+
+class ConfigError(MegapairsError, ValueError):
     """A run configuration that cannot be used; the message names the offending field."""
 
 
@@ -187,6 +189,10 @@ class MineConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> MineConfig:
+        unknown = sorted(set(self.windows) - set(SPACE_NAMES))
+        if unknown:  # a misspelt space would otherwise keep the default window silently
+            raise ValueError(f"mine.windows has unknown space(s) {unknown}; known: "
+                             f"{list(SPACE_NAMES)}")
         for space in self.spaces:
             if space not in self.windows:
                 raise ValueError(f"mine.windows has no window for space {space!r}")

@@ -54,6 +54,7 @@ def test_overrides_are_applied_and_validated():
     ({"describe": {"tempreature": 0.5}}, "describe.tempreature"),
     ({"instruct": {"max_instructions": 2}}, "instruct.max_instructions"),
     ({"export": {"jpeg_quality": 101}}, "export.jpeg_quality"),
+    ({"mine": {"windows": {"clip_imag": [0.5, 0.9]}}}, "clip_imag"),  # a misspelt space
 ])
 def test_bad_fields_are_named(tmp_path, change, field):
     doc = tiny_config(tmp_path, ["x"])

@@ -199,6 +199,12 @@ def test_parquet_column_types(tmp_path):
     cfg = InputConfig(uris=[str(tmp_path / "bincap.parquet")])
     recs, _ = _records(list_shards(cfg)[0], cfg)
     assert recs[0].caption == "bytes caption"
+    # Numbers are no captions: the wrong column named, not text to index.
+    pq.write_table(pa.table({"jpg": [jpeg(1)], "caption": [17]}), tmp_path / "intcap.parquet")
+    cfg = InputConfig(uris=[str(tmp_path / "intcap.parquet")])
+    recs, problems = _records(list_shards(cfg)[0], cfg)
+    assert recs == [] and [p.reason for p in problems] == ["bad_column_type"]
+    assert "input.caption_column" in problems[0].detail
 
 
 def test_folder_names_with_dots_and_clashing_stems(tmp_path):

@@ -411,6 +411,15 @@ def read_parquet(shard: Shard, cfg: InputConfig) -> Iterator[Record | ShardProbl
             return
         columns = [cfg.image_column]
         has_caption = cfg.caption_column in names
+        caption_type = pf.schema_arrow.field(cfg.caption_column).type if has_caption else None
+        if caption_type is not None and not any(
+                check(caption_type) for check in (pa.types.is_string, pa.types.is_large_string,
+                                                  pa.types.is_binary, pa.types.is_large_binary,
+                                                  pa.types.is_null)):
+            yield ShardProblem(Reason.BAD_COLUMN_TYPE,
+                               f"caption column {cfg.caption_column!r} is {caption_type}, not "
+                               "text or bytes: name the right one in input.caption_column")
+            return
         has_key = cfg.key_column is not None and cfg.key_column in names
         columns += [cfg.caption_column] if has_caption else []
         columns += [cfg.key_column] if has_key else []  # type: ignore[list-item]

@@ -18,6 +18,7 @@ import ray
 
 from megapairs_ray import manifest
 from megapairs_ray.config import RunConfig
+from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 from megapairs_ray.io.shards import Shard
 from megapairs_ray.pipeline.shardlist import run_shards
@@ -26,7 +27,7 @@ from megapairs_ray.stages.embed import EmbedStage
 from megapairs_ray.stages.embed_io import read_accepted_images, write_embeddings
 
 
-class IncompleteEmbedError(RuntimeError):
+class IncompleteEmbedError(MegapairsError, RuntimeError):
     """The pipeline ended with shards whose rows were not all accounted for."""
 
 

@@ -10,11 +10,12 @@ longer matches.
 from __future__ import annotations
 
 from megapairs_ray.config import RunConfig
+from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 from megapairs_ray.io.shards import Shard, list_shards
 
 
-class InputChangedError(RuntimeError):
+class InputChangedError(MegapairsError, RuntimeError):
     """The input no longer matches the shard list this run started with."""
 
 

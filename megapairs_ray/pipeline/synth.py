@@ -22,6 +22,7 @@ import ray
 
 from megapairs_ray import manifest
 from megapairs_ray.config import RunConfig
+from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 from megapairs_ray.stages import layout
 from megapairs_ray.synth.images import LOCATION_COLUMNS, MISSING_IMAGE, UNREADABLE_IMAGE
@@ -34,7 +35,7 @@ RESOURCE_FIELDS = {"num_cpus", "replicas", "batch_size", "fetch_num_cpus", "fetc
 FINAL_REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE)
 
 
-class SynthStageError(RuntimeError):
+class SynthStageError(MegapairsError, RuntimeError):
     """A synthesis step cannot start: what it needs is missing."""
 
 

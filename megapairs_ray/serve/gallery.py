@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from megapairs_ray.config import InputConfig
+from megapairs_ray.errors import MegapairsError
 from megapairs_ray.imaging import Reason
 from megapairs_ray.io import storage
 from megapairs_ray.io.shards import fetch_bytes_tolerant
@@ -36,7 +37,7 @@ META_COLUMNS = ["image_id", "key", "caption", "format_kind", "file_uri", "offset
                 "row"]
 
 
-class GalleryError(RuntimeError):
+class GalleryError(MegapairsError, RuntimeError):
     """A gallery that cannot be built or served as asked; the message says why."""
 
 

@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 
 from megapairs_ray.config import IndexConfig
+from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-class IndexStageError(RuntimeError):
+class IndexStageError(MegapairsError, RuntimeError):
     """An index that cannot be built, loaded or searched as asked; the message says why."""
 
 

@@ -29,6 +29,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
+from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.data import (
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 
 
-class TrainDataError(ValueError):
+class TrainDataError(MegapairsError, ValueError):
     """The training data cannot feed one step (too few usable triplets, say)."""
 
 

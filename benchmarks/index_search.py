@@ -8,7 +8,7 @@ split over ``--shards`` id-range shards.
 
 GPU (``--gpu``): the stage's exact GPU search (``IndexShard`` with ``device: cuda``: fp16 GEMM +
 top-k in torch) over ``--n`` vectors vs the bare GEMM + top-k on the same tensors, same card, one
-run; REFERENCE.md §6 measured the bare figure at 96,700 queries/s for 1 M x 768 fp16, top-32.
+run; docs/method.md §6 measured the bare figure at 96,700 queries/s for 1 M x 768 fp16, top-32.
 
     python benchmarks/index_search.py --n 200000 --dim 128 \
         --out benchmarks/results/cpu-2core/index_recall.json

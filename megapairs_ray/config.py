@@ -172,7 +172,7 @@ class IndexConfig(Strict):
 
 
 class MineConfig(Strict):
-    """The paper's pair-mining rules (REFERENCE.md §1), with what it leaves open made explicit."""
+    """The paper's pair-mining rules (docs/method.md §1), with what it leaves open made explicit."""
 
     spaces: list[Literal["clip_image", "dino_image", "clip_text"]] = list(SPACE_NAMES)
     k: int = Field(default=32, gt=1, description="Neighbours searched per query per space.")

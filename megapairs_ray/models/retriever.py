@@ -4,7 +4,7 @@ uses it.
 ``megapairs eval`` (benchmark galleries and queries), the gallery job (candidate embeddings) and
 the query-encoder deployment of the service all embed through this one class, so a served
 ranking is the offline ranking: same decode, same CLIP preprocessing, same tokenisation, same
-composition (``normalize(proj_image + proj_text)``, REFERENCE.md §4).
+composition (``normalize(proj_image + proj_text)``, docs/method.md §4).
 
 Images arrive as encoded bytes. They are decoded whole (no reduced-scale JPEG decoding): the
 protocol's pixels, not a faster approximation of them. A batch may mix composed, image-only and

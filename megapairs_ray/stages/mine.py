@@ -1,6 +1,6 @@
 """Pair mining: neighbours in three spaces -> (query, target) pairs with hard negatives.
 
-The paper's rules (REFERENCE.md §1) and, where it is silent, ours — each a config field:
+The paper's rules (docs/method.md §1) and, where it is silent, ours — each a config field:
 
 - A neighbour of query q in space s is a **target candidate** when ``lo_s < sim < hi_s``. Above
   ``hi_s`` it is a near-duplicate of q: never a target, never a negative. q itself is skipped.

@@ -1,4 +1,4 @@
-"""The paper's two prompts (REFERENCE.md §2), demonstration sampling, and parsing the LLM's reply.
+"""The paper's two prompts (docs/method.md §2), demonstration sampling, and parsing the LLM's reply.
 
 Describe: the MLLM sees the source and the target image and summarises their commonality and
 differences in under WORD_NUM words, WORD_NUM drawn per pair from 60 to 100. Instruct: the LLM sees

@@ -1,6 +1,6 @@
 """The training job's configuration: one validated YAML document (``configs/train-*.yaml``).
 
-Defaults follow the paper's MMRet-CLIP recipe (REFERENCE.md §4): 1 positive + 4 hard negatives,
+Defaults follow the paper's MMRet-CLIP recipe (docs/method.md §4): 1 positive + 4 hard negatives,
 τ = 0.02, lr 5e-6 with linear decay, all parameters trained.
 """
 
@@ -14,7 +14,7 @@ from megapairs_ray.config import RayConfig, Strict
 
 
 class TrainDataConfig(Strict):
-    """Triplets in the released MegaPairs form (REFERENCE.md §3)."""
+    """Triplets in the released MegaPairs form (docs/method.md §3)."""
 
     annotations: list[str] = Field(
         min_length=1, description="JSON-lines or parquet files, folders or globs; local or s3://.")

@@ -1,4 +1,4 @@
-"""MMRet-CLIP on Hugging Face ``transformers`` CLIP (REFERENCE.md §4).
+"""MMRet-CLIP on Hugging Face ``transformers`` CLIP (docs/method.md §4).
 
 The released BGE-VL / MMRet checkpoints are HF ``CLIPModel`` folders, so they load with
 ``MMRetCLIP.from_pretrained`` and what is trained here saves in the same form.

@@ -1,4 +1,4 @@
-"""The released MegaPairs form (REFERENCE.md §3), as read by the trainer and written by the export.
+"""The released MegaPairs form (docs/method.md §3), as the trainer reads and the export writes it.
 
 One record per triplet: ``q_img`` (str), ``q_text`` (list of instructions), ``t_img`` (str),
 ``hns`` (list; ``hns[0]`` is the query image). Image paths are relative to the dataset root.

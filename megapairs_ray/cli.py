@@ -183,7 +183,7 @@ def train_toy_data(
 @app.command("eval")
 def evaluate(
     checkpoint: Annotated[str, typer.Option(help="HF-form CLIP folder or hub id.")],
-    benchmark: Annotated[str, typer.Option(help="circo, cirr or fashioniq.")],
+    benchmark: Annotated[str, typer.Option(help="circo, cirr, fashioniq or genecis.")],
     data: Annotated[str, typer.Option(help="The benchmark's folder (local or s3://).")],
     split: Annotated[str, typer.Option()] = "val",
     device: Annotated[str, typer.Option()] = "cpu",

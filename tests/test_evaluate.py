@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from megapairs_ray.cli import app
 from megapairs_ray.train import metrics
-from megapairs_ray.train.evaluate import BenchmarkError, Embedder, run_eval
+from megapairs_ray.train.evaluate import BenchmarkError, Embedder, rank, run_eval
 from megapairs_ray.train.model import MMRetCLIP
 from megapairs_ray.train.tokenizer import load_tokenizer
 from megapairs_ray.train.toy_triplets import COLOURS, SHAPES, shape_image
@@ -169,6 +169,22 @@ def test_cirr_and_fashioniq_run_in_their_published_layouts(tmp_path, checkpoint)
     assert fiq["mean"]["R@50"] == 100.0  # galleries of 12: every target is in the top 50
     jpg = run_eval(checkpoint, "fashioniq", str(make_fashioniq(tmp_path / "fiq-jpg", "jpg")))
     assert jpg["mean"] == pytest.approx(fiq["mean"])
+
+
+def test_rank_orders_ties_by_gallery_order():
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(6, 8)).astype(np.float32)
+    g[[1, 3, 4]] = g[0]  # four identical gallery vectors: equal scores for every query
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = np.concatenate([g[:1], -g[:1], rng.normal(size=(3, 8)).astype(np.float32)])
+    keys = ["a", "b", "c", "d", "e", "f"]
+    scores = (torch.from_numpy(q) @ torch.from_numpy(g).T).numpy()
+    for depth in (None, 2, 10):
+        for row, s in zip(rank(q, g, keys, depth), scores):
+            tied = [k for k in row if k in {"a", "b", "d", "e"}]
+            assert tied == [k for k in ("a", "b", "d", "e") if k in row]  # gallery order
+            assert [s[keys.index(k)] for k in row] == sorted(s, reverse=True)[: len(row)]
+    assert rank(q, g, keys, 2)[0] == ["a", "b", "d"]  # depth + 1 deep
 
 
 def test_bad_benchmarks_are_clear_errors(tmp_path, checkpoint):

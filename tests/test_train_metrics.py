@@ -7,6 +7,7 @@ from megapairs_ray.train.metrics import (
     circo_map_at_k,
     cirr_metrics,
     genecis_recall_at_1,
+    genecis_recall_at_k,
     recall_at_k,
 )
 
@@ -50,3 +51,24 @@ def test_cirr_drops_the_reference_and_ranks_within_the_subset():
 
 def test_genecis_recall_at_1():
     assert genecis_recall_at_1([[0.1, 0.9, 0.3], [0.5, 0.2, 0.1]], [1, 2]) == 50.0
+
+
+def test_genecis_recall_at_k_by_hand():
+    # Positive ranks: 1, 3 (two distractors above), 2.
+    out = genecis_recall_at_k([[0.9, 0.1, 0.2], [0.1, 0.5, 0.3], [0.4, 0.6, 0.2]], [0, 0, 0])
+    assert out == {"R@1": pytest.approx(100 / 3), "R@2": pytest.approx(200 / 3),
+                   "R@3": pytest.approx(100.0)}
+    assert genecis_recall_at_k([[0.2, 0.7]], [1], ks=(1,)) == {"R@1": 100.0}
+
+
+def test_genecis_ties_with_the_positive_are_misses():
+    # GeneCIS puts the positive first: an argmax would call each of these a hit.
+    assert genecis_recall_at_1([[0.5, 0.5, 0.1]], [0]) == 0.0
+    assert genecis_recall_at_k([[0.5, 0.5, 0.1]], [0]) == {"R@1": 0.0, "R@2": 100.0,
+                                                           "R@3": 100.0}
+    # A constant scorer ties everything: the positive ranks last, never within the top 3.
+    assert genecis_recall_at_k([[0.3] * 15], [0]) == {"R@1": 0.0, "R@2": 0.0, "R@3": 0.0}
+    # A tie among distractors below the positive does not hurt it.
+    assert genecis_recall_at_1([[0.9, 0.2, 0.2]], [0]) == 100.0
+    with pytest.raises(ValueError):
+        genecis_recall_at_k([[0.1]], [0, 0])

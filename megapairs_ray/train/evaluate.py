@@ -14,10 +14,21 @@ Layouts (relative to the folder given):
 - FashionIQ: ``captions/cap.{category}.{split}.json``, ``image_splits/split.{category}.
   {split}.json``, images ``images/<name>.png`` (or ``.jpg``). Query: "{c1} and {c2}";
   Recall@{10,50} per category and their mean.
+- GeneCIS (the official repo's paths: ``genecis_root``, ``visual_genome_images``, ``coco_root``):
+  ``genecis/{focus_attribute,change_attribute,focus_object,change_object}.json`` (the repo's
+  ``genecis/`` folder); Visual Genome 1.2 images ``VG_100K_all/<image_id>.jpg`` (all 108,249 in
+  one folder: VG_100K and VG_100K_2 merged); COCO 2017 val images ``val2017/<val_image_id:012d>
+  .jpg``. Attribute tasks are crops of VG boxes (``instance_bbox``: x, y, w, h), cut as the
+  official ``VAWDataset`` does (``genecis_crop``); object tasks are whole COCO images. Query: the
+  reference (crop) and the condition text as given (the official evaluation tokenises
+  ``sample['condition']`` alone). Each query ranks its own gallery, the target followed by the
+  distractors; Recall@{1,2,3} per task and their mean, ties against the target counted as misses.
+  The files are GeneCIS's only split, read as ``val``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,16 +36,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 from megapairs_ray.models.retriever import RetrieverEncoder, UndecodableImage
 from megapairs_ray.train import metrics
 
-BENCHMARKS = ("circo", "cirr", "fashioniq")
+BENCHMARKS = ("circo", "cirr", "fashioniq", "genecis")
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+# The paper's order: focus / change an attribute (Visual Genome crops), then an object (COCO).
+GENECIS_TASKS = ("focus_attribute", "change_attribute", "focus_object", "change_object")
+GENECIS_DILATION = 0.7  # the official VAWDataset's DILATION
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(MegapairsError, ValueError):
     """A benchmark folder that does not hold what its published layout promises."""
 
 
@@ -140,6 +156,107 @@ def load_fashioniq(root: str, category: str, split: str = "val") -> Benchmark:
                      extra_images=extra)
 
 
+@dataclass(frozen=True)
+class GenecisImage:
+    uri: str
+    box: tuple[float, float, float, float] | None = None  # VG instance_bbox; None: whole image
+
+
+@dataclass
+class GenecisQuery:
+    qid: str
+    reference: GenecisImage
+    text: str
+    gallery: list[GenecisImage]  # the target first (index 0), then the distractors
+
+
+@dataclass
+class GenecisTask:
+    name: str
+    queries: list[GenecisQuery]
+
+
+def _genecis_split(split: str) -> None:
+    if split != "val":
+        raise BenchmarkError(f"GeneCIS has no {split} split: its four annotation files (targets "
+                             "included) are its one split; evaluate with --split val")
+
+
+def load_genecis(root: str, task: str, split: str = "val") -> GenecisTask:
+    _genecis_split(split)
+    uri = storage.join(root, "genecis", f"{task}.json")
+    ann = _load(uri)
+    if not isinstance(ann, list) or not ann:
+        raise BenchmarkError(f"{uri} is not a non-empty list of GeneCIS templates")
+    attribute = task.endswith("_attribute")
+    folder = storage.join(root, "VG_100K_all" if attribute else "val2017")
+
+    def image(item: Any, role: str, i: int) -> GenecisImage:
+        try:
+            if attribute:
+                x, y, w, h = (float(v) for v in item["instance_bbox"])
+                return GenecisImage(storage.join(folder, f"{item['image_id']}.jpg"),
+                                    (x, y, w, h))
+            return GenecisImage(storage.join(folder, f"{int(item['val_image_id']):012d}.jpg"))
+        except (KeyError, TypeError, ValueError):
+            want = "image_id and instance_bbox [x, y, w, h]" if attribute else "val_image_id"
+            raise BenchmarkError(f"GeneCIS {task} query {i}: its {role} needs {want}, "
+                                 f"got {json.dumps(item)[:200]}") from None
+
+    queries = []
+    for i, a in enumerate(ann):
+        if not isinstance(a, dict):
+            raise BenchmarkError(f"GeneCIS {task} query {i} is not a template object")
+        if "target" not in a:
+            raise BenchmarkError(f"GeneCIS {task} query {i} has no target (hidden ground truths "
+                                 "cannot be scored here)")
+        if not isinstance(a.get("condition"), str) or not isinstance(a.get("gallery"), list):
+            raise BenchmarkError(f"GeneCIS {task} query {i} needs a condition text and a "
+                                 "gallery list")
+        queries.append(GenecisQuery(
+            qid=f"{task}-{i}", reference=image(a.get("reference"), "reference", i),
+            text=a["condition"].strip(),
+            gallery=[image(a["target"], "target", i)]
+            + [image(g, "gallery item", i) for g in a["gallery"]]))
+    return GenecisTask(f"genecis-{task}", queries)
+
+
+def genecis_crop(image: torch.Tensor, box: Sequence[float] | None, name: str = "image",
+                 ) -> torch.Tensor:
+    """The official GeneCIS crop (``datasets/vaw_dataset.py``) of an HWC uint8 image.
+
+    The box (x, y, w, h) grows by ``GENECIS_DILATION`` of its size up and to the left (right and
+    bottom stay put: the official ``right = left + 1.7 w``), is clamped to the image, rounded as
+    Pillow's ``crop`` rounds, and the crop is padded to a square with black, centred. A box that
+    leaves nothing once clamped is an error. ``None``: the whole image."""
+    if box is None:
+        return image
+    img_h, img_w = int(image.shape[0]), int(image.shape[1])
+    x, y, w, h = box
+    left, top = max(0.0, x - GENECIS_DILATION * w), max(0.0, y - GENECIS_DILATION * h)
+    right = min(float(img_w), left + (1 + GENECIS_DILATION) * w)
+    bottom = min(float(img_h), top + (1 + GENECIS_DILATION) * h)
+    x0, y0, x1, y1 = (round(v) for v in (left, top, right, bottom))
+    if x1 <= x0 or y1 <= y0:
+        raise BenchmarkError(f"GeneCIS box {list(box)} lies outside {name} ({img_w}x{img_h}): "
+                             "nothing to crop")
+    crop = image[y0:y1, x0:x1]
+    ch, cw = y1 - y0, x1 - x0
+    if ch == cw:
+        return crop
+    side = max(ch, cw)
+    out = image.new_zeros((side, side, image.shape[2]))
+    top_pad, left_pad = (side - ch) // 2, (side - cw) // 2
+    out[top_pad : top_pad + ch, left_pad : left_pad + cw] = crop
+    return out
+
+
+def _png(image: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image.numpy()).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
 class Embedder(RetrieverEncoder):
     """The retriever's encoders reading benchmark images by URI (local or s3://)."""
 
@@ -176,17 +293,67 @@ class Embedder(RetrieverEncoder):
                 raise
         return np.concatenate(out)
 
+    def _decoded(self, uris: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each distinct image of ``uris``, read and decoded once."""
+        distinct = list(dict.fromkeys(uris))
+        decoded = self.decode(self._read(distinct))
+        for uri, d in zip(distinct, decoded):
+            if isinstance(d, Exception):
+                raise BenchmarkError(f"benchmark image {uri} cannot be decoded: {d}")
+        return dict(zip(distinct, decoded))  # type: ignore[arg-type]
+
+    def crops(self, images: Sequence[GenecisImage]) -> list[torch.Tensor]:
+        decoded = self._decoded([im.uri for im in images])
+        return [genecis_crop(decoded[im.uri], im.box, im.uri) for im in images]
+
+    def crop_candidates(self, images: Sequence[GenecisImage]) -> np.ndarray:
+        """Gallery embeddings of (cropped) images, in batches; each image decoded once a batch."""
+        out = [self.candidates(self.pixels(self.crops(images[i : i + self.batch_size])))
+               for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def crop_queries(self, images: Sequence[GenecisImage], texts: Sequence[str]) -> np.ndarray:
+        """Composed queries of (cropped) reference images and texts. Crops go to the encoder as
+        lossless PNGs, so they take its one query path (same pixels, same composition)."""
+        if all(im.box is None for im in images):
+            return self.queries([im.uri for im in images], texts)
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            pngs = list(self.pool.map(_png, self.crops(images[i : i + self.batch_size])))
+            out.append(super().queries(pngs, list(texts[i : i + self.batch_size])))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
 
 def rank(query_emb: np.ndarray, gallery_emb: np.ndarray, keys: Sequence[str],
          depth: int | None) -> list[list[str]]:
     """Gallery keys by descending cosine similarity, ``depth`` deep (ties: gallery order)."""
-    scores = torch.from_numpy(query_emb) @ torch.from_numpy(gallery_emb).T
+    scores = (torch.from_numpy(query_emb) @ torch.from_numpy(gallery_emb).T).numpy()
     k = scores.shape[1] if depth is None else min(depth + 1, scores.shape[1])
-    order = torch.topk(scores, k=k, dim=1, sorted=True).indices.numpy()
-    return [[keys[j] for j in row] for row in order]
+    out: list[list[str]] = []
+    for i in range(0, len(scores), 256):  # bounded memory: a full argsort per row
+        order = np.argsort(-scores[i : i + 256], axis=1, kind="stable")[:, :k]
+        out.extend([keys[j] for j in row] for row in order)
+    return out
 
 
-def evaluate_benchmark(bench: Benchmark, embedder: Embedder) -> dict[str, Any]:
+def evaluate_genecis(task: GenecisTask, embedder: Embedder) -> dict[str, Any]:
+    """Every distinct gallery image (or crop) embedded once; each query scored on its own."""
+    # In image order, so a batch reads and decodes an image once for all its boxes.
+    gallery = sorted({g for q in task.queries for g in q.gallery},
+                     key=lambda g: (g.uri, g.box or ()))
+    index = {g: i for i, g in enumerate(gallery)}
+    emb = embedder.crop_candidates(gallery)
+    queries = embedder.crop_queries([q.reference for q in task.queries],
+                                    [q.text for q in task.queries])
+    scores = [emb[[index[g] for g in q.gallery]] @ queries[i]
+              for i, q in enumerate(task.queries)]
+    return {"benchmark": task.name, "queries": len(task.queries), "gallery": len(gallery),
+            "metrics": metrics.genecis_recall_at_k(scores, [0] * len(scores))}
+
+
+def evaluate_benchmark(bench: Benchmark | GenecisTask, embedder: Embedder) -> dict[str, Any]:
+    if isinstance(bench, GenecisTask):
+        return evaluate_genecis(bench, embedder)
     keys = sorted(bench.gallery)
     gallery = embedder.images([bench.gallery[k] for k in keys])
     ref_uris = []
@@ -202,7 +369,8 @@ def evaluate_benchmark(bench: Benchmark, embedder: Embedder) -> dict[str, Any]:
             "metrics": bench.score(rankings, bench.queries)}
 
 
-def load_benchmarks(name: str, root: str, split: str = "val") -> list[Benchmark]:
+def load_benchmarks(name: str, root: str, split: str = "val",
+                    ) -> list[Benchmark | GenecisTask]:
     if name == "circo":
         return [load_circo(root, split)]
     if name == "cirr":
@@ -210,13 +378,18 @@ def load_benchmarks(name: str, root: str, split: str = "val") -> list[Benchmark]
     if name == "fashioniq":
         return [load_fashioniq(root, c, split) for c in FASHIONIQ_CATEGORIES
                 if storage.exists(storage.join(root, "captions", f"cap.{c}.{split}.json"))]
+    if name == "genecis":
+        _genecis_split(split)
+        return [load_genecis(root, t, split) for t in GENECIS_TASKS
+                if storage.exists(storage.join(root, "genecis", f"{t}.json"))]
     raise BenchmarkError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
 
 
 def run_eval(checkpoint: str, benchmark: str, root: str, split: str = "val",
              device: str = "cpu", batch_size: int = 64, precision: str = "fp32",
              ) -> dict[str, Any]:
-    """Every metric of ``benchmark`` for ``checkpoint``; FashionIQ adds the category mean."""
+    """Every metric of ``benchmark`` for ``checkpoint``; FashionIQ adds the category mean,
+    GeneCIS the task mean (the paper's GeneCIS number is the mean R@1 of all four tasks)."""
     benches = load_benchmarks(benchmark, root, split)
     if not benches:
         raise BenchmarkError(f"no {benchmark} {split} annotations under {root}")
@@ -224,7 +397,7 @@ def run_eval(checkpoint: str, benchmark: str, root: str, split: str = "val",
     results = [evaluate_benchmark(b, embedder) for b in benches]
     report: dict[str, Any] = {"checkpoint": checkpoint, "benchmark": benchmark, "split": split,
                               "results": results}
-    if benchmark == "fashioniq":
+    if benchmark in ("fashioniq", "genecis"):
         names = results[0]["metrics"].keys()
         report["mean"] = {k: float(np.mean([r["metrics"][k] for r in results])) for k in names}
     return report

@@ -57,8 +57,25 @@ def cirr_metrics(rankings: Sequence[Sequence[object]], targets: Sequence[object]
     return out
 
 
+def genecis_recall_at_k(scores: Sequence[Sequence[float]], positive_index: Sequence[int],
+                        ks: Sequence[int] = (1, 2, 3)) -> dict[str, float]:
+    """GeneCIS: each query ranks its own small gallery (the positive and its distractors);
+    R@k = the positive is within the top k, in percent.
+
+    Ties rank pessimistically: the positive's rank is 1 + the number of distractors scoring at
+    least as high, so a distractor tied with the positive beats it. (GeneCIS puts the positive
+    at gallery index 0, where an argmax or a stable sort would count every tie as a hit.)
+    """
+    if len(scores) != len(positive_index):
+        raise ValueError("scores and positive_index must pair up")
+    ranks = []
+    for s, p in zip(scores, positive_index):
+        row = np.asarray(s, dtype=np.float64)
+        ranks.append(1 + int(np.count_nonzero(np.delete(row, p) >= row[p])))
+    return {f"R@{k}": 100.0 * float(np.mean([r <= k for r in ranks])) for k in ks}
+
+
 def genecis_recall_at_1(scores: Sequence[Sequence[float]], positive_index: Sequence[int],
                         ) -> float:
-    """GeneCIS: each query ranks its own small gallery; R@1 = top-1 is the positive (percent)."""
-    hits = [int(np.argmax(s)) == p for s, p in zip(scores, positive_index)]
-    return 100.0 * float(np.mean(hits))
+    """GeneCIS R@1 (percent); a positive tied with a distractor is a miss."""
+    return genecis_recall_at_k(scores, positive_index, (1,))["R@1"]

@@ -2,26 +2,79 @@
 
 Every stage command takes ``--config PROFILE.yaml`` and any number of ``--set section.field=value``
 overrides, and resumes: rerunning a finished stage does nothing, an interrupted one finishes.
+
+Every error a user can cause ends as one line naming the cause and a non-zero exit (2 for a bad
+config, 1 otherwise), for every command and every job entrypoint: ``UserErrors`` turns the
+project's ``MegapairsError``s, and the storage failures a user causes (a missing path, no
+permission, a full or read-only disk, missing credentials, an unreachable endpoint), into that
+line. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-from megapairs_ray.config import ConfigError, ConfigT, RunConfig, load_config
+from megapairs_ray.config import ConfigT, RunConfig, load_config
+from megapairs_ray.errors import MegapairsError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="MegaPairs data synthesis on Ray.")
-corpus_app = typer.Typer(no_args_is_help=True, help="The bundled default corpus.")
-app.add_typer(corpus_app, name="corpus")
 console = Console(stderr=True)
 
+# Storage failures a user causes, by errno: named in one line, not a traceback.
+_USER_ERRNOS = {errno.ENOENT: "not found", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.ENOSPC: "no space left on device",
+                errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded",
+                errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory"}
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one line for an error the user caused, or None for a bug."""
+    e = getattr(e, "cause", None) or e  # a Ray task's error: the exception it wraps
+    if isinstance(e, MegapairsError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in _USER_ERRNOS:
+        where = e.filename or ""
+        return f"{_USER_ERRNOS[e.errno]}: {where}".rstrip(": ") if where else \
+            f"{_USER_ERRNOS[e.errno]}: {e.strerror or e}"
+    module = type(e).__module__ or ""
+    if module.startswith(("botocore", "aiobotocore")):  # credentials, endpoint, bucket
+        return f"storage: {type(e).__name__}: {e}"
+    return None
+
+
+class UserErrors(TyperGroup):
+    """Runs a subcommand; a user-caused error becomes one line on stderr and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:
+            message = user_error_message(e)
+            if message is None:
+                raise
+            first = message.strip().splitlines() or ["error"]
+            console.print(f"[red]error: {escape(' '.join(line.strip() for line in first))}"
+                          "[/red]", soft_wrap=True)
+            cause = getattr(e, "cause", None) or e
+            raise typer.Exit(getattr(cause, "exit_code", 1)) from None
+
+
+app = typer.Typer(cls=UserErrors, no_args_is_help=True, add_completion=False,
+                  help="MegaPairs data synthesis on Ray.")
+corpus_app = typer.Typer(cls=UserErrors, no_args_is_help=True,
+                         help="The bundled default corpus.")
+app.add_typer(corpus_app, name="corpus")
 STAGES = ("ingest", "embed", "index", "mine", "describe", "instruct", "export")
 SYNTH_STAGES = ("describe", "instruct", "export")
 
@@ -32,11 +85,21 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 def _load(config: Path, overrides: list[str] | None,
           schema: type[ConfigT] = RunConfig) -> ConfigT:  # type: ignore[assignment]
-    try:
-        return load_config(config, overrides or [], schema=schema)
-    except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    return load_config(config, overrides or [], schema=schema)
+
+
+def _preflight(cfg: RunConfig, stages: list[str]) -> None:
+    """What can be checked before Ray starts: the run directory takes writes, the input exists
+    and names shards, the models can be built."""
+    from megapairs_ray.io import storage
+    from megapairs_ray.io.shards import list_shards
+    from megapairs_ray.models.encoders import check_models
+
+    storage.check_writable(cfg.run_dir)
+    if "ingest" in stages:
+        list_shards(cfg.input)
+    if "embed" in stages:
+        check_models(cfg.embed.clip, cfg.embed.dino)
 
 
 def _run_stages(cfg: RunConfig, stages: list[str]) -> None:
@@ -46,18 +109,15 @@ def _run_stages(cfg: RunConfig, stages: list[str]) -> None:
     from megapairs_ray.pipeline.ingest import run_ingest
     from megapairs_ray.pipeline.mine import run_mine
     from megapairs_ray.pipeline.runtime import init_ray
-    from megapairs_ray.pipeline.synth import SynthStageError, run_describe, run_instruct_stage
+    from megapairs_ray.pipeline.synth import run_describe, run_instruct_stage
 
+    _preflight(cfg, stages)
     init_ray(cfg.ray)
     runners = {"ingest": run_ingest, "embed": run_embed, "index": run_index, "mine": run_mine,
                "describe": run_describe, "instruct": run_instruct_stage, "export": run_export}
     for name in stages:
-        console.print(f"[bold]{name}[/bold] → {cfg.run_dir}")
-        try:
-            record = runners[name](cfg)
-        except SynthStageError as e:
-            console.print(f"[red]{name}: {e}[/red]")
-            raise typer.Exit(1) from None
+        console.print(f"[bold]{name}[/bold] → {escape(cfg.run_dir)}")
+        record = runners[name](cfg)
         console.print(f"  done in {record.seconds:.1f}s: "
                       + ", ".join(f"{k}={v}" for k, v in sorted(record.counts.items())))
         if record.rejects:
@@ -79,7 +139,8 @@ def run(config: ConfigOpt, set_: SetOpt = None,
         chosen = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
-        console.print(f"[red]unknown stage(s) {unknown}; known: {list(STAGES)}[/red]")
+        console.print(f"[red]unknown stage(s) {escape(str(unknown))}; known: "
+                      f"{escape(str(list(STAGES)))}[/red]")
         raise typer.Exit(2)
     _run_stages(cfg, chosen)
     show_manifest(cfg.run_dir)
@@ -155,14 +216,9 @@ def show_manifest(run_dir: Annotated[str, typer.Argument(help="Run directory.")]
 def train(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Train MMRet on MegaPairs-form triplets with Ray Train (resumes a relaunched run)."""
     from megapairs_ray.train.config import TrainConfig
-    from megapairs_ray.train.trainer import TrainDataError, run_training
+    from megapairs_ray.train.trainer import run_training
 
-    cfg = _load(config, set_, TrainConfig)
-    try:
-        summary = run_training(cfg)
-    except (TrainDataError, FileNotFoundError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1) from None
+    summary = run_training(_load(config, set_, TrainConfig))
     console.print(f"trained to step {summary['metrics'].get('step')}: "
                   f"loss {summary['metrics'].get('loss'):.4f}; checkpoint {summary['checkpoint']}")
     console.print("triplets: " + ", ".join(f"{k}={v}" for k, v in summary["triplets"].items()))
@@ -195,24 +251,20 @@ def evaluate(
 ) -> None:
     """Zero-shot composed-image-retrieval metrics of a checkpoint."""
     from megapairs_ray.io import storage
-    from megapairs_ray.train.evaluate import BenchmarkError, run_eval
+    from megapairs_ray.train.evaluate import run_eval
 
     kwargs = {"checkpoint": checkpoint, "benchmark": benchmark, "root": data, "split": split,
               "device": device, "batch_size": batch_size, "precision": precision}
-    try:
-        if gpus > 0:
-            import ray
+    if gpus > 0:
+        import ray
 
-            from megapairs_ray.config import RayConfig
-            from megapairs_ray.pipeline.runtime import init_ray
+        from megapairs_ray.config import RayConfig
+        from megapairs_ray.pipeline.runtime import init_ray
 
-            init_ray(RayConfig())
-            report = ray.get(ray.remote(num_gpus=gpus)(run_eval).remote(**kwargs))
-        else:
-            report = run_eval(**kwargs)
-    except BenchmarkError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1) from None
+        init_ray(RayConfig())
+        report = ray.get(ray.remote(num_gpus=gpus)(run_eval).remote(**kwargs))
+    else:
+        report = run_eval(**kwargs)
     for r in report["results"]:
         table = Table(title=f"{r['benchmark']}: {r['queries']} queries, {r['gallery']} images")
         for k in r["metrics"]:
@@ -231,16 +283,10 @@ def gallery(config: ConfigOpt, set_: SetOpt = None) -> None:
     from megapairs_ray.pipeline.gallery import run_gallery
     from megapairs_ray.pipeline.runtime import init_ray
     from megapairs_ray.serve.config import GalleryConfig
-    from megapairs_ray.serve.gallery import GalleryError
-    from megapairs_ray.stages.index import IndexStageError
 
     cfg = _load(config, set_, GalleryConfig)
     init_ray(cfg.ray)
-    try:
-        record = run_gallery(cfg)
-    except (GalleryError, IndexStageError, FileNotFoundError) as e:
-        console.print(f"[red]gallery: {e}[/red]")
-        raise typer.Exit(1) from None
+    record = run_gallery(cfg)
     console.print(f"gallery {cfg.run_dir}: " + ", ".join(
         f"{k}={v}" for k, v in sorted(record.counts.items())))
     if record.rejects:
@@ -264,17 +310,13 @@ def serve_cmd(
     from megapairs_ray.pipeline.runtime import init_ray
     from megapairs_ray.serve.config import load_serve_file
     from megapairs_ray.serve.deploy import deploy
-    from megapairs_ray.serve.gallery import GalleryError, read_gallery
+    from megapairs_ray.serve.gallery import read_gallery
 
-    try:
-        # Every mistake the file can hold is found before Ray starts.
-        for app_cfg in load_serve_file(config)[2].values():
-            read_gallery(app_cfg.gallery_dir)
-        init_ray(RayConfig())
-        urls = deploy(config, host=host, port=port)
-    except (ConfigError, GalleryError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    # Every mistake the file can hold is found before Ray starts.
+    for app_cfg in load_serve_file(config)[2].values():
+        read_gallery(app_cfg.gallery_dir)
+    init_ray(RayConfig())
+    urls = deploy(config, host=host, port=port)
     for url in urls:
         console.print(f"serving: [bold]{url}[/bold]  (search page; API docs at {url}docs)")
     if detach:
@@ -298,15 +340,12 @@ def corpus_build(
     """Build the bundled corpus from Debian's OpenClipArt packages."""
     from megapairs_ray.corpus import build_corpus
 
-    try:
-        summary = build_corpus(out, n_images=n_images, shard_size=shard_size)
-    except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1) from None
+    summary = build_corpus(out, n_images=n_images, shard_size=shard_size)
     console.print(f"corpus: {summary['n_images']} images in {summary['shards']} shards at {out}")
 
 
 def main() -> None:
+    """The installed ``megapairs`` command."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app()
 

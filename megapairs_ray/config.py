@@ -19,6 +19,8 @@ from megapairs_ray.errors import MegapairsError
 class ConfigError(MegapairsError, ValueError):
     """A run configuration that cannot be used; the message names the offending field."""
 
+    exit_code = 2
+
 
 class Strict(BaseModel):
     # Unknown keys are errors: a misspelt field must not silently fall back to a default.

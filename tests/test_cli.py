@@ -39,6 +39,54 @@ def test_unknown_stage_is_an_error():
     assert "paint" in result.output
 
 
+def _run(*args: str):
+    return runner.invoke(app, ["run", "-c", str(ROOT / "configs" / "tiny.yaml"), *args])
+
+
+def _one_line(result, exit_code: int, *needles: str) -> None:
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], result.output
+
+
+def test_user_errors_are_one_line_before_any_work_starts(tmp_path):
+    """Each of these is found before Ray starts (no cluster is started by this test)."""
+    run_dir = f"run_dir={tmp_path / 'run'}"
+    _one_line(_run("-s", run_dir, "-s", f"input.uris=[{tmp_path / 'nowhere'}]"), 1,
+              "input uri does not exist", "nowhere")
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "tars" / "a.tar").write_bytes(b"")
+    _one_line(_run("-s", run_dir, "-s", f"input.uris=[{tmp_path / 'tars'}]",
+                   "-s", "input.format=parquet"), 1, "matched no shards")
+    _one_line(_run("-s", run_dir, "--stages", "embed", "-s", "embed.clip.model=NoSuchClip"), 1,
+              "unknown open_clip model", "NoSuchClip")
+    _one_line(_run("-s", run_dir, "--stages", "embed", "-s", "embed.dino.pretrained=true",
+                   "-s", "embed.dino.model=facebook/dinov2-large"), 1, "HF_HUB_OFFLINE")
+    (tmp_path / "file").write_text("not a folder")
+    _one_line(_run("-s", f"run_dir={tmp_path / 'file' / 'run'}"), 1, "not a directory")
+    # Square brackets in a message survive (Rich would read [clip_imag] as markup).
+    _one_line(_run("-s", run_dir, "-s", "mine.windows.clip_imag=[0.5, 0.9]"), 2,
+              "['clip_imag']")
+
+
+def test_an_unreachable_storage_endpoint_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        _one_line(_run("-s", "run_dir=s3://megapairs-unreachable/run"), 1, "storage:",
+                  "127.0.0.1:9")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 def test_svg_caption(tmp_path):
     svg = tmp_path / "a.svg"
     svg.write_text('<svg><metadata><cc:Work><dc:title>Red &amp; blue kite</dc:title>'

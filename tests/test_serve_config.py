@@ -122,7 +122,7 @@ def test_commands_answer_mistakes_in_one_line(tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(doc))
     no_gallery = runner.invoke(app, ["serve", "-c", str(path), "--detach"])
-    assert no_gallery.exit_code == 2, no_gallery.output
+    assert no_gallery.exit_code == 1, no_gallery.output
     assert "no finished gallery" in no_gallery.output and "Traceback" not in no_gallery.output
     bad = tmp_path / "gallery.yaml"
     bad.write_text("profile: x\nrun_dir: g\ncheckpoint: c\n")

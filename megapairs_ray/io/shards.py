@@ -30,11 +30,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from megapairs_ray.config import InputConfig
+from megapairs_ray.errors import MegapairsError
 from megapairs_ray.imaging import Reason
 from megapairs_ray.io import storage
 
 ShardFormat = Literal["webdataset", "parquet", "folder"]
 FOLDER_SHARD_SIZE = 1000  # images per shard when the input is a plain folder
+
+
+class InputError(MegapairsError, ValueError):
+    """An input that names no shards, or names one twice; the message says which."""
+
+
+class InputNotFoundError(InputError, FileNotFoundError):
+    """An input uri that does not exist."""
 
 
 @dataclass(frozen=True)
@@ -144,15 +153,15 @@ def list_shards(cfg: InputConfig) -> list[Shard]:
     for uri in cfg.uris:
         shards.extend(_shards_for(uri, cfg))
     if not shards:
-        raise FileNotFoundError(f"input.uris matched no shards: {cfg.uris}")
+        raise InputNotFoundError(f"input.uris matched no shards: {cfg.uris}")
     names = Counter(s.name for s in shards)
     dupes = sorted(n for n, c in names.items() if c > 1)
     if dupes:
-        raise ValueError(f"input.uris name the same shard more than once: {dupes[:5]}")
+        raise InputError(f"input.uris name the same shard more than once: {dupes[:5]}")
     slugs = Counter(s.slug for s in shards)
     clash = sorted(n for n, c in slugs.items() if c > 1)
     if clash:  # 64-bit digests: not expected, but outputs must never overwrite each other
-        raise ValueError(f"two shards map to the same output name: {clash[:5]}")
+        raise InputError(f"two shards map to the same output name: {clash[:5]}")
     return shards
 
 
@@ -177,7 +186,7 @@ def _shards_for(uri: str, cfg: InputConfig) -> list[Shard]:
         root = posixpath.dirname(path)
         files = [path]
     else:
-        raise FileNotFoundError(f"input uri does not exist: {uri}")
+        raise InputNotFoundError(f"input uri does not exist: {uri}")
     root = root.rstrip("/")
     image_exts = {e.lower() for e in cfg.image_extensions}
     kinds = {p: _kind(p, image_exts) for p in files}

@@ -96,6 +96,15 @@ def open_atomic(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
             fs.rm(tmp)
 
 
+def check_writable(uri: str) -> None:
+    """Write and remove a small file under ``uri``: a read-only, full or mistyped location
+    fails here, before any work starts, with the storage's own error."""
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
+    with open_atomic(probe) as f:
+        f.write(b"")
+    remove(probe)
+
+
 def write_json(uri: str, doc: Any) -> None:
     with open_atomic(uri, "w") as f:
         json.dump(doc, f, indent=2, sort_keys=True, default=str)

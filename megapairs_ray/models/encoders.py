@@ -12,6 +12,7 @@ Heavy imports live inside the builders so that importing this module stays cheap
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from megapairs_ray.config import ClipEncoderConfig, DinoEncoderConfig
+from megapairs_ray.errors import MegapairsError
 
 OPEN_CLIP_CONFIGS = Path(__file__).parent / "open_clip_configs"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,12 +74,33 @@ def register_bundled_open_clip_configs() -> None:
     open_clip.add_model_config(OPEN_CLIP_CONFIGS)
 
 
+class ModelNotFoundError(MegapairsError, ValueError):
+    """A model name that cannot be built here: unknown, or on a hub this machine cannot reach."""
+
+
+def check_models(clip: ClipEncoderConfig, dino: DinoEncoderConfig) -> None:
+    """Refuse, before any work starts, model names that cannot load: an unknown open_clip
+    architecture, or hub weights while the hub is off (``HF_HUB_OFFLINE``)."""
+    import open_clip
+
+    register_bundled_open_clip_configs()
+    if clip.model not in open_clip.list_models():
+        raise ModelNotFoundError(f"embed.clip.model: unknown open_clip model {clip.model!r}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    needs_hub = (dino.library == "transformers" and dino.pretrained
+                 and not Path(dino.model).is_dir())
+    if needs_hub and offline:
+        raise ModelNotFoundError(f"embed.dino.model {dino.model!r} is not a local folder and "
+                                 "HF_HUB_OFFLINE is set: give a folder with the weights, or "
+                                 "pretrained: false for random weights")
+
+
 def build_clip(cfg: ClipEncoderConfig, device: torch.device, dtype: torch.dtype) -> ClipEncoder:
     import open_clip
 
     register_bundled_open_clip_configs()
     if cfg.model not in open_clip.list_models():
-        raise ValueError(f"embed.clip.model: unknown open_clip model {cfg.model!r}")
+        raise ModelNotFoundError(f"embed.clip.model: unknown open_clip model {cfg.model!r}")
     model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained, device=device)
     model = model.to(dtype=dtype).eval()
     tokenizer = open_clip.get_tokenizer(cfg.model)

@@ -97,6 +97,9 @@ class ActorPoolSection(Strict):
     reader_num_cpus: float = Field(default=0.5, gt=0)
     writer_num_cpus: float = Field(default=0.25, gt=0)
     writer_batch_rows: int = Field(default=4096, gt=0)
+    # Bytes that images being decoded at once may take per actor (a paletted PNG can take a
+    # gigabyte to decode from a file of kilobytes); decodes wait for one another beyond it.
+    decode_budget_bytes: int = Field(default=1 << 30, gt=0)
 
     @model_validator(mode="after")
     def _pool(self) -> ActorPoolSection:

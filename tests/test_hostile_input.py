@@ -221,3 +221,61 @@ def test_the_job_finishes_on_the_hostile_corpus(ray_cluster, tmp_path):
     assert ingest.counts["shard_problems"] == 4
     assert sorted(p.name for p in (tmp_path / "in").rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "run"]
+
+
+def test_decoding_a_batch_of_palette_bombs_stays_within_the_budget(tmp_path):
+    """Paletted PNGs just under a pixel limit are tiny files that decode to hundreds of MB each;
+    a batch of them on a thread pool must not hold them all at once."""
+    code = textwrap.dedent("""
+        import io, resource, sys
+        from concurrent.futures import ThreadPoolExecutor
+        from PIL import Image
+        from megapairs_ray.stages import pixels
+        im = Image.new("P", (6000, 6000))
+        im.putpalette([i % 256 for i in range(768)])
+        buf = io.BytesIO(); im.save(buf, "PNG"); data = buf.getvalue()
+        budget = int(sys.argv[1])
+        if budget:
+            pixels.set_decode_budget(budget)
+        out = pixels.decode_cpu([data] * 8, 256, ThreadPoolExecutor(8))
+        assert all(not isinstance(o, Exception) for o in out), out
+        print(len(data), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    """)
+
+    def peak(budget: int) -> tuple[int, int]:
+        r = subprocess.run([sys.executable, "-c", code, str(budget)], capture_output=True,
+                           text=True, timeout=300, check=True)
+        size, mib = map(int, r.stdout.split())
+        return size, mib
+
+    size, bounded = peak(400 * 2**20)
+    assert size < 200_000  # a few hundred kB on disk
+    _, unbounded = peak(64 * 2**30)  # a budget too large to bind: eight at once
+    assert bounded < 1200, f"{bounded} MiB with a 400 MiB budget"
+    assert unbounded > bounded + 500, (unbounded, bounded)
+
+
+def test_decode_budget_holds_at_most_its_bytes():
+    import threading
+    import time
+
+    from megapairs_ray.stages.pixels import DecodeBudget
+
+    budget, held, peak, lock = DecodeBudget(100), [0], [0], threading.Lock()
+
+    def work(n: int) -> None:
+        with budget.hold(n):
+            with lock:
+                held[0] += min(n, 100)
+                peak[0] = max(peak[0], held[0])
+            time.sleep(0.02)
+            with lock:
+                held[0] -= min(n, 100)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in [40, 40, 40, 250, 10] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)  # an over-budget image still runs, alone
+    assert 0 < peak[0] <= 100

@@ -31,6 +31,7 @@ from megapairs_ray.io import storage
 from megapairs_ray.io.shards import fetch_bytes_tolerant
 from megapairs_ray.models.retriever import RetrieverEncoder
 from megapairs_ray.serve.config import SPACE
+from megapairs_ray.stages.pixels import set_decode_budget
 
 # What the service needs of each image: its id, its caption and where its bytes live.
 META_COLUMNS = ["image_id", "key", "caption", "format_kind", "file_uri", "offset", "length",
@@ -88,7 +89,10 @@ class GalleryEncoder:
     An image that does not decode is a ``decode_failed`` row, not an exception."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", precision: str = "fp32",
-                 batch_size: int = 64, threads: int = 4) -> None:
+                 batch_size: int = 64, threads: int = 4,
+                 decode_budget_bytes: int | None = None) -> None:
+        if decode_budget_bytes is not None:
+            set_decode_budget(decode_budget_bytes)
         self.encoder = RetrieverEncoder(checkpoint, device=device, batch_size=batch_size,
                                         threads=threads, precision=precision)
 

@@ -48,6 +48,7 @@ class EmbedStage:
         self.dino = build_dino(cfg.dino, self.device, self.dtype)
         self.min_side = max(self.clip.spec.min_source_side, self.dino.spec.min_source_side)
         self.pool = ThreadPoolExecutor(cfg.decode_threads) if cfg.decode_threads > 1 else None
+        pixels.set_decode_budget(cfg.decode_budget_bytes)
         self._local = threading.local()
         self._tokenizer_lock = threading.Lock()
         self.dims = {"clip_image": self.clip.dim, "dino_image": self.dino.dim,

@@ -12,26 +12,100 @@ batch, not one per image.
 
 from __future__ import annotations
 
+import ctypes
+import io
+import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from megapairs_ray.imaging import decode_rgb
 from megapairs_ray.models.encoders import ImageSpec
 
 
+class DecodeBudget:
+    """Bounds the memory of the decodes running at once in this process.
+
+    Pixel limits per image are not enough: a paletted PNG just under ingest's pixel limit is an
+    86 kB file that takes about a gigabyte to decode and convert, and a batch decoded on a thread
+    pool holds several at once. Each decode first holds its estimated peak bytes (from the
+    header) against this budget, waiting while others hold it; one image larger than the whole
+    budget still decodes, alone."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._free = max_bytes
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        n = min(max(nbytes, 0), self.max_bytes)
+        with self._cond:
+            self._cond.wait_for(lambda: self._free >= n)
+            self._free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += n
+                self._cond.notify_all()
+
+
+DEFAULT_DECODE_BUDGET_BYTES = 1 << 30
+_budget = DecodeBudget(DEFAULT_DECODE_BUDGET_BYTES)
+
+
+# glibc keeps large freed blocks in each thread's arena, so after a few huge decodes on a
+# thread pool the process holds every thread's worst case at once. Returning them after each
+# huge decode keeps the budget a bound on memory, not only on concurrency.
+_TRIM_ABOVE_BYTES = 64 << 20
+
+
+def _release_freed_memory() -> None:
+    with suppress(OSError, AttributeError):  # not glibc: nothing to trim this way
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def set_decode_budget(max_bytes: int) -> None:
+    """This process's budget (a stage sets it from its config when its actor starts)."""
+    global _budget
+    _budget = DecodeBudget(max_bytes)
+
+
+def decode_peak_bytes(data: bytes, min_short_side: int) -> int:
+    """Estimated peak bytes of decoding ``data`` with ``decode_rgb``: the decoded image plus the
+    RGBA and RGB copies a conversion makes (JPEGs are decoded at reduced scale)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if im.format == "JPEG" and min_short_side:
+                scale = max(1, min(w, h) // min_short_side)
+                return (w // scale) * (h // scale) * 3 * 2
+    except Exception:  # undecodable: decode_rgb reports it, cheaply
+        return 0
+    return w * h * (1 + 4 + 3)
+
+
 def decode_cpu(images: Sequence[bytes], min_short_side: int, pool: ThreadPoolExecutor | None,
                ) -> list[torch.Tensor | Exception]:
-    """HWC uint8 tensors (or the exception that stopped each image)."""
+    """HWC uint8 tensors (or the exception that stopped each image), decoded within this
+    process's ``DecodeBudget``."""
 
     def one(data: bytes) -> torch.Tensor | Exception:
+        peak = decode_peak_bytes(data, min_short_side)
         try:
-            return torch.from_numpy(decode_rgb(data, min_short_side))
+            with _budget.hold(peak):
+                return torch.from_numpy(decode_rgb(data, min_short_side))
         except Exception as e:  # counted as a reject by the caller
             return e
+        finally:
+            if peak >= _TRIM_ABOVE_BYTES:
+                _release_freed_memory()
 
     return list(pool.map(one, images)) if pool is not None else [one(b) for b in images]
 

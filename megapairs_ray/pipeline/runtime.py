@@ -1,5 +1,10 @@
 """Connecting to Ray: a cluster when ``ray.address`` is set (or RAY_ADDRESS, as under
-``ray job submit``), else a local Ray sized by the config."""
+``ray job submit``), else a Ray of this command's own, sized by the config.
+
+"Its own" holds even when another Ray (``ray start --head``) runs on the same machine: without
+an address, Ray would otherwise attach to that one and refuse the config's ``num_cpus``. To use
+a running cluster, say so: ``ray.address: auto`` (or an address) in the config, or RAY_ADDRESS.
+"""
 
 from __future__ import annotations
 
@@ -17,5 +22,6 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
-             include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=cfg.num_cpus,
+             object_store_memory=cfg.object_store_memory, include_dashboard=False,
+             log_to_driver=True)

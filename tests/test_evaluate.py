@@ -22,11 +22,9 @@ from typer.testing import CliRunner
 from megapairs_ray.cli import app
 from megapairs_ray.train import metrics
 from megapairs_ray.train.evaluate import BenchmarkError, Embedder, rank, run_eval
-from megapairs_ray.train.model import MMRetCLIP
-from megapairs_ray.train.tokenizer import load_tokenizer
 from megapairs_ray.train.toy_triplets import COLOURS, SHAPES, shape_image
 
-from .train_helpers import TINY_CLIP
+from .serve_helpers import make_checkpoint
 
 KEYS = [(s, c) for s in SHAPES for c in COLOURS]
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073]).reshape(3, 1, 1)
@@ -35,11 +33,7 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711]).reshape(3, 1, 1)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(3)
-    MMRetCLIP.from_config(**TINY_CLIP).save_pretrained(d)
-    load_tokenizer(None).save_pretrained(d)
-    return str(d)
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _write(path: Path, data: object) -> None:

@@ -24,11 +24,9 @@ from megapairs_ray.cli import app
 from megapairs_ray.imaging import decode_rgb
 from megapairs_ray.train import evaluate
 from megapairs_ray.train.evaluate import BenchmarkError, Embedder, genecis_crop, run_eval
-from megapairs_ray.train.model import MMRetCLIP
-from megapairs_ray.train.tokenizer import load_tokenizer
 from megapairs_ray.train.toy_triplets import COLOURS, SHAPES, shape_image
 
-from .train_helpers import TINY_CLIP
+from .serve_helpers import make_checkpoint
 
 TASKS = ("focus_attribute", "change_attribute", "focus_object", "change_object")
 COLOUR_NAMES = list(COLOURS)
@@ -40,11 +38,7 @@ BOXES = [(50.0, 20.0, 30.0, 36.0), (30.5, 8.25, 20.0, 24.5), (80.0, 40.0, 40.0, 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(3)
-    MMRetCLIP.from_config(**TINY_CLIP).save_pretrained(d)
-    load_tokenizer(None).save_pretrained(d)
-    return str(d)
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _write(path: Path, data: object) -> None:

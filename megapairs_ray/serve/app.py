@@ -79,6 +79,9 @@ class GallerySearch:
         from megapairs_ray.serve.search import GallerySearcher
 
         cfg = SearchSection.model_validate(section)
+        import faiss
+
+        faiss.omp_set_num_threads(cfg.faiss_threads)
         self.searcher = GallerySearcher(gallery_dir, nprobe=cfg.nprobe,
                                         hnsw_ef_search=cfg.hnsw_ef_search, mmap=cfg.mmap,
                                         local_cache_dir=cfg.local_cache_dir)

@@ -105,7 +105,10 @@ def test_real_gloo_collectives_match_one_process():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = mp.Manager().dict()
+    # A spawned manager, not a forked one: a fork of this process would carry the session's
+    # Ray driver with it, and that copy's exit can take the session's cluster down.
+    manager = mp.get_context("spawn").Manager()
+    out = manager.dict()
     mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
     (q0, p0, n0), (q1, p1, n1) = _batch(1), _batch(2)
     p = torch.cat([p0, p1]).requires_grad_(True)
@@ -116,3 +119,4 @@ def test_real_gloo_collectives_match_one_process():
     # collective's backward), averaged as DDP averages, is the one-process gradient.
     assert torch.allclose(out[0][1] / 2, p.grad[:4], atol=1e-5)
     assert torch.allclose(out[1][1] / 2, p.grad[4:], atol=1e-5)
+    manager.shutdown()

@@ -67,7 +67,7 @@ def _timed(fn, repeats: int, sync) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["vit-b16", "tiny"], default="vit-b16")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (named, never probed)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)

@@ -136,3 +136,9 @@ def chromium(args: list[str], profile_dir: Path, timeout: float = 120) -> str:
                            *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
+
+
+def write_json(path: Path, data: object) -> None:
+    """A benchmark annotation file, with its folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))

@@ -24,6 +24,7 @@ from megapairs_ray.train import metrics
 from megapairs_ray.train.evaluate import BenchmarkError, Embedder, rank, run_eval
 from megapairs_ray.train.toy_triplets import COLOURS, SHAPES, shape_image
 
+from .helpers import write_json
 from .serve_helpers import make_checkpoint
 
 KEYS = [(s, c) for s in SHAPES for c in COLOURS]
@@ -35,10 +36,6 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711]).reshape(3, 1, 1)
 def checkpoint(tmp_path_factory) -> str:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
-
-def _write(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
 
 
 def _queries():
@@ -57,13 +54,13 @@ def make_circo(root: Path) -> Path:
     img_dir.mkdir(parents=True)
     for k, i in ids.items():
         (img_dir / f"{i:012d}.jpg").write_bytes(shape_image(*k))
-    _write(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json",
+    write_json(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json",
            {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids.values()]})
-    _write(root / "annotations" / "val.json", [
+    write_json(root / "annotations" / "val.json", [
         {"id": n, "reference_img_id": ids[ref], "target_img_id": ids[gts[0]],
          "shared_concept": shared, "relative_caption": rel, "gt_img_ids": [ids[g] for g in gts]}
         for n, (ref, shared, rel, gts) in enumerate(_queries())])
-    _write(root / "annotations" / "test.json", [
+    write_json(root / "annotations" / "test.json", [
         {"id": 0, "reference_img_id": 1000, "shared_concept": "x", "relative_caption": "y"}])
     return root
 
@@ -73,7 +70,7 @@ def make_cirr(root: Path) -> Path:
     for k, n in names.items():
         (root / "dev").mkdir(parents=True, exist_ok=True)
         (root / "dev" / f"{n}.png").write_bytes(shape_image(*k))
-    _write(root / "image_splits" / "split.rc2.val.json",
+    write_json(root / "image_splits" / "split.rc2.val.json",
            {n: f"./dev/{n}.png" for n in names.values()})
     caps = []
     for i, (ref, _, rel, gts) in enumerate(_queries()):
@@ -81,7 +78,7 @@ def make_cirr(root: Path) -> Path:
         caps.append({"pairid": i, "reference": names[ref], "target_hard": names[gts[0]],
                      "caption": f"make it {rel.split()[-1]}",
                      "img_set": {"id": i, "members": list(dict.fromkeys(members))[:6]}})
-    _write(root / "captions" / "cap.rc2.val.json", caps)
+    write_json(root / "captions" / "cap.rc2.val.json", caps)
     return root
 
 
@@ -92,13 +89,13 @@ def make_fashioniq(root: Path, ext: str = "png") -> Path:
         for k, n in names.items():
             (root / "images").mkdir(parents=True, exist_ok=True)
             (root / "images" / f"{n}.{ext}").write_bytes(shape_image(*k))
-        _write(root / "image_splits" / f"split.{cat}.val.json", list(names.values()))
+        write_json(root / "image_splits" / f"split.{cat}.val.json", list(names.values()))
         caps = []
         for ref, _, rel, gts in _queries():
             if ref in names and gts[0] in names:
                 caps.append({"candidate": names[ref], "target": names[gts[0]],
                              "captions": [f"{rel}.", "has the same shape"]})
-        _write(root / "captions" / f"cap.{cat}.val.json", caps)
+        write_json(root / "captions" / f"cap.{cat}.val.json", caps)
     return root
 
 

@@ -26,6 +26,7 @@ from megapairs_ray.train import evaluate
 from megapairs_ray.train.evaluate import BenchmarkError, Embedder, genecis_crop, run_eval
 from megapairs_ray.train.toy_triplets import COLOURS, SHAPES, shape_image
 
+from .helpers import write_json
 from .serve_helpers import make_checkpoint
 
 TASKS = ("focus_attribute", "change_attribute", "focus_object", "change_object")
@@ -40,10 +41,6 @@ BOXES = [(50.0, 20.0, 30.0, 36.0), (30.5, 8.25, 20.0, 24.5), (80.0, 40.0, 40.0, 
 def checkpoint(tmp_path_factory) -> str:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
-
-def _write(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
 
 
 def _scene(i: int) -> bytes:
@@ -111,7 +108,7 @@ def make_genecis(root: Path, tasks: tuple[str, ...] = TASKS) -> Path:
         ],
     }
     for t in tasks:
-        _write(root / "genecis" / f"{t}.json", ann[t])
+        write_json(root / "genecis" / f"{t}.json", ann[t])
     return root
 
 
@@ -224,7 +221,7 @@ def test_a_box_outside_the_image_is_a_clear_error(tmp_path, checkpoint):
     root = make_genecis(tmp_path / "genecis", tasks=("focus_attribute",))
     ann = json.loads((root / "genecis" / "focus_attribute.json").read_text())
     ann[1]["gallery"][0]["instance_bbox"] = [200, 10, 20, 20]
-    _write(root / "genecis" / "focus_attribute.json", ann)
+    write_json(root / "genecis" / "focus_attribute.json", ann)
     with pytest.raises(BenchmarkError, match=r"lies outside .*VG_100K_all/1\.jpg"):
         run_eval(checkpoint, "genecis", str(root))
 
@@ -245,14 +242,14 @@ def test_bad_genecis_folders_are_clear_errors(tmp_path, checkpoint):
     hidden = make_genecis(tmp_path / "hidden", tasks=("change_object",))
     ann = json.loads((hidden / "genecis" / "change_object.json").read_text())
     del ann[1]["target"]
-    _write(hidden / "genecis" / "change_object.json", ann)
+    write_json(hidden / "genecis" / "change_object.json", ann)
     with pytest.raises(BenchmarkError, match=r"query 1 has no target.*hidden"):
         run_eval(checkpoint, "genecis", str(hidden))
     ann[1]["target"] = {"image_id": 3}
-    _write(hidden / "genecis" / "change_object.json", ann)
+    write_json(hidden / "genecis" / "change_object.json", ann)
     with pytest.raises(BenchmarkError, match="query 1: its target needs val_image_id"):
         evaluate.load_genecis(str(hidden), "change_object")
-    _write(hidden / "genecis" / "change_object.json", [])
+    write_json(hidden / "genecis" / "change_object.json", [])
     with pytest.raises(BenchmarkError, match="not a non-empty list of GeneCIS templates"):
         run_eval(checkpoint, "genecis", str(hidden))
 

@@ -270,7 +270,8 @@ class RequestReader:
             return fs.cat_file(path)
         except ApiError:
             raise
-        except Exception:
+        except Exception as e:  # any storage failure: the client hears "not found", the log why
+            log.info("image_uri %s not readable: %s: %s", norm, type(e).__name__, e)
             raise ApiError(404, "image_not_found", "no readable image at image_uri") from None
 
     def query(self, image: bytes | None, text: str | None) -> Query:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from megapairs_ray.config import (
     ActorPoolSection,
@@ -260,7 +260,7 @@ def validate_serve_doc(doc: Any, source: str) -> tuple[Any, dict[str, ServeAppCo
         raise ConfigError(f"{source}: a Ray Serve config file holds a mapping at the top level")
     try:
         schema = ServeDeploySchema.model_validate(doc)
-    except Exception as e:  # Ray's schema raises pydantic's ValidationError with its own text
+    except ValidationError as e:  # Ray's schema is pydantic: its own text names the field
         raise ConfigError(f"{source}: not a valid Ray Serve config: {e}") from None
     unknown = _unknown_keys(doc, ServeDeploySchema, "")
     if unknown:

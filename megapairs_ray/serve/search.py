@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,7 @@ from megapairs_ray.io.shards import fetch_bytes_tolerant
 from megapairs_ray.serve.gallery import META_COLUMNS, GalleryError, index_dir, read_gallery
 from megapairs_ray.stages.index import IndexShard, merge_topk, read_meta
 
+log = logging.getLogger(__name__)
 
 class GallerySearcher:
     def __init__(self, gallery_dir: str, nprobe: int | None = None,
@@ -96,7 +98,9 @@ class GallerySearcher:
         (raw,) = fetch_bytes_tolerant([row], self.input_cfg)
         try:
             return thumbnail_jpeg(raw, size) if raw else None
-        except Exception:  # the source changed under the gallery: answer "gone", not a crash
+        except Exception as e:  # the source changed under the gallery: answer "gone", not a crash
+            log.warning("gallery image %s cannot be read back: %s: %s", image_id,
+                        type(e).__name__, e)
             return None
 
     def probe(self) -> None:

@@ -103,6 +103,7 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> None:
 
 
 def _run_stages(cfg: RunConfig, stages: list[str]) -> None:
+    from megapairs_ray.io.stepstate import run_lock
     from megapairs_ray.pipeline.embed import run_embed
     from megapairs_ray.pipeline.export import run_export
     from megapairs_ray.pipeline.index import run_index
@@ -112,17 +113,21 @@ def _run_stages(cfg: RunConfig, stages: list[str]) -> None:
     from megapairs_ray.pipeline.synth import run_describe, run_instruct_stage
 
     _preflight(cfg, stages)
-    init_ray(cfg.ray)
     runners = {"ingest": run_ingest, "embed": run_embed, "index": run_index, "mine": run_mine,
                "describe": run_describe, "instruct": run_instruct_stage, "export": run_export}
-    for name in stages:
-        console.print(f"[bold]{name}[/bold] → {escape(cfg.run_dir)}")
-        record = runners[name](cfg)
-        console.print(f"  done in {record.seconds:.1f}s: "
-                      + ", ".join(f"{k}={v}" for k, v in sorted(record.counts.items())))
-        if record.rejects:
-            console.print("  rejects: " + ", ".join(f"{k}={v}" for k, v in
-                                                    sorted(record.rejects.items())))
+    with run_lock(cfg.run_dir):  # one driver per run directory; a second one refuses
+        init_ray(cfg.ray)
+        for name in stages:
+            console.print(f"[bold]{name}[/bold] → {escape(cfg.run_dir)}")
+            record = runners[name](cfg)
+            if record.inputs.get("changed"):
+                console.print(f"  settings changed since the last run "
+                              f"({escape(', '.join(record.inputs['changed']))}): recomputed")
+            console.print(f"  done in {record.seconds:.1f}s: "
+                          + ", ".join(f"{k}={v}" for k, v in sorted(record.counts.items())))
+            if record.rejects:
+                console.print("  rejects: " + ", ".join(f"{k}={v}" for k, v in
+                                                        sorted(record.rejects.items())))
 
 
 @app.command()

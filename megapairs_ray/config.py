@@ -7,6 +7,7 @@ from the machine the driver happens to run on, because the driver is often a CPU
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -25,6 +26,30 @@ class ConfigError(MegapairsError, ValueError):
 class Strict(BaseModel):
     # Unknown keys are errors: a misspelt field must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# How a field enters the settings fingerprint of the stage that reads it (pipeline/stepstate.py).
+# Every field changes the stage's output unless marked: a new field invalidates earlier output
+# until someone decides it is only a resource.
+RESOURCE: dict[str, Any] = {"books": "resource"}  # how the work runs, not what it makes
+SEARCH_TIME: dict[str, Any] = {"books": "search"}  # read when searching, not when building
+
+
+def output_settings(model: BaseModel, exclude: tuple[str, ...] = ("resource",),
+                    prefix: str = "") -> dict[str, Any]:
+    """The fields of ``model`` that decide a stage's output, as ``{"dotted.name": value}``:
+    every field but those whose ``books`` kind is in ``exclude``, nested sections flattened."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("books") in exclude:
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out.update(output_settings(value, exclude, f"{prefix}{name}."))
+        else:  # JSON form: tuples become lists, so a stored fingerprint compares equal
+            out[f"{prefix}{name}"] = json.loads(json.dumps(value, default=str))
+    return out
 
 
 class InputConfig(Strict):
@@ -55,7 +80,7 @@ class IngestConfig(Strict):
     max_caption_chars: int = Field(default=2000, gt=0)
     # A full decode at reduced scale (JPEG DCT scaling) catches truncated or corrupt data cheaply.
     verify_decode: bool = True
-    num_cpus: float = Field(default=1.0, gt=0)
+    num_cpus: float = Field(default=1.0, gt=0, json_schema_extra=RESOURCE)
 
 
 class ClipEncoderConfig(Strict):
@@ -88,18 +113,18 @@ class ActorPoolSection(Strict):
     section: ClassVar[str] = "embed"  # the YAML section, for error messages
 
     device: Literal["cpu", "cuda"] = "cpu"
-    batch_size: int = Field(default=64, gt=0)
-    decode_threads: int = Field(default=4, gt=0)
-    min_actors: int = Field(default=1, ge=1)
-    max_actors: int = Field(default=1, ge=1)
-    num_gpus: float = Field(default=0.0, ge=0)
-    num_cpus: float = Field(default=1.0, gt=0)
-    reader_num_cpus: float = Field(default=0.5, gt=0)
-    writer_num_cpus: float = Field(default=0.25, gt=0)
-    writer_batch_rows: int = Field(default=4096, gt=0)
+    batch_size: int = Field(default=64, gt=0, json_schema_extra=RESOURCE)
+    decode_threads: int = Field(default=4, gt=0, json_schema_extra=RESOURCE)
+    min_actors: int = Field(default=1, ge=1, json_schema_extra=RESOURCE)
+    max_actors: int = Field(default=1, ge=1, json_schema_extra=RESOURCE)
+    num_gpus: float = Field(default=0.0, ge=0, json_schema_extra=RESOURCE)
+    num_cpus: float = Field(default=1.0, gt=0, json_schema_extra=RESOURCE)
+    reader_num_cpus: float = Field(default=0.5, gt=0, json_schema_extra=RESOURCE)
+    writer_num_cpus: float = Field(default=0.25, gt=0, json_schema_extra=RESOURCE)
+    writer_batch_rows: int = Field(default=4096, gt=0, json_schema_extra=RESOURCE)
     # Bytes that images being decoded at once may take per actor (a paletted PNG can take a
     # gigabyte to decode from a file of kilobytes); decodes wait for one another beyond it.
-    decode_budget_bytes: int = Field(default=1 << 30, gt=0)
+    decode_budget_bytes: int = Field(default=1 << 30, gt=0, json_schema_extra=RESOURCE)
 
     @model_validator(mode="after")
     def _pool(self) -> ActorPoolSection:
@@ -121,10 +146,10 @@ class EmbedConfig(ActorPoolSection):
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     decode: Literal["cpu", "gpu"] = "cpu"
-    max_tasks_in_flight_per_actor: int = Field(default=2, ge=1)
+    max_tasks_in_flight_per_actor: int = Field(default=2, ge=1, json_schema_extra=RESOURCE)
     # >1 runs that many calls of one actor at once in threads (each on its own CUDA stream),
     # hiding decode and host work behind another batch's forward passes.
-    concurrent_calls_per_actor: int = Field(default=1, ge=1)
+    concurrent_calls_per_actor: int = Field(default=1, ge=1, json_schema_extra=RESOURCE)
 
     @model_validator(mode="after")
     def _check(self) -> EmbedConfig:
@@ -143,31 +168,29 @@ class IndexConfig(Strict):
 
     # flat: exact; ivf_flat / ivf_pq / hnsw: approximate, for large runs.
     kind: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = "flat"
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda"] = Field(default="cpu", json_schema_extra=SEARCH_TIME)
     shards: int = Field(default=1, ge=1)
     nlist: int | None = Field(default=None, gt=0, description="IVF lists; None = 4*sqrt(n).")
-    nprobe: int = Field(default=32, gt=0)
+    nprobe: int = Field(default=32, gt=0, json_schema_extra=SEARCH_TIME)
     pq_m: int = Field(default=16, gt=0)
     pq_nbits: int = Field(default=8, gt=0, le=16)
     # Re-rank IVF-PQ candidates with the exact vectors (costs their memory, buys recall).
     pq_refine: bool = True
-    pq_refine_k_factor: int = Field(default=8, ge=1)
+    pq_refine_k_factor: int = Field(default=8, ge=1, json_schema_extra=SEARCH_TIME)
     hnsw_m: int = Field(default=32, gt=1)
-    hnsw_ef_search: int = Field(default=128, gt=0)
+    hnsw_ef_search: int = Field(default=128, gt=0, json_schema_extra=SEARCH_TIME)
     hnsw_ef_construction: int = Field(default=200, gt=0)
     train_sample: int = Field(default=100_000, gt=0)
     # Each shard is held by one actor with these resources.
-    shard_num_cpus: float = Field(default=0.5, gt=0)
-    shard_num_gpus: float = Field(default=0.0, ge=0)
+    shard_num_cpus: float = Field(default=0.5, gt=0, json_schema_extra=RESOURCE)
+    shard_num_gpus: float = Field(default=0.0, ge=0, json_schema_extra=RESOURCE)
     # How long to wait for every shard actor to be placed (an autoscaler may need to add nodes).
-    actor_start_timeout_s: float = Field(default=900, gt=0)
+    actor_start_timeout_s: float = Field(default=900, gt=0, json_schema_extra=RESOURCE)
 
     def build_fields(self) -> dict[str, Any]:
-        """What the built index depends on; search-time settings (nprobe, device, resources)
+        """What the built index depends on; search-time settings (nprobe, device) and resources
         can change without a rebuild."""
-        keep = ("kind", "shards", "nlist", "pq_m", "pq_nbits", "pq_refine", "hnsw_m",
-                "hnsw_ef_construction", "train_sample")
-        return {k: getattr(self, k) for k in keep}
+        return output_settings(self, exclude=("resource", "search"))
 
     @model_validator(mode="after")
     def _check(self) -> IndexConfig:
@@ -189,8 +212,8 @@ class MineConfig(Strict):
     max_hard_negatives: int = Field(default=10, ge=1)
     query_fraction: float = Field(default=1.0, gt=0, le=1)
     seed: int = 0
-    num_cpus: float = Field(default=0.5, gt=0)
-    actors: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0, json_schema_extra=RESOURCE)
+    actors: int = Field(default=1, ge=1, json_schema_extra=RESOURCE)
 
     @model_validator(mode="after")
     def _check(self) -> MineConfig:
@@ -216,15 +239,16 @@ class LLMStageConfig(Strict):
     # An HF id or local folder; a "tiny-random-*" name builds a tiny random model offline into
     # ``tiny_model_dir`` (CPU tests and the demo).
     model: str
-    tiny_model_dir: str
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    replicas: int = Field(default=1, ge=1, description="vLLM engine replicas (data parallel).")
-    batch_size: int = Field(default=64, gt=0)
+    tiny_model_dir: str = Field(json_schema_extra=RESOURCE)
+    tensor_parallel_size: int = Field(default=1, ge=1, json_schema_extra=RESOURCE)
+    replicas: int = Field(default=1, ge=1, description="vLLM engine replicas (data parallel).",
+                          json_schema_extra=RESOURCE)
+    batch_size: int = Field(default=64, gt=0, json_schema_extra=RESOURCE)
     max_model_len: int = Field(default=4096, gt=0)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     # Environment of the step's Ray workers, engines included (e.g. VLLM_CPU_KVCACHE_SPACE for
     # vLLM's CPU backend, HF_TOKEN for gated weights).
-    env_vars: dict[str, str] = Field(default_factory=dict)
+    env_vars: dict[str, str] = Field(default_factory=dict, json_schema_extra=RESOURCE)
     temperature: float = Field(default=0.8, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     max_tokens: int = Field(default=256, gt=0)
@@ -233,11 +257,15 @@ class LLMStageConfig(Strict):
     # per-request seeds).
     seed: int = 0
     sampling_seed: int | None = None
-    num_cpus: float = Field(default=0.25, gt=0, description="Pre- and post-processing tasks.")
+    num_cpus: float = Field(default=0.25, gt=0, description="Pre- and post-processing tasks.",
+                            json_schema_extra=RESOURCE)
+    # Answers are committed to storage in parts of this many rows: a crash loses at most the
+    # parts in flight, and a rerun sends only uncommitted rows to the engine again.
+    commit_rows: int = Field(default=1024, gt=0, json_schema_extra=RESOURCE)
     # Resources of each engine worker (one per tensor-parallel rank); 0 GPUs runs vLLM's CPU
     # backend (the tiny profile).
-    engine_num_gpus: float = Field(default=1, ge=0)
-    engine_num_cpus: float = Field(default=1, gt=0)
+    engine_num_gpus: float = Field(default=1, ge=0, json_schema_extra=RESOURCE)
+    engine_num_cpus: float = Field(default=1, gt=0, json_schema_extra=RESOURCE)
 
 
 class DescribeConfig(LLMStageConfig):
@@ -245,7 +273,8 @@ class DescribeConfig(LLMStageConfig):
     (paper: InternVL2-26B)."""
 
     model: str = "tiny-random-llava"
-    tiny_model_dir: str = ".cache/megapairs/tiny-vlm"
+    tiny_model_dir: str = Field(default=".cache/megapairs/tiny-vlm",
+                                json_schema_extra=RESOURCE)
     # Longest side of each image as sent to the model (both images of a pair go in one prompt).
     image_size: int = Field(default=448, ge=16)
     # Steer the reply into the paper's template with vLLM structured output (a regular
@@ -255,9 +284,11 @@ class DescribeConfig(LLMStageConfig):
     template_slot_chars: int = Field(default=240, ge=8, description="Per slot of the template.")
     min_words: int = Field(default=8, ge=1, description="Shorter descriptions are rejects.")
     retries: int = Field(default=1, ge=0)
-    fetch_num_cpus: float = Field(default=0.25, gt=0, description="Image fetch-and-resize tasks.")
-    fetch_batch_size: int = Field(default=64, gt=0)
-    fetch_actors: int = Field(default=4, ge=1, description="Most image-fetching actors.")
+    fetch_num_cpus: float = Field(default=0.25, gt=0, description="Image fetch-and-resize tasks.",
+                                  json_schema_extra=RESOURCE)
+    fetch_batch_size: int = Field(default=64, gt=0, json_schema_extra=RESOURCE)
+    fetch_actors: int = Field(default=4, ge=1, description="Most image-fetching actors.",
+                              json_schema_extra=RESOURCE)
 
 
 class InstructConfig(LLMStageConfig):
@@ -265,7 +296,8 @@ class InstructConfig(LLMStageConfig):
     Llama-3-8B-Instruct)."""
 
     model: str = "tiny-random-llama"
-    tiny_model_dir: str = ".cache/megapairs/tiny-llm"
+    tiny_model_dir: str = Field(default=".cache/megapairs/tiny-llm",
+                                json_schema_extra=RESOURCE)
     # Constrain replies to a JSON list of strings (vLLM structured output).
     structured_output: bool = True
     max_instructions: int = Field(default=5, ge=3)
@@ -281,8 +313,11 @@ class ExportConfig(Strict):
     images_per_tar: int = Field(default=1000, gt=0, description="Target images per tar shard.")
     min_hard_negatives: int = Field(default=4, ge=1, description="Besides hns[0], the query.")
     gallery_size: int = Field(default=24, ge=0, description="Triplets sampled into the gallery.")
+    # Up to this many triplets, the parts are also joined into megapairs.jsonl / .parquet.
+    single_file_max_rows: int = Field(default=200_000, ge=0)
     seed: int = 0
-    num_cpus: float = Field(default=0.5, gt=0, description="Tar-writer tasks.")
+    num_cpus: float = Field(default=0.5, gt=0, description="Tar-writer tasks.",
+                            json_schema_extra=RESOURCE)
 
 
 class RayConfig(Strict):

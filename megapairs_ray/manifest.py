@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 
 
 @dataclass
@@ -45,12 +45,8 @@ class StageRecord:
         return d
 
 
-def manifest_uri(run_dir: str) -> str:
-    return storage.join(run_dir, "manifest.json")
-
-
 def load(run_dir: str) -> dict[str, Any]:
-    uri = manifest_uri(run_dir)
+    uri = layout.manifest_file(run_dir)
     if storage.exists(uri):
         return storage.read_json(uri)
     return {"stages": {}}
@@ -61,4 +57,4 @@ def record_stage(run_dir: str, record: StageRecord, config: dict[str, Any] | Non
     if config is not None:
         doc["config"] = config
     doc.setdefault("stages", {})[record.name] = record.to_dict()
-    storage.write_json(manifest_uri(run_dir), doc)
+    storage.write_json(layout.manifest_file(run_dir), doc)

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from megapairs_ray.io import storage
-from megapairs_ray.stages import layout
+from megapairs_ray.config import RunConfig
+from megapairs_ray.io import layout
+from megapairs_ray.pipeline.embed import embed_state
 from megapairs_ray.stages.embed_io import embedding_table
+from megapairs_ray.stages.ingest import ingest_state, storage
 
 
 def clustered(n: int, dim: int, clusters: int, spread: float, seed: int) -> np.ndarray:
@@ -33,7 +35,11 @@ def write_space(run_dir: Path | str, space: str, ids: np.ndarray, vectors: np.nd
             embedding_table(ids[part], vectors[part].astype(np.float16)))
 
 
-def mark_embedded(run_dir: Path | str, slugs: list[str]) -> None:
-    """Completion markers as the embed stage writes them (index and mine require them)."""
+def mark_embedded(cfg: RunConfig, slugs: list[str]) -> None:
+    """The books of finished ingest and embed stages, as they keep them (index and mine read
+    them before trusting the embeddings)."""
+    ingest_state(cfg.run_dir, cfg.input, cfg.ingest).reconcile([])
+    state = embed_state(cfg)
+    state.reconcile([])
     for slug in slugs:
-        storage.write_json(layout.embed_marker(str(run_dir), slug), {"counts": {}})
+        state.mark_done(slug, {})

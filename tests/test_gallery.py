@@ -9,12 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.pipeline.gallery import run_gallery
 from megapairs_ray.serve.config import SPACE
 from megapairs_ray.serve.gallery import GalleryError, read_gallery
 from megapairs_ray.serve.search import GallerySearcher
-from megapairs_ray.stages import layout
 from megapairs_ray.stages.embed_io import embedding_matrix
 from megapairs_ray.train.evaluate import Embedder
 

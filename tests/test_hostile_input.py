@@ -21,9 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from megapairs_ray.config import IngestConfig, InputConfig, config_from_dict
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import list_shards, read_shard
-from megapairs_ray.stages import layout
 from megapairs_ray.stages.ingest import IngestShard
 
 from .helpers import add_member, good_samples, jpeg, tiny_config, write_tar

@@ -7,8 +7,9 @@ import pytest
 
 from megapairs_ray.config import config_from_dict
 from megapairs_ray.io import storage
+from megapairs_ray.io.layout import index_dir
 from megapairs_ray.io.shards import list_shards
-from megapairs_ray.pipeline.index import build_space, index_dir, run_index
+from megapairs_ray.pipeline.index import build_space, run_index
 from megapairs_ray.pipeline.mine import run_mine
 from megapairs_ray.stages.index import IndexStageError, merge_topk
 from megapairs_ray.stages.mine import mine_batch
@@ -34,9 +35,9 @@ def test_index_and_mine_on_ray_equal_one_exact_index(tmp_path, ray_cluster):
     vecs["clip_text"][7, 0] = np.nan  # a broken vector: a counted reject, not a crash
     for s in SPACES:
         write_space(cfg.run_dir, s, ids, vecs[s], slugs)
-    with pytest.raises(IndexStageError, match="not embedded"):
+    with pytest.raises(IndexStageError, match="embed has not run"):
         run_index(cfg)  # embeddings without completion markers are not trusted
-    mark_embedded(cfg.run_dir, slugs)
+    mark_embedded(cfg, slugs)
 
     rec = run_index(cfg)
     assert rec.counts["clip_image_vectors"] == n
@@ -90,7 +91,7 @@ def test_index_refuses_empty_or_inconsistent_spaces(tmp_path, ray_cluster):
     write_tar(tmp_path / "c" / "s.tar", good_samples(1))
     cfg = config_from_dict(tiny_config(tmp_path / "run", [str(tmp_path / "c")]))
     slugs = [s.slug for s in list_shards(cfg.input)]
-    mark_embedded(cfg.run_dir, slugs)
+    mark_embedded(cfg, slugs)
     with pytest.raises(IndexStageError, match="no embeddings"):
         run_index(cfg)
     write_space(cfg.run_dir, "clip_image", np.zeros(0, np.int64), np.zeros((0, 8)), slugs)
@@ -127,7 +128,7 @@ def test_index_and_mine_with_the_run_dir_on_s3(tmp_path, bucket, ray_cluster):
     ids = random_ids(120, 5)
     for i, s in enumerate(SPACES):
         write_space(cfg.run_dir, s, ids, clustered(120, 8, 4, 0.3, seed=i), slugs)
-    mark_embedded(cfg.run_dir, slugs)
+    mark_embedded(cfg, slugs)
     assert run_index(cfg).counts["dino_image_vectors"] == 120
     assert storage.exists(storage.join(index_dir(cfg.run_dir, "dino_image"), "shard-0001.faiss"))
     rec = run_mine(cfg)

@@ -2,9 +2,8 @@ import tarfile
 from collections import Counter
 
 from megapairs_ray.config import IngestConfig, InputConfig
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import fetch_bytes, list_shards
-from megapairs_ray.stages import layout
 from megapairs_ray.stages.ingest import IngestShard
 from tests.helpers import awkward_images, bad_images, good_samples, write_tar
 
@@ -41,7 +40,7 @@ def test_every_record_is_accepted_or_rejected_with_a_reason(tmp_path):
 
     images = storage.read_parquet(layout.images_file(run_dir, shard.slug))
     rejects = storage.read_parquet(layout.rejects_file(run_dir, "ingest", shard.slug))
-    marker = storage.read_json(layout.ingest_marker(run_dir, shard.slug))
+    marker = storage.read_json(layout.marker(run_dir, "ingest", shard.slug))
 
     reasons = Counter(rejects.column("reason").to_pylist())
     expected = Counter(reason for _, reason in bad_images().values())

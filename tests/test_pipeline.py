@@ -9,12 +9,11 @@ import pytest
 
 from megapairs_ray import manifest
 from megapairs_ray.config import config_from_dict
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import fetch_bytes, list_shards
 from megapairs_ray.pipeline.embed import run_embed
 from megapairs_ray.pipeline.ingest import run_ingest
 from megapairs_ray.pipeline.shardlist import InputChangedError
-from megapairs_ray.stages import layout
 from megapairs_ray.stages.embed import EmbedStage
 from megapairs_ray.stages.embed_io import load_space
 from tests.helpers import good_samples, jpeg, tiny_config, write_tar
@@ -106,7 +105,7 @@ def test_rerun_does_nothing_and_interrupted_shard_is_redone(local_run):
 
     # Interrupt one shard: no marker, half its output, plus a stray part from the dead run.
     shard = next(s for s in list_shards(cfg.input) if s.name == "good.tar")
-    storage.remove(layout.embed_marker(cfg.run_dir, shard.slug))
+    storage.remove(layout.marker(cfg.run_dir, "embed", shard.slug))
     shard_dir = layout.embeddings_shard_dir(cfg.run_dir, "clip_image", shard.slug)
     parts = storage.list_files(shard_dir, ".parquet")
     stray = storage.read_parquet(parts[0])

@@ -57,7 +57,7 @@ def _ingest(env: dict[str, str], tmp_path: Path, **ray_cfg: object) -> subproces
 def test_without_an_address_a_command_starts_its_own_ray(other_cluster, tmp_path):
     result = _ingest(other_cluster, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    marker = json.loads(next((tmp_path / "run-0" / "images" / "_done").glob("*.json")).read_text())
+    marker = json.loads(next((tmp_path / "run-0" / "_state" / "ingest").glob("*.json")).read_text())
     assert marker["counts"]["images"] == 4
 
 

@@ -17,6 +17,7 @@ import s3fs
 from megapairs_ray import manifest
 from megapairs_ray.config import config_from_dict
 from megapairs_ray.io import storage
+from megapairs_ray.io.stepstate import StepState
 from megapairs_ray.pipeline.synth import gather, run_tries
 from tests.helpers import tiny_config
 
@@ -54,11 +55,12 @@ def test_tries_on_s3_keep_every_row_once_and_resume(bucket, ray_cluster):
 
     def run() -> manifest.StageRecord:
         record = manifest.StageRecord("describe")
-        tries = run_tries(cfg, "describe", 1,
+        state = StepState(run_dir, "describe", {"describe.model": "stand-in"})
+        state.reconcile([])
+        tries = run_tries(state, cfg.describe, 1,
                           lambda: ray.data.from_items(rows, override_num_blocks=3), step,
                           ["pair_id"], record)
-        gather(cfg, "describe", tries, storage.join(run_dir, "descriptions"), drop=[],
-               record=record)
+        gather(state, tries, storage.join(run_dir, "descriptions"), drop=[], record=record)
         return record
 
     record = run()
@@ -77,7 +79,7 @@ def test_tries_on_s3_keep_every_row_once_and_resume(bucket, ray_cluster):
         i for i in range(1, 61) if i % 3 == 0 and i % 5 and i % 9}
     assert record.rejects == {"unreadable_image": 12, "too_short": 5}
     assert record.counts["usable_after_try_0"] + record.counts["usable_after_try_1"] == len(good)
-    assert s3fs.S3FileSystem().exists(f"{bucket}/run/synth/describe/try-1/_done.json")
+    assert s3fs.S3FileSystem().exists(f"{bucket}/run/_state/describe/try-1.json")
 
     calls.clear()
     again = run()  # both tries are done: nothing runs, the same rows come out

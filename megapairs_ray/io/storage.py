@@ -68,6 +68,15 @@ def list_files(uri: str, suffix: str = "", include_hidden: bool = False) -> list
                   and (include_hidden or not posixpath.basename(p).startswith(".")))
 
 
+def list_dirs(uri: str) -> list[str]:
+    """The names of the folders directly under ``uri`` (one listing)."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p["name"].rstrip("/"))
+                  for p in fs.ls(path, detail=True) if p["type"] == "directory")
+
+
 @contextmanager
 def open_atomic(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Write to a temporary name and rename on success, so readers never see half a file.

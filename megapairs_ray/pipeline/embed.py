@@ -11,31 +11,45 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
 
 from megapairs_ray import manifest
-from megapairs_ray.config import RunConfig
+from megapairs_ray.config import RunConfig, output_settings
 from megapairs_ray.errors import MegapairsError
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import Shard
+from megapairs_ray.io.stepstate import StepState, stored_fingerprint
 from megapairs_ray.pipeline.shardlist import run_shards
-from megapairs_ray.stages import layout
 from megapairs_ray.stages.embed import EmbedStage
 from megapairs_ray.stages.embed_io import read_accepted_images, write_embeddings
+from megapairs_ray.stages.ingest import ingest_state
 
 
 class IncompleteEmbedError(MegapairsError, RuntimeError):
     """The pipeline ended with shards whose rows were not all accounted for."""
 
 
-def _clear_partial(run_dir: str, slug: str) -> None:
-    for space in layout.SPACES:
-        storage.remove(layout.embeddings_shard_dir(run_dir, space, slug), recursive=True)
-    for f in storage.list_files(layout.rejects_dir(run_dir, "embed"), include_hidden=True):
-        if f"{slug}-part-" in f.rsplit("/", 1)[-1]:
+def embed_state(cfg: RunConfig) -> StepState:
+    """Embed's books: the encoders and how images become tensors, on top of ingest's output."""
+    return StepState(cfg.run_dir, "embed", output_settings(cfg.embed, prefix="embed."),
+                     {"ingest": stored_fingerprint(cfg.run_dir, "ingest")})
+
+
+def clear_partial(run_dir: str, stage: str, spaces: Iterable[str], slugs: Iterable[str]) -> None:
+    """Remove what unfinished shards left behind: one listing per space and one of the rejects,
+    so a first run over 100,000 shards sends no request per shard."""
+    slugs = set(slugs)
+    for space in spaces:
+        for name in storage.list_dirs(layout.embeddings_dir(run_dir, space)):
+            if name in slugs:
+                storage.remove(layout.embeddings_shard_dir(run_dir, space, name), recursive=True)
+    for f in storage.list_files(layout.rejects_dir(run_dir, stage), include_hidden=True):
+        name = f.rsplit("/", 1)[-1]
+        if name.startswith(".tmp-"):  # a writer's temporary name: .tmp-<uuid>-<final name>
+            name = name.split("-", 2)[-1]
+        if name.rsplit("-part-", 1)[0] in slugs:
             storage.remove(f)
 
 
@@ -90,30 +104,30 @@ def count_until_done(summaries: Iterable[dict[str, Any]], expected: dict[str, in
 
 def run_embed(cfg: RunConfig) -> manifest.StageRecord:
     record = manifest.StageRecord("embed").start()
-    shards = run_shards(cfg)
-    ingested = [s for s in shards if storage.exists(layout.ingest_marker(cfg.run_dir, s.slug))]
-    if len(ingested) < len(shards):
-        raise RuntimeError(f"{len(shards) - len(ingested)} shard(s) are not ingested yet; "
-                           "run `megapairs ingest` first")
-    with ThreadPoolExecutor(16) as pool:
-        ingest_markers = dict(zip(
-            [s.slug for s in shards],
-            pool.map(storage.read_json, [layout.ingest_marker(cfg.run_dir, s.slug)
-                                         for s in shards])))
-    expected = {slug: int(m["counts"].get("images", 0)) for slug, m in ingest_markers.items()}
-    todo = [s for s in shards if not storage.exists(layout.embed_marker(cfg.run_dir, s.slug))]
-    record.inputs = {"shards": len(shards), "images": sum(expected.values())}
-    record.counts["shards_skipped_done"] = len(shards) - len(todo)
+    slugs = [s.slug for s in run_shards(cfg)]
+    ingest = ingest_state(cfg.run_dir, cfg.input, cfg.ingest)
+    ingest.require_finished(slugs)
+    expected = {slug: int(m["counts"].get("images", 0))
+                for slug, m in zip(slugs, ingest.read_markers(slugs))}
+    state = embed_state(cfg)
+    changed = state.reconcile([*(layout.embeddings_dir(cfg.run_dir, s) for s in layout.SPACES),
+                               layout.rejects_dir(cfg.run_dir, "embed")])
+    if changed:
+        record.counts["recomputed_changed_settings"] = 1
+        record.inputs["changed"] = changed
+    done = state.done_units()
+    todo = [s for s in run_shards(cfg) if s.slug not in done]
+    record.inputs.update({"shards": len(slugs), "images": sum(expected.values())})
+    record.counts["shards_skipped_done"] = len(slugs) - len(todo)
 
-    for s in todo:
-        _clear_partial(cfg.run_dir, s.slug)
+    clear_partial(cfg.run_dir, "embed", layout.SPACES, [s.slug for s in todo])
     for s in [s for s in todo if expected[s.slug] == 0]:
-        _mark_done(cfg, s.slug, Counter())
+        state.mark_done(s.slug, Counter())
     todo = [s for s in todo if expected[s.slug] > 0]
 
     if todo:
         def done(slug: str, tally: Counter[str]) -> None:
-            _mark_done(cfg, slug, tally)
+            state.mark_done(slug, tally)
             record.counts["shards_embedded"] += 1
 
         unfinished = count_until_done(build_embed_dataset(cfg, todo).iter_rows(),
@@ -122,24 +136,12 @@ def run_embed(cfg: RunConfig) -> manifest.StageRecord:
             raise IncompleteEmbedError(
                 f"{len(unfinished)} shard(s) ended with rows unaccounted for: {unfinished[:5]}")
 
-    _tally(cfg, shards, record)
+    record.counts.update({k: v for k, v in state.sum_counts(slugs).items() if k != "rows"})
+    rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, "embed"), ["reason"])
+    if rejects is not None:
+        record.rejects.update(Counter(rejects.column("reason").to_pylist()))
     record.outputs = {space: layout.embeddings_dir(cfg.run_dir, space) for space in layout.SPACES}
     record.outputs["rejects"] = layout.rejects_dir(cfg.run_dir, "embed")
     record.finish()
     manifest.record_stage(cfg.run_dir, record)
     return record
-
-
-def _mark_done(cfg: RunConfig, slug: str, tally: Counter[str]) -> None:
-    storage.write_json(layout.embed_marker(cfg.run_dir, slug), {"counts": dict(tally)})
-
-
-def _tally(cfg: RunConfig, shards: list[Shard], record: manifest.StageRecord) -> None:
-    with ThreadPoolExecutor(16) as pool:
-        markers = list(pool.map(storage.read_json,
-                                [layout.embed_marker(cfg.run_dir, s.slug) for s in shards]))
-    for m in markers:
-        record.counts.update({k: v for k, v in m["counts"].items() if k != "rows"})
-    rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, "embed"), ["reason"])
-    if rejects is not None:
-        record.rejects.update(Counter(rejects.column("reason").to_pylist()))

@@ -1,39 +1,44 @@
 """Export on Ray: instructed pairs -> the released MegaPairs form under ``RUN/triplets``.
 
-    RUN/triplets/megapairs.jsonl      one triplet per line: q_img, q_text, t_img, hns + provenance
-    RUN/triplets/megapairs.parquet    the same rows
-    RUN/triplets/images/00000.tar     size x size JPEGs; path images/00000/<id>.jpg is a member
-    RUN/triplets/README.md            the dataset card
-    RUN/triplets/gallery.html         sampled triplets to look at in a browser
+    RUN/triplets/parts/part-*.jsonl     one triplet per line: q_img, q_text, t_img, hns + provenance
+    RUN/triplets/parts/part-*.parquet   the same rows, a parquet part beside each JSON-lines part
+    RUN/triplets/megapairs.jsonl        single-file view of the parts, for runs up to
+    RUN/triplets/megapairs.parquet        ``export.single_file_max_rows`` triplets
+    RUN/triplets/images/00000.tar       size x size JPEGs; path images/00000/<id>.jpg is a member
+    RUN/triplets/README.md              the dataset card
+    RUN/triplets/gallery.html           sampled triplets to look at in a browser
+    RUN/triplets/_SUCCESS               written last: the export is whole
 
 The images every triplet names are found by one metadata join (ids against the ingested
 locations, a semi-join: each image once), grouped by the tar their id hashes to, and each group
 writes its tar, reading its images grouped by source file. Bytes are never shuffled. An image
 that cannot be read rejects the triplets that need it (a hard negative is dropped instead, while
-enough remain), with the reason counted.
+enough remain), with the reason counted. Ray workers write the tars and the triplet parts; the
+driver only adds up their counts and keeps the ids of the few images that failed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from typing import Any
+from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
 from megapairs_ray import manifest
 from megapairs_ray.config import InputConfig, RunConfig
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.pipeline.synth import (
     PAIR_COLUMNS,
-    SynthStageError,
     image_locations,
-    instructions_dir,
     read_parquet_files,
+    require_gathered,
+    step_state,
 )
-from megapairs_ray.stages import layout
 from megapairs_ray.synth.export import ids_of_batch, tar_name, tar_of, triplet_record, write_tar
 
 TRIPLET_SCHEMA = pa.schema([
@@ -45,14 +50,13 @@ TRIPLET_SCHEMA = pa.schema([
     ("describe_model", pa.string()), ("instruct_model", pa.string()),
 ])
 EXPORT_REJECTS_SCHEMA = pa.schema([("pair_id", pa.int64()), ("reason", pa.string())])
-
-
-def triplets_dir(run_dir: str) -> str:
-    return storage.join(run_dir, "triplets")
+PARTS = "parts"
+DONE = "export"  # the unit: the whole export
 
 
 class WriteTar:
-    """``map_groups`` callable: all located images of one tar in, ``(image_id, error)`` out."""
+    """``map_groups`` callable: all located images of one tar in; the tar's counts and the ids
+    of the images that could not be written (with why) out."""
 
     def __init__(self, out_dir: str, input_cfg: InputConfig, size: int, quality: int) -> None:
         self.out_dir, self.input_cfg, self.size, self.quality = out_dir, input_cfg, size, quality
@@ -62,9 +66,64 @@ class WriteTar:
         tar = int(rows[0]["tar"])
         uri = storage.join(self.out_dir, "images", f"{tar_name(tar)}.tar")
         result = write_tar(rows, uri, self.input_cfg, self.size, self.quality)
-        return pa.table({"image_id": pa.array([i for i, _ in result], pa.int64()),
-                         "error": pa.array([e for _, e in result], pa.string()),
-                         "tar": pa.array([tar] * len(result), pa.int64())})
+        failed = [(i, e) for i, e in result if e]
+        return pa.table({"written": [len(result) - len(failed)],
+                         "failed_ids": pa.array([[i for i, _ in failed]], pa.list_(pa.int64())),
+                         "failed_reasons": pa.array([[e for _, e in failed]],
+                                                    pa.list_(pa.string()))})
+
+
+class WriteTriplets:
+    """One block of instructed pairs -> a JSON-lines part, a parquet part and its rejects;
+    returns the block's counts. Part names come from the pair ids: a retried task rewrites the
+    same part."""
+
+    def __init__(self, out_dir: str, rejects_dir: str, num_tars: int, failed: dict[int, str],
+                 min_negatives: int, models: dict[str, str]) -> None:
+        self.out_dir, self.rejects_dir, self.num_tars = out_dir, rejects_dir, num_tars
+        self.failed, self.min_negatives, self.models = set(failed), min_negatives, models
+
+    def __call__(self, batch: pa.Table) -> dict[str, list[str]]:
+        records, rejects = [], []
+        counts: Counter[str] = Counter()
+        for row in batch.to_pylist():
+            rec, reason = triplet_record(row, self.num_tars, self.failed, self.min_negatives,
+                                         self.models)
+            if rec is None:
+                rejects.append({"pair_id": int(row["pair_id"]), "reason": reason})
+                counts["reject:" + reason] += 1
+            else:
+                records.append(rec)
+        ids = np.sort(batch.column("pair_id").to_numpy())
+        name = f"part-{hashlib.blake2b(ids.tobytes(), digest_size=12).hexdigest()}"
+        if records:
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            with storage.open_atomic(storage.join(self.out_dir, PARTS, f"{name}.jsonl"),
+                                     "wb") as f:
+                f.write(lines.encode())
+            storage.write_parquet(storage.join(self.out_dir, PARTS, f"{name}.parquet"),
+                                  pa.Table.from_pylist(records, schema=TRIPLET_SCHEMA))
+        if rejects:
+            storage.write_parquet(storage.join(self.rejects_dir, f"{name}.parquet"),
+                                  pa.Table.from_pylist(rejects, schema=EXPORT_REJECTS_SCHEMA))
+        counts["triplets"] = len(records)
+        return {"counts": [json.dumps(counts)]}
+
+
+def write_single_file_view(out_dir: str) -> None:
+    """``megapairs.jsonl`` and ``megapairs.parquet``: the parts joined, in part order (a Ray
+    task runs this, never the driver)."""
+    parts = storage.list_files(storage.join(out_dir, PARTS))
+    with storage.open_atomic(storage.join(out_dir, "megapairs.jsonl"), "wb") as fj:
+        for uri in [p for p in parts if p.endswith(".jsonl")]:
+            fs, path = storage.filesystem(uri)
+            with fs.open(path, "rb") as f:
+                fj.write(f.read())
+    with storage.open_atomic(storage.join(out_dir, "megapairs.parquet"), "wb") as fp:
+        writer = pq.ParquetWriter(fp, TRIPLET_SCHEMA)
+        for uri in [p for p in parts if p.endswith(".parquet")]:
+            writer.write_table(storage.read_parquet(uri).cast(TRIPLET_SCHEMA))
+        writer.close()
 
 
 def _add_tar(batch: pa.Table, num_tars: int) -> pa.Table:
@@ -76,74 +135,74 @@ def run_export(cfg: RunConfig) -> manifest.StageRecord:
     from megapairs_ray.synth.report import write_card_and_gallery
 
     record = manifest.StageRecord("export").start()
+    require_gathered(cfg.run_dir, "instruct")
+    state = step_state(cfg, "export")
     e = cfg.export
-    out = triplets_dir(cfg.run_dir)
-    src = read_parquet_files(instructions_dir(cfg.run_dir),
-                             [*PAIR_COLUMNS, "description", "instructions"])
-    if src is None and not storage.exists(storage.join(cfg.run_dir, "synth", "instruct")):
-        raise SynthStageError(f"no instructions under {instructions_dir(cfg.run_dir)}: "
-                              "run instruct first")
-    storage.remove(out, recursive=True)
-    storage.remove(layout.rejects_dir(cfg.run_dir, "export"), recursive=True)
-    models = {"describe": cfg.describe.model if cfg.describe else "",
-              "instruct": cfg.instruct.model if cfg.instruct else ""}
-
-    failed: dict[int, str] = {}
-    num_tars = 1
-    if src is not None:
-        src = src.materialize()  # text and ids only: read once, used twice
-        ids = src.map_batches(ids_of_batch, batch_format="numpy", num_cpus=e.num_cpus)
-        parts = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        images = image_locations(cfg).join(ids, join_type="left_semi", num_partitions=parts,
-                                           on=("image_id",)).materialize()
-        num_images = images.count()
-        num_tars = max(1, math.ceil(num_images / e.images_per_tar))
-        written = images.map_batches(_add_tar, fn_kwargs={"num_tars": num_tars},
-                                     batch_format="pyarrow", num_cpus=e.num_cpus)
-        written = written.groupby("tar", num_partitions=min(parts, num_tars)).map_groups(
-            WriteTar, fn_constructor_args=(out, cfg.input, e.image_size, e.jpeg_quality),
-            batch_format="pyarrow", num_cpus=e.num_cpus,
-            compute=ray.data.ActorPoolStrategy(size=1))
-        for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
-            for i, err in zip(batch.column("image_id").to_pylist(),
-                              batch.column("error").to_pylist()):
-                if err:
-                    failed[int(i)] = err
-                else:
-                    record.counts["images_written"] += 1
-        record.counts["image_tars"] = len(storage.list_files(storage.join(out, "images"),
-                                                             ".tar"))
-        for reason in failed.values():
-            record.rejects["image_" + reason] += 1
-
-    rejects: list[dict[str, Any]] = []
-    kept = 0
-    with storage.open_atomic(storage.join(out, "megapairs.jsonl"), "wb") as fj, \
-            storage.open_atomic(storage.join(out, "megapairs.parquet"), "wb") as fp:
-        writer = pq.ParquetWriter(fp, TRIPLET_SCHEMA)
-        if src is not None:
-            failed_ids = set(failed)
-            for batch in src.iter_batches(batch_format="pyarrow", batch_size=4096):
-                records = []
-                for row in batch.to_pylist():
-                    rec, reason = triplet_record(row, num_tars, failed_ids,
-                                                 e.min_hard_negatives, models)
-                    if rec is None:
-                        rejects.append({"pair_id": int(row["pair_id"]), "reason": reason})
-                        record.rejects[reason] += 1
-                        continue
-                    records.append(rec)
-                    fj.write((json.dumps(rec, ensure_ascii=False) + "\n").encode())
-                if records:
-                    writer.write_table(pa.Table.from_pylist(records, schema=TRIPLET_SCHEMA))
-                    kept += len(records)
-        writer.close()
-    if rejects:
-        storage.write_parquet(layout.rejects_file(cfg.run_dir, "export", "triplets"),
-                              pa.Table.from_pylist(rejects, schema=EXPORT_REJECTS_SCHEMA))
-    record.counts["triplets"] = kept
+    out = layout.triplets_dir(cfg.run_dir)
+    rejects_dir = layout.rejects_dir(cfg.run_dir, "export")
+    changed = state.reconcile([out, rejects_dir])
+    if changed:
+        record.counts["recomputed_changed_settings"] = 1
+        record.inputs["changed"] = changed
+    if DONE not in state.done_units():
+        storage.remove(out, recursive=True)  # what an interrupted export left
+        storage.remove(rejects_dir, recursive=True)
+        counts = _export(cfg, out, rejects_dir)
+        if counts["triplets"] <= e.single_file_max_rows:
+            ray.get(ray.remote(num_cpus=e.num_cpus)(write_single_file_view).remote(out))
+        for key, n in counts.items():
+            (record.rejects if key.startswith("reject:") else record.counts)[
+                key.removeprefix("reject:")] += n
+        record.finish()
+        manifest.record_stage(cfg.run_dir, record)
+        write_card_and_gallery(cfg, out, int(counts["image_tars"]))
+        with storage.open_atomic(storage.join(out, "_SUCCESS"), "wb") as f:
+            f.write(b"")
+        state.mark_done(DONE, counts)
+    else:
+        for key, n in state.read_markers([DONE])[0]["counts"].items():
+            (record.rejects if key.startswith("reject:") else record.counts)[
+                key.removeprefix("reject:")] += n
+        record.counts["skipped_done"] = 1
     record.outputs = {"triplets": out}
     record.finish()
     manifest.record_stage(cfg.run_dir, record)
-    write_card_and_gallery(cfg, out, num_tars)
     return record
+
+
+def _export(cfg: RunConfig, out: str, rejects_dir: str) -> Counter[str]:
+    """Tars, then triplet parts; their counts."""
+    e = cfg.export
+    counts: Counter[str] = Counter({"triplets": 0, "images_written": 0, "image_tars": 0})
+    src = read_parquet_files(layout.instructions_dir(cfg.run_dir),
+                             [*PAIR_COLUMNS, "description", "instructions"])
+    if src is None:
+        return counts
+    models = {"describe": cfg.describe.model if cfg.describe else "",
+              "instruct": cfg.instruct.model if cfg.instruct else ""}
+    src = src.materialize()  # text and ids only: read once, used twice
+    ids = src.map_batches(ids_of_batch, batch_format="numpy", num_cpus=e.num_cpus)
+    parts = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    images = image_locations(cfg).join(ids, join_type="left_semi", num_partitions=parts,
+                                       on=("image_id",)).materialize()
+    num_tars = max(1, math.ceil(images.count() / e.images_per_tar))
+    written = images.map_batches(_add_tar, fn_kwargs={"num_tars": num_tars},
+                                 batch_format="pyarrow", num_cpus=e.num_cpus)
+    written = written.groupby("tar", num_partitions=min(parts, num_tars)).map_groups(
+        WriteTar, fn_constructor_args=(out, cfg.input, e.image_size, e.jpeg_quality),
+        batch_format="pyarrow", num_cpus=e.num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=1))
+    failed: dict[int, str] = {}
+    for row in written.iter_rows():
+        counts["images_written"] += int(row["written"])
+        counts["image_tars"] += 1
+        failed.update(zip((int(i) for i in row["failed_ids"]), row["failed_reasons"]))
+    counts.update("reject:image_" + reason for reason in failed.values())
+    triplets = src.map_batches(
+        WriteTriplets, fn_constructor_args=(out, rejects_dir, num_tars, failed,
+                                            e.min_hard_negatives, models),
+        batch_size=None, batch_format="pyarrow", num_cpus=e.num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=parts))
+    for row in triplets.iter_rows():
+        counts.update(json.loads(row["counts"]))
+    return counts

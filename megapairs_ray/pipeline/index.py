@@ -2,12 +2,12 @@
 
 The embeddings are read with Ray Data, each row tagged with its shard (from its id), grouped by
 shard, and each group becomes one FAISS shard written under ``RUN/index/<space>/``. Non-finite
-vectors are counted rejects. ``index.json`` is written last and marks the space done.
+vectors are counted rejects. ``index.json`` (with the settings' fingerprint) is written last, then
+the space's marker.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,9 +18,10 @@ import ray
 
 from megapairs_ray import manifest
 from megapairs_ray.config import IndexConfig, RunConfig
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
+from megapairs_ray.io.stepstate import StepState, stored_fingerprint
+from megapairs_ray.pipeline.embed import embed_state
 from megapairs_ray.pipeline.shardlist import run_shards
-from megapairs_ray.stages import layout
 from megapairs_ray.stages.index import (
     IndexStageError,
     ShardMeta,
@@ -35,8 +36,11 @@ from megapairs_ray.stages.index import (
 from megapairs_ray.stages.ingest import REJECTS_SCHEMA
 
 
-def index_dir(run_dir: str, space: str) -> str:
-    return storage.join(run_dir, "index", space)
+def index_state(cfg: RunConfig) -> StepState:
+    """Index's books: how the index is built (not how it is searched), on embed's output."""
+    return StepState(cfg.run_dir, "index",
+                     {f"index.{k}": v for k, v in cfg.index.build_fields().items()},
+                     {"embed": stored_fingerprint(cfg.run_dir, "embed")})
 
 
 def _tag_shards(table: pa.Table, shards: int) -> pa.Table:
@@ -104,13 +108,15 @@ def _count_and_sample(files: list[str], want: int, seed: int = 0,
     return sum(n for n, _ in footers), dim, np.concatenate(picked)[:want]
 
 
-def build_space(cfg: RunConfig, space: str) -> dict[str, Any]:
+def build_space(cfg: RunConfig, space: str, fingerprint: str = "") -> dict[str, Any]:
+    """Build one space's index; its ``index.json`` (written last) records ``fingerprint``,
+    the settings it was built under."""
     icfg = cfg.index
     src = layout.embeddings_dir(cfg.run_dir, space)
     files = storage.list_files(src, ".parquet")
     if not files:
         raise IndexStageError(f"space {space!r} has no embeddings under {src}: run embed first")
-    out = index_dir(cfg.run_dir, space)
+    out = layout.index_dir(cfg.run_dir, space)
     storage.remove(out, recursive=True)
     for stale in storage.list_files(layout.rejects_dir(cfg.run_dir, "index")):
         if stale.rsplit("/", 1)[-1].startswith(f"{space}-"):
@@ -134,36 +140,32 @@ def build_space(cfg: RunConfig, space: str) -> dict[str, Any]:
             "shards": icfg.shards, "count": sum(c for c, _ in results),
             "rejected": sum(r for _, r in results),
             "per_shard": [c for c, _ in results],
-            "build": icfg.build_fields()}
-    storage.write_json(storage.join(out, "index.json"), meta)
+            "build": icfg.build_fields(), "fingerprint": fingerprint}
+    storage.write_json(layout.index_meta_file(cfg.run_dir, space), meta)
     return meta
-
-
-def require_embedded(cfg: RunConfig) -> None:
-    """Index and mine read the embeddings whole: every input shard must be embedded first."""
-    missing = [s.name for s in run_shards(cfg)
-               if not storage.exists(layout.embed_marker(cfg.run_dir, s.slug))]
-    if missing:
-        raise IndexStageError(f"{len(missing)} shard(s) are not embedded yet (e.g. "
-                              f"{missing[:3]}); run `megapairs embed` first")
 
 
 def run_index(cfg: RunConfig) -> manifest.StageRecord:
     record = manifest.StageRecord("index").start()
-    require_embedded(cfg)
+    embed_state(cfg).require_finished([s.slug for s in run_shards(cfg)])
+    state = index_state(cfg)
+    changed = state.reconcile([storage.join(cfg.run_dir, "index"),
+                               layout.rejects_dir(cfg.run_dir, "index")])
+    if changed:
+        record.counts["recomputed_changed_settings"] = 1
+        record.inputs["changed"] = changed
+    done = state.done_units()
     for space in cfg.mine.spaces:
-        meta_uri = storage.join(index_dir(cfg.run_dir, space), "index.json")
-        if storage.exists(meta_uri):
-            meta = storage.read_json(meta_uri)
-            if meta.get("build") == cfg.index.build_fields():
-                record.counts["spaces_skipped_done"] += 1
-                record.counts[f"{space}_vectors"] = meta["count"]
-                continue
-        meta = build_space(cfg, space)
-        record.counts[f"{space}_vectors"] = meta["count"]
-        if meta["rejected"]:
-            record.rejects.update(Counter({"non_finite_vector": meta["rejected"]}))
-    record.outputs = {s: index_dir(cfg.run_dir, s) for s in cfg.mine.spaces}
+        if space in done:
+            record.counts["spaces_skipped_done"] += 1
+        else:
+            meta = build_space(cfg, space, state.fingerprint)
+            state.mark_done(space, {"vectors": meta["count"], "rejected": meta["rejected"]})
+    for space, marker in zip(cfg.mine.spaces, state.read_markers(cfg.mine.spaces)):
+        record.counts[f"{space}_vectors"] = marker["counts"]["vectors"]
+        record.rejects["non_finite_vector"] += marker["counts"]["rejected"]
+    record.rejects = +record.rejects  # drop zero counts
+    record.outputs = {s: layout.index_dir(cfg.run_dir, s) for s in cfg.mine.spaces}
     record.finish()
     manifest.record_stage(cfg.run_dir, record)
     return record

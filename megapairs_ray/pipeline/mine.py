@@ -3,8 +3,8 @@
 Queries are processed one input shard at a time (the embed stage wrote each input shard's
 vectors side by side in every space), so a miner reads only that shard's three small slices.
 For each space it sends the queries to every index shard's actor at once, merges the top-k lists
-exactly (``merge_topk``), applies the mining rules and writes ``pairs/<shard>.parquet`` and its
-rejects. A written pairs file is that input shard's completion marker.
+exactly (``merge_topk``), applies the mining rules and writes ``pairs/<shard>.parquet``, its
+rejects, and last the shard's marker with its counts.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from megapairs_ray import manifest
-from megapairs_ray.config import MineConfig, RunConfig
-from megapairs_ray.io import storage
-from megapairs_ray.pipeline.index import index_dir, require_embedded
+from megapairs_ray.config import MineConfig, RunConfig, output_settings
+from megapairs_ray.io import layout, storage
+from megapairs_ray.io.stepstate import StepState, stored_fingerprint
+from megapairs_ray.pipeline.embed import embed_state
+from megapairs_ray.pipeline.index import index_state
 from megapairs_ray.pipeline.shardlist import run_shards
-from megapairs_ray.stages import layout
 from megapairs_ray.stages.embed_io import embedding_matrix
 from megapairs_ray.stages.index import IndexShard, IndexStageError, merge_topk, read_meta
 from megapairs_ray.stages.mine import is_query, mine_batch
@@ -38,17 +38,15 @@ MINE_REJECTS_SCHEMA = pa.schema([
 ])
 
 
-def pairs_file(run_dir: str, slug: str) -> str:
-    return storage.join(run_dir, "pairs", f"{slug}.parquet")
-
-
 class MineShard:
     """Callable stage (a Ray actor): ``{"slug"}`` rows in, per-shard summaries out."""
 
-    def __init__(self, run_dir: str, cfg: MineConfig, shard_actors: dict[str, list[Any]]) -> None:
+    def __init__(self, run_dir: str, cfg: MineConfig, shard_actors: dict[str, list[Any]],
+                 state: StepState) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
         self.shard_actors = shard_actors
+        self.state = state
 
     def search(self, space: str, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ref = ray.put(queries)  # one copy in the object store, read by every shard actor
@@ -88,45 +86,35 @@ class MineShard:
         storage.write_parquet(storage.join(layout.rejects_dir(self.run_dir, "mine"),
                                            f"{slug}.parquet"),
                               pa.Table.from_pylist(rejects, schema=MINE_REJECTS_SCHEMA))
-        storage.write_parquet(pairs_file(self.run_dir, slug),
+        storage.write_parquet(layout.pairs_file(self.run_dir, slug),
                               pa.Table.from_pylist(pairs, schema=PAIRS_SCHEMA))
+        counts = Counter({"queries": len(queries), "pairs": len(pairs)})
+        counts.update("pairs_from_" + "+".join(p["spaces"]) for p in pairs)
+        counts.update("reject:" + r["reason"] for r in rejects)
+        self.state.mark_done(slug, counts)  # last: it vouches for both files
         return {"slug": slug, "queries": len(queries), "pairs": len(pairs),
                 "rejected": len(rejects)}
 
 
-def _state(cfg: RunConfig) -> dict[str, Any]:
-    """What the pairs depend on: the mining rules and the indexes they were searched in."""
-    return {"mine": cfg.mine.model_dump(mode="json", exclude={"num_cpus", "actors"}),
-            "index": {s: {k: v for k, v in read_meta(index_dir(cfg.run_dir, s)).items()
-                          if k in ("build", "count", "per_shard", "dim")}
-                      for s in cfg.mine.spaces}}
-
-
-def _reset_if_stale(cfg: RunConfig) -> bool:
-    """Clear earlier pairs that were mined under other rules or other indexes."""
-    uri = storage.join(cfg.run_dir, "pairs", "_state.json")
-    state = _state(cfg)
-    if storage.exists(uri) and storage.read_json(uri) == state:
-        return False
-    stale = storage.exists(uri)
-    storage.remove(storage.join(cfg.run_dir, "pairs"), recursive=True)
-    storage.remove(layout.rejects_dir(cfg.run_dir, "mine"), recursive=True)
-    storage.write_json(uri, state)
-    return stale
+def mine_state(cfg: RunConfig) -> StepState:
+    """Mine's books: the mining rules and how the indexes are searched, on index's output."""
+    return StepState(cfg.run_dir, "mine",
+                     {**output_settings(cfg.mine, prefix="mine."),
+                      **{f"index.{k}": v for k, v in output_settings(cfg.index).items()
+                         if k not in cfg.index.build_fields()}},
+                     {"index": stored_fingerprint(cfg.run_dir, "index")})
 
 
 def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
     actor_cls = ray.remote(IndexShard)
     actors: dict[str, list[Any]] = {}
+    index_state(cfg).require_finished(cfg.mine.spaces)
     for space in cfg.mine.spaces:
-        meta = read_meta(index_dir(cfg.run_dir, space))
-        if meta["build"] != cfg.index.build_fields():
-            raise IndexStageError(f"the index of {space!r} was built with other index settings; "
-                                  "rerun the index stage")
+        meta = read_meta(layout.index_dir(cfg.run_dir, space))
         actors[space] = [
             actor_cls.options(num_cpus=cfg.index.shard_num_cpus,
                               num_gpus=cfg.index.shard_num_gpus).remote(
-                index_dir(cfg.run_dir, space), s, cfg.index)
+                layout.index_dir(cfg.run_dir, space), s, cfg.index)
             for s in range(meta["shards"])
         ]
     # Fail here, with the shard's own message, if a shard file is missing or corrupt — or with
@@ -147,7 +135,7 @@ def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
         raise
     shapes_iter = iter(shapes)
     for space, lst in actors.items():
-        dim = read_meta(index_dir(cfg.run_dir, space))["dim"]
+        dim = read_meta(layout.index_dir(cfg.run_dir, space))["dim"]
         for shard, _ in enumerate(lst):
             got_dim, _count = next(shapes_iter)
             if got_dim != dim:
@@ -165,12 +153,17 @@ def stop_actors(actors: dict[str, list[Any]]) -> None:
 
 def run_mine(cfg: RunConfig) -> manifest.StageRecord:
     record = manifest.StageRecord("mine").start()
-    require_embedded(cfg)
-    shards = run_shards(cfg)
-    if _reset_if_stale(cfg):
-        record.counts["earlier_pairs_discarded"] = 1
-    slugs = [s.slug for s in shards]
-    todo = [s for s in slugs if not storage.exists(pairs_file(cfg.run_dir, s))]
+    slugs = [s.slug for s in run_shards(cfg)]
+    embed_state(cfg).require_finished(slugs)
+    index_state(cfg).require_finished(cfg.mine.spaces)
+    state = mine_state(cfg)
+    changed = state.reconcile([layout.pairs_dir(cfg.run_dir),
+                               layout.rejects_dir(cfg.run_dir, "mine")])
+    if changed:
+        record.counts["recomputed_changed_settings"] = 1
+        record.inputs["changed"] = changed
+    done = state.done_units()
+    todo = [s for s in slugs if s not in done]
     record.counts["shards_skipped_done"] = len(slugs) - len(todo)
     if todo:
         actors = start_shard_actors(cfg)
@@ -179,23 +172,20 @@ def run_mine(cfg: RunConfig) -> manifest.StageRecord:
             ds = ds.map_batches(
                 MineShard,
                 fn_constructor_kwargs={"run_dir": cfg.run_dir, "cfg": cfg.mine,
-                                       "shard_actors": actors},
+                                       "shard_actors": actors, "state": state},
                 batch_size=1, num_cpus=cfg.mine.num_cpus,
                 compute=ray.data.ActorPoolStrategy(size=cfg.mine.actors))
             for _ in ds.iter_rows():
                 record.counts["shards_mined"] += 1
         finally:
             stop_actors(actors)
-    pairs = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs"), ["spaces"])
-    if pairs is not None:
-        record.counts["pairs"] = pairs.num_rows
-        joined = pc.binary_join(pairs.column("spaces"), "+")
-        for item in pc.value_counts(joined).to_pylist():
-            record.counts["pairs_from_" + item["values"]] = item["counts"]
-    rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, "mine"), ["reason"])
-    if rejects is not None:
-        record.rejects.update(Counter(rejects.column("reason").to_pylist()))
-    record.outputs = {"pairs": storage.join(cfg.run_dir, "pairs")}
+    for key, n in state.sum_counts(slugs).items():
+        if key.startswith("reject:"):
+            record.rejects[key.removeprefix("reject:")] += n
+        elif key != "queries":
+            record.counts[key] += n
+    record.counts["pairs"] += 0  # present even when nothing was mined
+    record.outputs = {"pairs": layout.pairs_dir(cfg.run_dir)}
     record.finish()
     manifest.record_stage(cfg.run_dir, record)
     return record

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from megapairs_ray.config import RunConfig
 from megapairs_ray.errors import MegapairsError
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import Shard, list_shards
 
 
@@ -19,13 +19,9 @@ class InputChangedError(MegapairsError, RuntimeError):
     """The input no longer matches the shard list this run started with."""
 
 
-def shards_uri(run_dir: str) -> str:
-    return storage.join(run_dir, "shards.json")
-
-
 def run_shards(cfg: RunConfig) -> list[Shard]:
     current = list_shards(cfg.input)
-    uri = shards_uri(cfg.run_dir)
+    uri = layout.shards_file(cfg.run_dir)
     if not storage.exists(uri):
         storage.write_json(uri, [s.to_row() for s in current])
         return current

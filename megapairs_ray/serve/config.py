@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from megapairs_ray.config import (
+    RESOURCE,
     ActorPoolSection,
     ConfigError,
     IndexConfig,
@@ -37,9 +38,9 @@ class GalleryEncoderConfig(ActorPoolSection):
     section: ClassVar[str] = "encoder"
 
     precision: Literal["fp32", "bf16"] = "fp32"
-    read_batch_rows: int = Field(default=256, gt=0)
-    reader_num_cpus: float = Field(default=0.25, gt=0)
-    writer_batch_rows: int = Field(default=1024, gt=0)
+    read_batch_rows: int = Field(default=256, gt=0, json_schema_extra=RESOURCE)
+    reader_num_cpus: float = Field(default=0.25, gt=0, json_schema_extra=RESOURCE)
+    writer_batch_rows: int = Field(default=1024, gt=0, json_schema_extra=RESOURCE)
 
 
 class GalleryConfig(Strict):

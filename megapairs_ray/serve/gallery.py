@@ -27,7 +27,7 @@ import numpy as np
 from megapairs_ray.config import InputConfig
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.imaging import Reason
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import fetch_bytes_tolerant
 from megapairs_ray.models.retriever import RetrieverEncoder
 from megapairs_ray.serve.config import SPACE
@@ -46,12 +46,8 @@ def gallery_json(gallery_dir: str) -> str:
     return storage.join(gallery_dir, "gallery.json")
 
 
-def settings_uri(gallery_dir: str) -> str:
-    return storage.join(gallery_dir, "embeddings", "_settings.json")
-
-
 def index_dir(gallery_dir: str) -> str:
-    return storage.join(gallery_dir, "index", SPACE)
+    return layout.index_dir(gallery_dir, SPACE)
 
 
 def read_gallery(gallery_dir: str) -> dict[str, Any]:

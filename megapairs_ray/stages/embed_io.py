@@ -18,9 +18,8 @@ import pyarrow as pa
 
 from megapairs_ray.config import InputConfig
 from megapairs_ray.imaging import Reason
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import Shard, ShardProblem, read_shard
-from megapairs_ray.stages import layout
 from megapairs_ray.stages.ingest import REJECTS_SCHEMA
 
 READ_BATCH_ROWS = 256

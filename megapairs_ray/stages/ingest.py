@@ -13,12 +13,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from megapairs_ray.config import IngestConfig, InputConfig
+from megapairs_ray.config import IngestConfig, InputConfig, output_settings
 from megapairs_ray.ids import image_id
 from megapairs_ray.imaging import PLAIN_MODES, Reason, inspect_image
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import Record, Shard, ShardProblem, printable, read_shard
-from megapairs_ray.stages import layout
+from megapairs_ray.io.stepstate import StepState
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -55,13 +55,21 @@ def reject_row(shard: str, key: str | None, stage: str, reason: str, detail: str
             "detail": printable(detail[:500])}
 
 
+def ingest_state(run_dir: str, input_cfg: InputConfig, ingest_cfg: IngestConfig) -> StepState:
+    """Ingest's books: its output depends on the input and the checks."""
+    return StepState(run_dir, "ingest", {**output_settings(input_cfg, prefix="input."),
+                                         **output_settings(ingest_cfg, prefix="ingest.")})
+
+
 class IngestShard:
     """Callable stage: ``{"uri", "name", "format", "members"}`` rows in, summary rows out."""
 
-    def __init__(self, run_dir: str, input_cfg: InputConfig, ingest_cfg: IngestConfig) -> None:
+    def __init__(self, run_dir: str, input_cfg: InputConfig, ingest_cfg: IngestConfig,
+                 state: StepState | None = None) -> None:
         self.run_dir = run_dir
         self.input_cfg = input_cfg
         self.cfg = ingest_cfg
+        self.state = state or ingest_state(run_dir, input_cfg, ingest_cfg)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         summaries = [self.ingest(Shard.from_row({k: batch[k][i] for k in batch}))
@@ -105,11 +113,9 @@ class IngestShard:
                               pa.Table.from_pylist(rejects + problems, schema=REJECTS_SCHEMA))
         storage.write_parquet(layout.images_file(self.run_dir, shard.slug),
                               pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
-        storage.write_json(layout.ingest_marker(self.run_dir, shard.slug), {
-            "shard": shard.name, "uri": shard.uri, "counts": dict(counts),
-            "rejects": dict(by_reason),
-            "shard_problems": dict(Counter(p["reason"] for p in problems)),
-        })
+        self.state.mark_done(shard.slug, counts, shard=shard.name, uri=shard.uri,
+                             rejects=dict(by_reason),
+                             shard_problems=dict(Counter(p["reason"] for p in problems)))
         return {"shard": shard.slug, "images": len(rows), "rejects": len(rejects)}
 
     def _gate(self, shard: Shard, rec: Record, counts: Counter[str],

@@ -113,6 +113,7 @@ def dataset_card(cfg: RunConfig, doc: dict[str, Any], num_tars: int) -> str:
               ("describe (vision-language model)", cfg.describe.model if cfg.describe else "-"),
               ("instruct (LLM)", cfg.instruct.model if cfg.instruct else "-")]
     config = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    limit = cfg.export.single_file_max_rows
     return f"""# MegaPairs-form triplets: run `{cfg.run_dir}` (profile `{cfg.profile}`)
 
 Synthetic (query image, instructions, target image) triplets made by megapairs-ray, in the form
@@ -124,8 +125,10 @@ tar shard(s): the path `images/00003/<id>.jpg` is the member `<id>.jpg` of `imag
 ## Files
 | file | what |
 |---|---|
-| `megapairs.jsonl` | the triplets, one JSON object per line |
-| `megapairs.parquet` | the same rows |
+| `parts/part-*.jsonl` | the triplets, one JSON object per line |
+| `parts/part-*.parquet` | the same rows, a parquet part beside each JSON-lines part |
+| `megapairs.jsonl`, `megapairs.parquet` | the parts joined (runs up to {limit:,} triplets) |
+| `_SUCCESS` | written last: the export is whole |
 | `images/*.tar` | the images the triplets name |
 | `gallery.html` | sampled triplets, to look at in a browser |
 
@@ -145,7 +148,8 @@ Besides the four released fields each record keeps its provenance: `pair_id`, `q
 ## Train on it
 ```
 megapairs train --config configs/train-paper.yaml \\
-  --set data.annotations='[{storage.join(cfg.run_dir, "triplets", "megapairs.jsonl")}]'
+  --set data.annotations='[{storage.join(cfg.run_dir, "triplets", "parts", "*.jsonl")}]' \\
+  --set data.image_root={storage.join(cfg.run_dir, "triplets")}
 ```
 
 ## Config
@@ -154,19 +158,26 @@ megapairs train --config configs/train-paper.yaml \\
 """
 
 
-def sample_rows(path: str, k: int, seed: int) -> list[dict[str, Any]]:
-    """``k`` rows of a parquet file, drawn with ``seed``, in file order."""
-    t = storage.read_parquet(path)
-    if t.num_rows == 0 or k == 0:
+def sample_rows(parts_dir: str, k: int, seed: int) -> list[dict[str, Any]]:
+    """``k`` triplets drawn with ``seed`` from the parquet parts: parts are read in a seeded
+    order only until there are enough rows to draw from, never the whole export."""
+    files = storage.list_files(parts_dir, ".parquet")
+    if not files or k == 0:
         return []
-    idx = np.sort(np.random.default_rng(seed).choice(t.num_rows, size=min(k, t.num_rows),
-                                                     replace=False))
+    rng = np.random.default_rng(seed)
+    tables, rows = [], 0
+    for i in rng.permutation(len(files)):
+        tables.append(storage.read_parquet(files[i]))
+        rows += tables[-1].num_rows
+        if rows >= 4 * k:
+            break
+    t = pa.concat_tables(tables)
+    idx = np.sort(rng.choice(t.num_rows, size=min(k, t.num_rows), replace=False))
     return t.take(pa.array(idx)).to_pylist()
 
 
 def write_card_and_gallery(cfg: RunConfig, out: str, num_tars: int) -> None:
-    rows = sample_rows(storage.join(out, "megapairs.parquet"), cfg.export.gallery_size,
-                       cfg.export.seed)
+    rows = sample_rows(storage.join(out, "parts"), cfg.export.gallery_size, cfg.export.seed)
     page = gallery_html(rows, ImageStore(out), f"megapairs-ray triplets: {cfg.run_dir}")
     with storage.open_atomic(storage.join(out, "gallery.html"), "wb") as f:
         f.write(page.encode())

@@ -86,7 +86,7 @@ def test_bad_images_are_counted_rejects_and_a_new_checkpoint_resets(retriever_ga
 
     other = make_checkpoint(tmp_path / "other", seed=11)
     switched = run_gallery(gallery_config(tmp_path / "g2", other, images_from=g["gallery_dir"]))
-    assert switched.counts["reset_changed_settings"] == 1
+    assert switched.counts["recomputed_changed_settings"] == 1
     assert switched.counts["tables_embedded"] == 1
     assert json.loads((tmp_path / "g2" / "gallery.json").read_text())["checkpoint"] == other
 

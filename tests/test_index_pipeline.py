@@ -9,6 +9,7 @@ from megapairs_ray.config import config_from_dict
 from megapairs_ray.io import storage
 from megapairs_ray.io.layout import index_dir
 from megapairs_ray.io.shards import list_shards
+from megapairs_ray.io.stepstate import StageInputError
 from megapairs_ray.pipeline.index import build_space, run_index
 from megapairs_ray.pipeline.mine import run_mine
 from megapairs_ray.stages.index import IndexStageError, merge_topk
@@ -35,8 +36,8 @@ def test_index_and_mine_on_ray_equal_one_exact_index(tmp_path, ray_cluster):
     vecs["clip_text"][7, 0] = np.nan  # a broken vector: a counted reject, not a crash
     for s in SPACES:
         write_space(cfg.run_dir, s, ids, vecs[s], slugs)
-    with pytest.raises(IndexStageError, match="embed has not run"):
-        run_index(cfg)  # embeddings without completion markers are not trusted
+    with pytest.raises(StageInputError, match="run `megapairs ingest` first"):
+        run_index(cfg)  # embeddings without the books of ingest and embed are not trusted
     mark_embedded(cfg, slugs)
 
     rec = run_index(cfg)
@@ -79,7 +80,8 @@ def test_index_and_mine_on_ray_equal_one_exact_index(tmp_path, ray_cluster):
     stricter = cfg.model_copy(update={"mine": cfg.mine.model_copy(
         update={"min_hard_negatives": 5})})
     again = run_mine(stricter)
-    assert again.counts["earlier_pairs_discarded"] == 1 and again.counts["shards_mined"] == 3
+    assert again.inputs["changed"] == ["mine.min_hard_negatives"]
+    assert again.counts["shards_mined"] == 3
     # A missing shard file is a clear error, not a wrong answer.
     storage.remove(storage.join(cfg.run_dir, "pairs"), recursive=True)
     storage.remove(storage.join(index_dir(cfg.run_dir, "dino_image"), "shard-0001.faiss"))

@@ -126,7 +126,7 @@ def test_rerun_does_nothing_and_interrupted_shard_is_redone(local_run):
 def test_embed_refuses_before_ingest(tmp_path, ray_cluster):
     write_tar(tmp_path / "c" / "s.tar", good_samples(2))
     cfg = config_from_dict(tiny_config(tmp_path / "run", [str(tmp_path / "c")]))
-    with pytest.raises(RuntimeError, match="not ingested"):
+    with pytest.raises(RuntimeError, match="ingest has not run"):
         run_embed(cfg)
 
 

@@ -219,5 +219,5 @@ def test_a_rerun_resumes_the_finished_tries(synth_run):
     doc = json.loads((run_dir / "manifest.json").read_text())
     counts = doc["stages"]["describe"]["counts"]
     assert counts["try_0_resumed"] > 0 and counts["try_1_resumed"] > 0
-    assert "earlier_descriptions_discarded" not in counts
+    assert "recomputed_changed_settings" not in counts
     assert pq.read_table(run_dir / "descriptions").sort_by("pair_id").equals(before)

@@ -111,7 +111,7 @@ def run_gallery(cfg: GalleryConfig) -> manifest.StageRecord:
                                layout.rejects_dir(cfg.run_dir, STAGE),
                                gallery_json(cfg.run_dir)])
     if changed:
-        record.counts["reset_changed_settings"] = 1
+        record.counts["recomputed_changed_settings"] = 1
         record.inputs["changed"] = changed
     done = state.done_units()
     todo = [s for s in sources if s[0] not in done]

@@ -193,7 +193,7 @@ def run_tries(state: StepState, section: LLMStageConfig, retries: int,
             committed = committed_pair_ids(out)
             if len(committed):  # an interrupted try: only what it did not commit goes again
                 record.counts[f"try_{attempt}_rows_already_committed"] = len(committed)
-                todo = todo.map_batches(_drop_committed, fn_args=(ray.put(committed),),
+                todo = todo.map_batches(_drop_committed, fn_args=(committed,),
                                         batch_format="pyarrow", num_cpus=section.num_cpus)
             answers = pipeline_for_try(todo, attempt).map_batches(
                 commit_part, fn_kwargs={"out": out}, batch_size=section.commit_rows,

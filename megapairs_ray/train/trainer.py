@@ -171,7 +171,11 @@ def _report_with_checkpoint(metrics: dict[str, Any], model: MMRetCLIP, tokenizer
 
 class MetricsLog(ray.train.UserCallback):
     """Keeps every report's metrics (rank 0's) as ``metrics.jsonl`` beside the checkpoints;
-    a resumed run appends to what the earlier attempt logged."""
+    a resumed run appends to what the earlier attempt logged.
+
+    On a local or mounted disk each report appends one line. Object storage has no append, so
+    there the file is rewritten whole, once per report: reports come once per checkpoint or
+    log interval, so the file stays small."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -179,11 +183,17 @@ class MetricsLog(ray.train.UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
                      checkpoint: ray.train.Checkpoint | None) -> None:
-        if self.rows is None:
-            self.rows = read_metrics(self.uri)
         row = dict(metrics[0])
         if checkpoint is not None:
             row["checkpoint"] = checkpoint_uri(self.uri, checkpoint)
+        if not storage.is_remote(self.uri):
+            path = storage.filesystem(self.uri)[1]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            return
+        if self.rows is None:
+            self.rows = read_metrics(self.uri)
         self.rows.append(row)
         with storage.open_atomic(self.uri, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.rows)
@@ -200,7 +210,13 @@ def read_metrics(uri: str) -> list[dict[str, Any]]:
     if not storage.exists(uri):
         return []
     fs, path = storage.filesystem(uri)
-    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+    rows = []
+    for line in fs.cat_file(path).decode().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the half line a killed writer left: skipped
+            continue
+    return rows
 
 
 def run_dir(cfg: TrainConfig) -> str:

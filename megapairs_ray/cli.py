@@ -193,6 +193,67 @@ def export(config: ConfigOpt, set_: SetOpt = None) -> None:
     _run_stages(_load(config, set_), ["export"])
 
 
+Num = Annotated[str | None, typer.Option(help="A number.")]
+
+
+@app.command("plan")
+def plan_cmd(
+    images: Annotated[str | None, typer.Option(help="Images in the corpus: 1e9, 500M, 2B.")] = None,
+    gpu: Annotated[str, typer.Option(help="GPU with measured results in benchmarks/results/.")
+                   ] = "h200",
+    nodes: Num = None, gpus_per_node: Num = None, cpus_per_node: Num = None,
+    memory_per_node_gib: Num = None, cpu_nodes: Num = None, cpus_per_cpu_node: Num = None,
+    memory_per_cpu_node_gib: Num = None, query_fraction: Num = None, pairs_per_query: Num = None,
+    hard_negatives: Num = None, instructions_per_pair: Num = None,
+    assume: Annotated[list[str] | None, typer.Option(
+        help="Replace an assumption: NAME=VALUE (image_kb, caption_chars, export_image_kb, "
+             "description_chars, instruction_chars, describe_pairs_per_gpu_s, "
+             "instruct_pairs_per_gpu_s).")] = None,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")] = Path(
+        "configs/paper.yaml"),
+    set_: SetOpt = None,
+    train_config: Annotated[str, typer.Option(
+        help="Training config YAML, or 'none' to leave training out.")
+    ] = "configs/train-paper.yaml",
+    results: Annotated[Path | None, typer.Option(help="Measured results folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Plan a run: GPU- and core-hours, nodes and wall time per stage, index memory, object
+    store and storage, each figure with its source (a measured result file or an assumption)."""
+    import json
+
+    from megapairs_ray import plan
+    from megapairs_ray.config import ConfigError
+    from megapairs_ray.train.config import TrainConfig
+
+    if images is None:
+        raise ConfigError("--images is required (e.g. --images 1e9)")
+    values: dict[str, Any] = {
+        "images": images, "gpu": gpu, "nodes": nodes, "gpus_per_node": gpus_per_node,
+        "cpus_per_node": cpus_per_node, "memory_per_node_gib": memory_per_node_gib,
+        "cpu_nodes": cpu_nodes, "cpus_per_cpu_node": cpus_per_cpu_node,
+        "memory_per_cpu_node_gib": memory_per_cpu_node_gib, "query_fraction": query_fraction,
+        "pairs_per_query": pairs_per_query, "hard_negatives": hard_negatives,
+        "instructions_per_pair": instructions_per_pair}
+    for item in assume or []:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in plan.ASSUMPTION_FIELDS:
+            raise ConfigError(f"--assume {item!r}: use NAME=VALUE with NAME one of "
+                              f"{', '.join(plan.ASSUMPTION_FIELDS)}")
+        values[name] = value.strip()
+    inputs = plan.plan_inputs(values)
+    cfg = _load(config, set_)
+    train = None if train_config.lower() == "none" else load_config(train_config,
+                                                                    schema=TrainConfig)
+    result = plan.make_plan(inputs, cfg, train, results or plan.RESULTS_DIR, str(config),
+                            train_config)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=1))
+    else:
+        plan.render(result, Console())
+
+
 @app.command("config")
 def show_config(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Validate a config and print it with every default filled in."""

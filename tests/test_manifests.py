@@ -1,11 +1,19 @@
-"""The cluster manifests under cluster/: valid against the KubeRay CRDs, pointing at real code.
+"""The cluster manifests under cluster/: valid against the KubeRay CRDs and the Anyscale CLI's own
+config models, pointing at real code.
 
-No cluster is needed. Each KubeRay manifest is validated against the ``openAPIV3Schema`` of its
-CRD (KubeRay v1.7, ray.io/v1) from ``shared/reference/kuberay-crds/`` beside the checkout. Like
-the API server, the check rejects fields the schema does not know (CRD schemas leave
-``additionalProperties`` open; Kubernetes prunes or, with strict field validation, rejects unknown
-fields); the CEL rules (``x-kubernetes-validations``) are not evaluated. The entrypoints must name
-a script that imports and a config that loads; the RayService and the Anyscale service must carry
+No cluster is needed. Every YAML file under cluster/ is found by looking, not listed by name, and
+must be one of: a KubeRay resource (RayCluster, RayJob, RayService), an Anyscale job (it has an
+``entrypoint``), an Anyscale service (it has ``applications``) or an Anyscale compute config
+(``compute-<name>.yaml``, registered as ``megapairs-<name>``). Each KubeRay manifest is validated
+against the ``openAPIV3Schema`` of its CRD (KubeRay v1.7, ray.io/v1) from
+``shared/reference/kuberay-crds/`` beside the checkout. Like the API server, the check rejects
+fields the schema does not know (CRD schemas leave ``additionalProperties`` open; Kubernetes prunes
+or, with strict field validation, rejects unknown fields); the CEL rules
+(``x-kubernetes-validations``) are not evaluated, and the operator's own rule on a RayJob's
+cleanup (TTL or deletion rules, never both) is checked here. Each Anyscale file loads with
+``anyscale``'s ``JobConfig`` / ``ServiceConfig`` / ``ComputeConfig`` (unknown keys are errors).
+Every entrypoint a manifest names imports, accepts its arguments and loads its config; every
+Serve ``import_path`` imports. The RayService and the Anyscale service must carry
 configs/serve-paper.yaml unchanged, and their worker groups must hold its deployments.
 """
 
@@ -15,6 +23,7 @@ import copy
 import importlib
 import importlib.util
 import math
+import re
 import shlex
 from functools import cache
 from pathlib import Path
@@ -26,27 +35,61 @@ import yaml
 
 from megapairs_ray.config import ConfigError, RunConfig, load_config
 from megapairs_ray.serve.config import IMPORT_PATH, ServeAppConfig, validate_serve_doc
+from megapairs_ray.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kuberay-crds"
-KUBERAY_DIR = REPO / "cluster" / "kuberay"
-ANYSCALE_JOB = REPO / "cluster" / "anyscale" / "job.yaml"
-ANYSCALE_SERVICE = REPO / "cluster" / "anyscale" / "service.yaml"
+CLUSTER_DIR = REPO / "cluster"
+KUBERAY_DIR = CLUSTER_DIR / "kuberay"
+ANYSCALE_DIR = CLUSTER_DIR / "anyscale"
+ANYSCALE_JOB = ANYSCALE_DIR / "job-pipeline.yaml"
+ANYSCALE_SERVICE = ANYSCALE_DIR / "service.yaml"
 RAYJOB = KUBERAY_DIR / "rayjob-pipeline.yaml"
 RAYCLUSTER = KUBERAY_DIR / "raycluster.yaml"
 RAYJOB_TRAIN = KUBERAY_DIR / "rayjob-train.yaml"
 RAYSERVICE = KUBERAY_DIR / "rayservice.yaml"
 SERVE_CONFIG = REPO / "configs" / "serve-paper.yaml"
+# The config schema each entrypoint script takes (a new script needs its line here).
+ENTRYPOINT_SCHEMAS: dict[str, type] = {"jobs/run_pipeline.py": RunConfig,
+                                       "jobs/train_mmret.py": TrainConfig}
 
-KUBERAY_MANIFESTS = sorted(KUBERAY_DIR.glob("*.yaml"))
-RAY_VERSION = "2.60.0"
+MANIFESTS = sorted(CLUSTER_DIR.rglob("*.yaml")) + sorted(CLUSTER_DIR.rglob("*.yml"))
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRD files are megabytes of YAML
+# The Ray every manifest pins: the project's own pin in pyproject.toml.
+RAY_VERSION = re.search(r'"ray\[[^\]]*\]==([0-9.]+)"',
+                        (REPO / "pyproject.toml").read_text()).group(1)  # type: ignore[union-attr]
 
 
 def _load(path: Path) -> dict[str, Any]:
     docs = [d for d in yaml.load_all(path.read_text(), Loader=_Loader) if d is not None]
     assert len(docs) == 1, f"{path.name}: expected one YAML document, found {len(docs)}"
     return docs[0]
+
+
+def _kind(path: Path) -> str:
+    """What a manifest is: its KubeRay kind, or anyscale-job / -service / -compute."""
+    doc = _load(path)
+    if doc.get("apiVersion") == "ray.io/v1":
+        return str(doc.get("kind"))
+    if path.parent == ANYSCALE_DIR:
+        if path.name.startswith("compute-"):
+            return "anyscale-compute"
+        if "entrypoint" in doc:
+            return "anyscale-job"
+        if "applications" in doc:
+            return "anyscale-service"
+    return "unknown"
+
+
+def _of_kind(*kinds: str) -> list[Path]:
+    return [p for p in MANIFESTS if _kind(p) in kinds]
+
+
+KUBERAY_MANIFESTS = _of_kind("RayCluster", "RayJob", "RayService")
+RAYJOBS = _of_kind("RayJob")
+ANYSCALE_JOBS = _of_kind("anyscale-job")
+ANYSCALE_SERVICES = _of_kind("anyscale-service")
+ANYSCALE_COMPUTE = _of_kind("anyscale-compute")
 
 
 def _strict(schema: Any) -> Any:
@@ -135,9 +178,14 @@ def paper() -> RunConfig:
 # --- schema -------------------------------------------------------------------------------------
 
 
-def test_every_kuberay_manifest_is_checked() -> None:
-    expected = {RAYJOB, RAYCLUSTER, RAYJOB_TRAIN, RAYSERVICE}
-    assert {p.name for p in KUBERAY_MANIFESTS} >= {p.name for p in expected}
+def test_every_manifest_is_checked() -> None:
+    """Every YAML under cluster/ is a kind the tests below check; none is skipped for its name."""
+    unknown = [str(p.relative_to(REPO)) for p in MANIFESTS if _kind(p) == "unknown"]
+    assert not unknown, f"manifests no test checks: {unknown}"
+    assert {RAYJOB, RAYCLUSTER, RAYJOB_TRAIN, RAYSERVICE} <= set(KUBERAY_MANIFESTS)
+    assert {ANYSCALE_JOB, ANYSCALE_DIR / "job-train.yaml"} <= set(ANYSCALE_JOBS)
+    assert ANYSCALE_SERVICES == [ANYSCALE_SERVICE]
+    assert len(ANYSCALE_COMPUTE) >= 3
 
 
 @pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=lambda p: p.name)
@@ -187,15 +235,46 @@ def test_schema_check_rejects_broken_rayjob(crds: None, breakage: Any, expected:
 # --- entrypoint and config ----------------------------------------------------------------------
 
 
-def test_rayjob_entrypoint_script_exists_and_imports() -> None:
-    script, _ = _entrypoint(_load(RAYJOB)["spec"]["entrypoint"])
-    assert script == REPO / "jobs" / "run_pipeline.py"
-    assert script.is_file(), f"entrypoint script {script} is missing"
-    spec = importlib.util.spec_from_file_location("megapairs_run_pipeline", script)
+def _entrypoints() -> list[tuple[str, str]]:
+    """(manifest, entrypoint command) of every RayJob and every Anyscale job."""
+    return ([(p.name, _load(p)["spec"]["entrypoint"]) for p in RAYJOBS]
+            + [(f"anyscale/{p.name}", _load(p)["entrypoint"]) for p in ANYSCALE_JOBS])
+
+
+ENTRYPOINTS = _entrypoints()
+
+
+def _import_script(script: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(f"megapairs_entry_{script.stem}", script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
+    return module
+
+
+def _takes_arguments(module: Any, args: list[str]) -> int:
+    """The exit code of the script's ``main`` given ``args`` and ``--help``: click parses every
+    option first, so an unknown one fails (2) and known ones print the help (0)."""
+    with pytest.raises(SystemExit) as exit_:
+        module.main([*args, "--help"])
+    return int(exit_.value.code or 0)
+
+
+@pytest.mark.parametrize(("manifest", "cmd"), ENTRYPOINTS, ids=[m for m, _ in ENTRYPOINTS])
+def test_entrypoint_imports_and_loads_its_config(manifest: str, cmd: str, capsys: Any) -> None:
+    script, config = _entrypoint(cmd)
+    rel = script.relative_to(REPO).as_posix()
+    assert script.is_file(), f"{manifest}: entrypoint script {rel} is missing"
+    module = _import_script(script)
+    assert callable(getattr(module, "main", None)), f"{manifest}: {rel} has no main()"
+    assert _takes_arguments(module, shlex.split(cmd)[2:]) == 0, capsys.readouterr().err
+    assert rel in ENTRYPOINT_SCHEMAS, f"{rel}: add the config schema it takes to this test"
+    load_config(config, schema=ENTRYPOINT_SCHEMAS[rel])
+
+
+def test_entrypoint_check_rejects_an_unknown_option() -> None:
+    module = _import_script(REPO / "jobs" / "run_pipeline.py")
+    assert _takes_arguments(module, ["--config", "configs/paper.yaml", "--confg", "x"]) == 2
 
 
 def test_rayjob_entrypoint_config_loads(paper: RunConfig) -> None:
@@ -203,20 +282,86 @@ def test_rayjob_entrypoint_config_loads(paper: RunConfig) -> None:
     assert paper.embed.device == "cuda"
 
 
-def test_rayjob_runtime_env_is_valid_yaml() -> None:
-    env = yaml.safe_load(_load(RAYJOB)["spec"]["runtimeEnvYAML"])
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_rayjob_runtime_env_is_valid_yaml(path: Path) -> None:
+    env = yaml.safe_load(_load(path)["spec"]["runtimeEnvYAML"])
     assert env["working_dir"].endswith(".zip")
     pip = " ".join(env["pip"])
-    for package in ("open_clip_torch", "timm", "transformers", "faiss-cpu", "s3fs", "pydantic"):
+    for package in ("open_clip_torch", "transformers", "s3fs", "pydantic", "typer"):
         assert package in pip
 
 
-def test_rayjob_lifecycle() -> None:
-    spec = _load(RAYJOB)["spec"]
+def _cleanup_problems(spec: dict[str, Any]) -> list[str]:
+    """KubeRay v1.7's rules for removing a RayJob's cluster: ``shutdownAfterJobFinishes`` with
+    ``ttlSecondsAfterFinished``, or ``deletionStrategy.deletionRules``, never both (the operator
+    refuses the mix; the CRD's schema does not say so), and one of them, so that no finished
+    job's cluster keeps its GPUs."""
+    ttl_fields = sorted({"shutdownAfterJobFinishes", "ttlSecondsAfterFinished"} & set(spec))
+    strategy = spec.get("deletionStrategy", {})
+    rules = strategy.get("deletionRules", [])
+    problems = []
+    if rules and ttl_fields:
+        problems.append(f"deletionStrategy.deletionRules combined with {ttl_fields}")
+    if {"onSuccess", "onFailure"} & set(strategy):
+        problems.append("deletionStrategy.onSuccess/onFailure: the legacy form; use deletionRules")
+    if not rules:
+        if spec.get("shutdownAfterJobFinishes") is not True:
+            problems.append("no cleanup: neither shutdownAfterJobFinishes: true nor deletionRules")
+        if "ttlSecondsAfterFinished" not in spec:
+            problems.append("shutdownAfterJobFinishes without ttlSecondsAfterFinished")
+    deleting = {r["condition"].get("jobStatus") for r in rules
+                if r["policy"] in ("DeleteCluster", "DeleteSelf")}
+    for status in ("SUCCEEDED", "FAILED") if rules else ():
+        if status not in deleting:
+            problems.append(f"deletionRules keep the cluster of a {status} job")
+    return problems
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_rayjob_lifecycle(path: Path) -> None:
+    spec = _load(path)["spec"]
     assert spec["submissionMode"] == "K8sJobMode"
-    assert spec["shutdownAfterJobFinishes"] is True
-    assert spec["ttlSecondsAfterFinished"] > 0
     assert spec["backoffLimit"] > 0
+    assert not _cleanup_problems(spec), _cleanup_problems(spec)
+
+
+_RULES = [{"policy": "DeleteCluster", "condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 600}},
+          {"policy": "DeleteCluster", "condition": {"jobStatus": "FAILED", "ttlSeconds": 600}}]
+
+
+def _rules_only(spec: dict[str, Any]) -> None:
+    del spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"]
+    spec["deletionStrategy"] = {"deletionRules": copy.deepcopy(_RULES)}
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda s: s.update(deletionStrategy={"deletionRules": copy.deepcopy(_RULES)}),
+         "deletionRules combined with ['shutdownAfterJobFinishes', 'ttlSecondsAfterFinished']"),
+        (lambda s: s.pop("shutdownAfterJobFinishes"), "no cleanup"),
+        (lambda s: s.pop("ttlSecondsAfterFinished"), "without ttlSecondsAfterFinished"),
+        (lambda s: (_rules_only(s), s["deletionStrategy"]["deletionRules"].pop()),
+         "keep the cluster of a FAILED job"),
+        (lambda s: (_rules_only(s), s.update(ttlSecondsAfterFinished=60)),
+         "deletionRules combined with ['ttlSecondsAfterFinished']"),
+        (lambda s: (_rules_only(s), s["deletionStrategy"].update(
+            onSuccess={"policy": "DeleteCluster"})), "legacy form"),
+    ],
+    ids=["rules-and-ttl", "no-shutdown", "no-ttl", "rules-miss-failed", "rules-and-ttl-only",
+         "legacy-policy"],
+)
+def test_cleanup_check_rejects_broken_rayjob(breakage: Any, expected: str) -> None:
+    spec = copy.deepcopy(_load(RAYJOB)["spec"])
+    breakage(spec)
+    assert any(expected in p for p in _cleanup_problems(spec)), _cleanup_problems(spec)
+
+
+def test_deletion_rules_alone_are_a_valid_cleanup(crds: None) -> None:
+    doc = copy.deepcopy(_load(RAYJOB))
+    _rules_only(doc["spec"])
+    assert _cleanup_problems(doc["spec"]) == []
+    assert _schema_errors(doc) == []
 
 
 # --- cluster shape ------------------------------------------------------------------------------
@@ -310,30 +455,107 @@ def test_gpu_group_fits_the_embed_actor_pool(paper: RunConfig) -> None:
 # --- Anyscale -----------------------------------------------------------------------------------
 
 
-def test_anyscale_job_matches_the_rayjob(paper: RunConfig) -> None:
-    job = _load(ANYSCALE_JOB)
-    assert job["entrypoint"] == _load(RAYJOB)["spec"]["entrypoint"]
-    script, config = _entrypoint(job["entrypoint"])
-    assert script.is_file()
-    assert config.is_file()
-    assert job["name"]
-    assert job["working_dir"] == "."
-    assert ("image_uri" in job) != ("containerfile" in job), "give one of image_uri, containerfile"
-    assert job["max_retries"] > 0
-    assert isinstance(job["env_vars"], dict)
+def _twin(path: Path) -> Path:
+    """The KubeRay manifest an Anyscale file mirrors: the RayJob with the job's entrypoint, the
+    RayService with the service's applications, the manifest of the job or service naming the
+    compute config."""
+    doc = _load(path)
+    if _kind(path) == "anyscale-compute":
+        name = "megapairs-" + path.stem.removeprefix("compute-")
+        (user,) = [p for p in ANYSCALE_JOBS + ANYSCALE_SERVICES
+                   if _load(p).get("compute_config") == name]
+        return _twin(user)
+    if _kind(path) == "anyscale-job":
+        found = [p for p in RAYJOBS if _load(p)["spec"]["entrypoint"] == doc["entrypoint"]]
+    else:
+        found = [p for p in _of_kind("RayService") if yaml.safe_load(
+            _load(p)["spec"]["serveConfigV2"])["applications"] == doc["applications"]]
+    assert len(found) == 1, f"{path.name}: no single KubeRay manifest with the same work"
+    return found[0]
 
-    compute = job["compute_config"]
-    assert compute["head_node"]["resources"]["CPU"] == 0
+
+@pytest.mark.parametrize("path", ANYSCALE_JOBS + ANYSCALE_SERVICES, ids=lambda p: p.name)
+def test_anyscale_file_loads_and_names_a_compute_config_file(path: Path) -> None:
+    """Loads with the Anyscale CLI's own model; names a compute config registered from a file
+    here (``megapairs-<name>`` from ``compute-<name>.yaml``)."""
+    from anyscale.job.models import JobConfig
+    from anyscale.service.models import ServiceConfig
+
+    model = JobConfig if _kind(path) == "anyscale-job" else ServiceConfig
+    config = model.from_yaml(str(path))
+    assert config.name and config.working_dir == "."
+    doc = _load(path)
+    assert ("image_uri" in doc) != ("containerfile" in doc), "give one of image_uri, containerfile"
+    assert RAY_VERSION in doc.get("image_uri", RAY_VERSION)
+    name = doc["compute_config"]
+    assert isinstance(name, str) and name.startswith("megapairs-"), name
+    assert (ANYSCALE_DIR / f"compute-{name.removeprefix('megapairs-')}.yaml").is_file(), name
+    assert isinstance(doc.get("env_vars", {}), dict)
+
+
+@pytest.mark.parametrize("path", ANYSCALE_COMPUTE, ids=lambda p: p.name)
+def test_anyscale_compute_config_loads(path: Path) -> None:
+    from anyscale.compute_config.models import ComputeConfig
+
+    compute = ComputeConfig.from_yaml(str(path))
+    assert compute.head_node is not None and compute.worker_nodes
+    assert f"anyscale compute-config create -n megapairs-{path.stem.removeprefix('compute-')} " \
+        f"-f cluster/anyscale/{path.name}" in path.read_text(), "the header's command is wrong"
+
+
+def test_anyscale_models_reject_what_they_do_not_know(tmp_path: Path) -> None:
+    """The checks above can fail: a misspelt key or a bad quantity is refused."""
+    from anyscale.compute_config.models import ComputeConfig
+    from anyscale.job.models import JobConfig
+
+    job = _load(ANYSCALE_JOB)
+    job["entrypont"] = job.pop("entrypoint")
+    with pytest.raises(TypeError, match="entrypont"):
+        JobConfig.from_dict(job)
+    compute = _load(ANYSCALE_DIR / "compute-pipeline.yaml")
+    compute["worker_nodes"][1]["required_resources"]["memory"] = "64GB"
+    with pytest.raises((TypeError, ValueError), match="64GB"):
+        ComputeConfig.from_dict(compute)
+
+
+@pytest.mark.parametrize("path", ANYSCALE_COMPUTE, ids=lambda p: p.name)
+def test_anyscale_compute_config_matches_the_kuberay_pods(path: Path) -> None:
+    """Every node group has the shape and bounds of the KubeRay worker group of the same name,
+    and the head takes no work, as the KubeRay head's num-cpus 0."""
+    compute = _load(path)
+    spec = _cluster_spec(_twin(path))
+    head_limits = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert compute["head_node"]["required_resources"] == {
+        "CPU": _cpus(head_limits["limits"]["cpu"]), "memory": head_limits["limits"]["memory"]}
+    assert compute["head_node"]["resources"] == {"CPU": 0}
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     groups = {g["name"]: g for g in compute["worker_nodes"]}
-    assert set(groups) == {"cpu", "gpu", "llm"}
-    for group in groups.values():
-        assert 0 <= group["min_nodes"] <= group["max_nodes"]
+    assert set(groups) == {g["groupName"] for g in spec["workerGroupSpecs"]}
+    for name, node in groups.items():
+        group = _group(spec, name)
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        cpus, gpus = _pod_limits(group)
+        want = {"CPU": cpus, "memory": limits["memory"], **({"GPU": gpus} if gpus else {})}
+        assert node["required_resources"] == want, name
+        assert (node["min_nodes"], node["max_nodes"]) == (group["minReplicas"],
+                                                          group["maxReplicas"]), name
+
+
+@pytest.mark.parametrize("path", ANYSCALE_JOBS, ids=lambda p: p.name)
+def test_anyscale_job_runs_what_its_rayjob_runs(path: Path) -> None:
+    job, rayjob = _load(path), _load(_twin(path))
+    env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    assert job["requirements"] == env["pip"], f"{path.name} and {_twin(path).name} install " \
+        "different packages"
+    assert job["max_retries"] > 0
+    assert job["env_vars"] == env["env_vars"]
+
+
+def test_anyscale_pipeline_nodes_hold_the_embed_pool(paper: RunConfig) -> None:
+    compute = _load(ANYSCALE_DIR / "compute-pipeline.yaml")
+    groups = {g["name"]: g for g in compute["worker_nodes"]}
     assert groups["gpu"]["required_resources"]["GPU"] >= paper.embed.num_gpus
     assert groups["gpu"]["max_nodes"] >= paper.embed.max_actors
-    llm = _group(_cluster_spec(RAYJOB), "llm")
-    pod = llm["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert groups["llm"]["required_resources"]["GPU"] == pod["nvidia.com/gpu"]
-    assert groups["llm"]["max_nodes"] == llm["maxReplicas"]
 
 
 @pytest.mark.parametrize("step", ["describe", "instruct"])
@@ -409,11 +631,33 @@ def test_rayservice_serve_config_validates() -> None:
     assert app.auth.token_env, "the service must not serve without auth"
 
 
-def test_serve_import_path_names_the_app_builder() -> None:
-    (app,) = _serve_doc(RAYSERVICE)["applications"]
-    module, _, attr = app["import_path"].partition(":")
-    builder = getattr(importlib.import_module(module), attr, None)
-    assert callable(builder), f"{app['import_path']} is not a callable"
+def _serve_apps() -> list[tuple[str, dict[str, Any]]]:
+    """(manifest, application) of every Serve application a manifest names."""
+    out = [(p.name, app) for p in _of_kind("RayService") for app in _serve_doc(p)["applications"]]
+    return out + [(f"anyscale/{p.name}", app) for p in ANYSCALE_SERVICES
+                  for app in _load(p)["applications"]]
+
+
+SERVE_APPS = _serve_apps()
+
+
+def _import_path_problem(import_path: str) -> str | None:
+    module, _, attr = import_path.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module), attr, None)
+    except ImportError as e:
+        return f"{import_path}: {e}"
+    return None if callable(builder) else f"{import_path} is not a callable"
+
+
+@pytest.mark.parametrize(("manifest", "app"), SERVE_APPS, ids=[m for m, _ in SERVE_APPS])
+def test_serve_import_path_names_the_app_builder(manifest: str, app: dict[str, Any]) -> None:
+    assert _import_path_problem(app["import_path"]) is None, manifest
+
+
+def test_import_path_check_rejects_what_does_not_import() -> None:
+    assert "No module named" in str(_import_path_problem("megapairs_ray.serve.nope:build_app"))
+    assert "is not a callable" in str(_import_path_problem("megapairs_ray.serve.app:nothing"))
 
 
 def _misspelt_arg(doc: dict[str, Any]) -> None:
@@ -553,17 +797,6 @@ def test_rayservice_serving(serve_app: ServeAppConfig) -> None:
 # --- the retriever service: Anyscale ------------------------------------------------------------
 
 
-def test_anyscale_configs_load() -> None:
-    """Both files load with the Anyscale CLI's own models, which reject unknown fields."""
-    from anyscale.job.models import JobConfig
-    from anyscale.service.models import ServiceConfig
-
-    service = ServiceConfig.from_yaml(str(ANYSCALE_SERVICE))
-    assert service.name and service.working_dir == "."
-    assert len(service.applications) == 1
-    assert JobConfig.from_yaml(str(ANYSCALE_JOB)).name
-
-
 def test_anyscale_service_carries_the_serve_config_file(serve_app: ServeAppConfig) -> None:
     service, serve = _load(ANYSCALE_SERVICE), yaml.safe_load(SERVE_CONFIG.read_text())
     assert service["applications"] == serve["applications"], (
@@ -571,25 +804,7 @@ def test_anyscale_service_carries_the_serve_config_file(serve_app: ServeAppConfi
     )
     assert service["applications"][0]["args"] == serve["applications"][0]["args"]
     assert service["proxy_location"] == serve["proxy_location"]
-    assert ("image_uri" in service) != ("containerfile" in service)
-    assert RAY_VERSION in service.get("image_uri", RAY_VERSION)
     assert service["requirements"] == _load(ANYSCALE_JOB)["requirements"]
     # One bearer token per request: the application's, or Anyscale's, never both.
     assert service["query_auth_token_enabled"] is (serve_app.auth.token_env is None)
     assert serve_app.auth.token_env not in service.get("env_vars", {}), "a secret in the file"
-
-
-def test_anyscale_service_nodes_match_the_rayservice_pods() -> None:
-    compute = _load(ANYSCALE_SERVICE)["compute_config"]
-    assert compute["head_node"]["resources"]["CPU"] == 0
-    groups = {g["name"]: g for g in compute["worker_nodes"]}
-    spec = _cluster_spec(RAYSERVICE)
-    assert set(groups) == {g["groupName"] for g in spec["workerGroupSpecs"]}
-    for name, node in groups.items():
-        group = _group(spec, name)
-        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        cpus, gpus = _pod_limits(group)
-        want = {"CPU": cpus, "memory": limits["memory"], **({"GPU": gpus} if gpus else {})}
-        assert node["required_resources"] == want, name
-        assert (node["min_nodes"], node["max_nodes"]) == (group["minReplicas"],
-                                                          group["maxReplicas"]), name

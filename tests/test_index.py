@@ -18,8 +18,21 @@ from megapairs_ray.stages.index import (
 from tests.synthetic import clustered, random_ids
 
 
-def _build(tmp_path, cfg, ids, x):
-    trained = train_index(cfg, x[: cfg.train_sample], len(x))
+@pytest.fixture(autouse=True)
+def _one_faiss_thread():
+    """FAISS's OpenMP threads spin-wait for each other: on a shared 2-core machine one that is
+    descheduled stalls the rest (measured under load: PQ training 0.4 s on one thread, 8 s on
+    two)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def _build(tmp_path, cfg, ids, x, trained=None, mmap=False):
+    trained = trained or train_index(cfg, x[: cfg.train_sample], len(x))
     shard_ids = shard_of(ids, cfg.shards)
     for s in range(cfg.shards):
         sel = shard_ids == s
@@ -27,7 +40,7 @@ def _build(tmp_path, cfg, ids, x):
         save_shard(str(tmp_path), build_shard(trained, ids[sel], x[sel]),
                    ShardMeta("s", s, cfg.shards, cfg.kind, "f", x.shape[1], int(sel.sum()),
                              lo, hi))
-    return [IndexShard(str(tmp_path), s, cfg) for s in range(cfg.shards)]
+    return [IndexShard(str(tmp_path), s, cfg, mmap=mmap) for s in range(cfg.shards)]
 
 
 def _exact(x, q, ids, k):
@@ -126,3 +139,145 @@ def test_merge_orders_by_score_then_id_and_skips_faiss_gaps():
     assert ids.tolist() == [[-9, -5, 3, -7, -1]]  # ties: the smaller (negative) id first
     assert scores[0, :4].tolist() == pytest.approx([0.9, 0.9, 0.7, 0.5])
     assert np.isneginf(scores[0, 4])
+
+
+def _tied(n_bases: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors with many exact duplicates (1 to 60 copies of each base vector), and their ids."""
+    bases = clustered(n_bases, dim, 6, 0.5, seed=seed)
+    copies = np.random.default_rng(seed).integers(1, 61, n_bases)
+    x = np.repeat(bases, copies, axis=0)
+    return random_ids(len(x), seed + 1), x
+
+
+def _layouts(tmp_path, cfg_kw, ids, x):
+    """The same vectors as 1, 2 and 4 id-range shards, and inserted in two shuffled orders; one
+    training sample for all (the pipeline samples the same files for every build). The 2-shard
+    layout is memory-mapped, as the service loads a gallery."""
+    out = {}
+    trained = train_index(IndexConfig(**cfg_kw), x, len(x))
+    for name, shards, seed in [("1", 1, None), ("2", 2, None), ("4", 4, None),
+                               ("1-shuffled", 1, 11), ("4-shuffled", 4, 12)]:
+        order = (np.arange(len(ids)) if seed is None
+                 else np.random.default_rng(seed).permutation(len(ids)))
+        cfg = IndexConfig(shards=shards, **cfg_kw)
+        out[name] = _build(tmp_path / name, cfg, ids[order], x[order], trained, mmap=name == "2")
+    return out
+
+
+@pytest.mark.parametrize(("kind", "params"), [
+    ("flat", {}),
+    # IVF shards share the trained quantizer and codebooks: a query probes the same lists in
+    # every shard and a pair scores as in one index, so even approximate answers are the same.
+    ("ivf_flat", {"nlist": 8, "nprobe": 2}),
+    ("ivf_pq", {"nlist": 8, "nprobe": 2, "pq_m": 4, "pq_nbits": 4, "pq_refine": False}),
+])
+def test_exact_ties_give_the_same_neighbours_for_any_sharding_and_insertion_order(
+        tmp_path, kind, params):
+    ids, x = _tied(40, 16, seed=21)
+    q = np.concatenate([x[:: max(1, len(x) // 30)], clustered(20, 16, 6, 0.5, seed=22)])
+    k = 10
+    got = {name: merge_topk([s.search(q, k) for s in shards], k)
+           for name, shards in _layouts(tmp_path, {"kind": kind, **params}, ids, x).items()}
+    scores, nbrs = got["1"]
+    assert (nbrs != -1).all()
+    # The data really ties at the k-th score, with the group running past k.
+    assert (scores[:, k - 1] == scores[:, k - 2]).sum() > 10
+    for name, (s, i) in got.items():
+        assert (i == nbrs).all(), name
+        assert (s == scores).all(), name
+    # Ties in id order, and the kept members of a tie group are its smallest ids.
+    for row_s, row_i in zip(scores, nbrs):
+        for a in range(k - 1):
+            assert row_s[a] > row_s[a + 1] or row_i[a] < row_i[a + 1]
+    if kind == "flat":
+        se, ie = _exact(x, q, ids, k)
+        assert (nbrs == ie).all()
+        assert np.allclose(scores, se, atol=1e-6)
+
+
+def test_a_tie_group_far_larger_than_k_is_searched_whole(tmp_path):
+    bases = clustered(3, 8, 3, 0.5, seed=31)
+    x = np.repeat(bases, [400, 30, 30], axis=0)  # k + TIE_MARGIN doubled four times per shard
+    ids = random_ids(len(x), 32)
+    shards = _build(tmp_path, IndexConfig(kind="flat", shards=2), ids, x)
+    q = np.concatenate([x[:1], np.full((1, 8), np.nan, np.float32)])  # NaN: no endless growth
+    s, i = merge_topk([sh.search(q, 3) for sh in shards], 3)
+    assert i[0].tolist() == sorted(ids[:400].tolist())[:3]
+    assert len(set(s[0].tolist())) == 1
+
+
+def test_a_score_depends_on_the_pair_alone_on_this_machine():
+    """The premise of id tie-breaking across shards: a bit-identical vector scores bit-identically
+    against a query whatever the index's size, its position in it, the query batch's size (FAISS
+    switches from a SIMD loop to BLAS at 20 queries), the thread count and the index kind.
+    Measured true for FAISS 1.15 on OpenBLAS; a BLAS that breaks it fails here first."""
+    import faiss
+
+    rng = np.random.default_rng(41)
+    dup = clustered(1, 64, 1, 0.0, seed=42)[0]
+    q = clustered(40, 64, 1, 0.3, seed=42)  # around dup: scores of every magnitude
+    seen: dict[int, set[float]] = {r: set() for r in range(len(q))}
+    for n in (1, 7, 300, 1025, 2100):  # FAISS computes blocks of 1,024 vectors
+        for pos in sorted({0, n // 2, n - 1}):
+            x = rng.standard_normal((n, 64)).astype(np.float32)
+            x[pos] = dup
+            for spec in ("Flat", "HNSW16,Flat", "IVF1,Flat")[: 1 if n > 300 else 3]:
+                index = faiss.index_factory(64, spec, faiss.METRIC_INNER_PRODUCT)
+                index.train(x)
+                index.add(x)
+                for nq, threads in ((3, 1), (40, 1), (40, 2)):
+                    faiss.omp_set_num_threads(threads)
+                    s, i = index.search(q[:nq], min(n, 50))
+                    for r, c in zip(*np.nonzero(i == pos)):
+                        seen[r].add(float(s[r, c]))
+    assert all(len(v) == 1 for v in seen.values()), seen
+
+
+def test_torch_search_orders_ties_by_id_on_any_sharding(tmp_path):
+    """The GPU path's code, run with torch on the CPU: fp16 candidates, exact re-scoring,
+    ties by id; every sharding and insertion order gives the FAISS path's neighbours."""
+    ids, x = _tied(40, 16, seed=51)
+    x = x.astype(np.float16).astype(np.float32)  # the GPU path holds fp16 vectors
+    q = x[:: max(1, len(x) // 30)]
+    k = 10
+    layouts = _layouts(tmp_path, {"kind": "flat"}, ids, x)
+    want_s, want_i = merge_topk([s.search(q, k) for s in layouts["1"]], k)
+    for name, shards in layouts.items():
+        for s in shards:
+            s._load_torch("cpu")
+        got_s, got_i = merge_topk([s.search(q, k) for s in shards], k)
+        assert (got_i == want_i).all(), name
+        assert np.allclose(got_s, want_s, atol=1e-6), name
+
+
+def test_exact_torch_scores_ignore_shape_and_position():
+    import torch
+
+    from megapairs_ray.stages.index import exact_scores_torch
+
+    rng = np.random.default_rng(61)
+    q = torch.from_numpy(rng.standard_normal((1, 48)).astype(np.float32))
+    v = torch.from_numpy(rng.standard_normal(48).astype(np.float32))
+    got = set()
+    for m in (1, 5, 64):
+        for pos in (0, m - 1):
+            x = torch.from_numpy(rng.standard_normal((1, m, 48)).astype(np.float32))
+            x[0, pos] = v
+            got.add(float(exact_scores_torch(q, x)[0, pos]))
+    assert len(got) == 1
+    want = np.float32(q[0].double() @ v.double())
+    assert got.pop() == pytest.approx(float(want), abs=1e-7)
+
+
+def test_hnsw_answers_k_beyond_ef_search_and_orders_what_it_finds_by_score_then_id(tmp_path):
+    """HNSW returns at most efSearch hits (FAISS does not raise it to k); the shard raises it to
+    the fetch. Its graph prunes exact duplicates, so a big tie group may be found only in part:
+    what it finds is still cut by score, then id."""
+    x = np.repeat(clustered(60, 8, 5, 0.5, seed=71), 8, axis=0)
+    ids = random_ids(len(x), 72)
+    (shard,) = _build(tmp_path, IndexConfig(kind="hnsw", hnsw_m=8, hnsw_ef_search=16), ids, x)
+    scores, got = shard.search(x[::40], 300)
+    assert (got != -1).all()
+    for row_s, row_i in zip(scores, got):
+        for a in range(299):
+            assert row_s[a] > row_s[a + 1] or row_i[a] < row_i[a + 1]

@@ -3,8 +3,11 @@
 It holds the gallery's index shards (memory-mapped from local disk where the index kind allows;
 an s3 gallery's index is copied to a local cache first) and its metadata (id, caption, where the
 bytes live: the images tables). A query batch goes to every shard and the per-shard top-k lists
-are merged exactly as one index would rank them (the index stage's ``merge_topk``: by score,
-ties by id). Thumbnails are read from where the image's bytes live and shrunk.
+are merged exactly as one index would rank them: each shard answers with its first k by score,
+then id, its whole tie group at the k-th score considered (``IndexShard.search``), and
+``merge_topk`` orders the union the same way, so a gallery with duplicate images or captions
+serves the same hits however it is sharded or was built. Thumbnails are read from where the
+image's bytes live and shrunk.
 
 No Ray here: the search deployment is a thin wrapper, and tests and benchmarks call this class
 directly.

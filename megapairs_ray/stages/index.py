@@ -5,16 +5,33 @@ one trained index (the IVF coarse quantizer and PQ codebooks are trained once on
 each shard adds its own vectors), so shards answer on the same scale and their top-k lists merge
 exactly as one index over all vectors would: for exact (flat) search, identically.
 
+Ties. One total order is used everywhere: score descending, then id ascending. FAISS breaks equal
+scores by insertion order and a GPU top-k arbitrarily, and real data ties exactly (identical
+images, identical captions: the bundled corpus has 74 images sharing one caption), so a shard
+fetches more than k candidates and grows the fetch until the last one scores strictly below the
+k-th — the whole tie group at the k-th score is then in hand — and returns its first k in that
+order. Any member of the global top-k is within the top-k of its own shard in the same order, so
+``merge_topk`` over the shards equals one index, whatever the sharding and insertion order. This
+holds when a score is a function of the (query, vector) pair alone: measured so for FAISS 1.15's
+CPU flat / HNSW / IVF-Flat kernels (OpenBLAS), whatever the shard size, position in the shard,
+query batch size or thread count (tests/test_index.py checks it on the machine it runs on). The
+torch GPU path re-scores its fp16 candidates with elementwise float64 products and a fixed
+summation tree, so its scores are by construction independent of shapes and positions, and it
+fetches with a slack that absorbs fp16 rounding differences (``FP16_SLACK``; not yet measured on
+a GPU). HNSW is searched with efSearch raised to the fetch size.
+
 Ids are 64-bit hashes, uniform over the int64 range, so equal id ranges give balanced shards and
 a shard is known from an id alone.
 
-``device: cuda`` with ``kind: flat`` searches with a torch GEMM + top-k on the GPU (no faiss-gpu
-needed); with faiss-gpu present, the FAISS index itself is moved to the GPU.
+``device: cuda`` with ``kind: flat`` searches with a torch fp16 GEMM + top-k on the GPU for
+candidates, re-scored exactly (no faiss-gpu needed); with faiss-gpu present, the FAISS index
+itself is moved to the GPU.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +42,15 @@ from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Candidates fetched beyond k at first: a row whose last candidate scores strictly below its k-th
+# is complete; a row still tied there is fetched again with twice as many.
+TIE_MARGIN = 16
+# Candidate rows x columns held at once while tie groups are grown.
+GROW_BUDGET = 1 << 22
+# The GPU path's fp16 candidate scores may round differently by a few fp16 steps (2^-11 near 1)
+# for one pair wherever its vector sits: its fetch is complete only when the last candidate is
+# this far (x |q| x the largest |v|) below every kept one.
+FP16_SLACK = 2.0**-9
 
 
 class IndexStageError(MegapairsError, RuntimeError):
@@ -151,7 +177,11 @@ class IndexShard:
             raise IndexStageError(f"cannot memory-map {uri}: copy the index to local disk")
         try:
             if mmap:
-                flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+                # IVF lists map with IO_FLAG_MMAP, flat codes (flat, HNSW storage) with
+                # IO_FLAG_MMAP_IFC; FAISS 1.15 refuses an IVF index asked for both.
+                mapped = faiss.IO_FLAG_MMAP if cfg.kind.startswith("ivf") else (
+                    faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC)
+                flags = mapped | faiss.IO_FLAG_READ_ONLY
                 self.index = faiss.read_index(storage.filesystem(uri)[1], flags)
             else:
                 fs, path = storage.filesystem(uri)
@@ -178,24 +208,33 @@ class IndexShard:
             inner.hnsw.efSearch = self.cfg.hnsw_ef_search
 
     def _to_gpu(self, faiss: Any) -> None:
-        import torch
-
         if hasattr(faiss, "StandardGpuResources"):
             self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
             return
         if self.cfg.kind != "flat":
             raise IndexStageError("index.device=cuda without faiss-gpu supports only kind=flat")
+        self._load_torch("cuda")
+
+    def _load_torch(self, device: str) -> None:
+        """Hold the shard's vectors (fp16) and ids as torch tensors on ``device`` and search
+        there (``cuda`` in production; tests run the same code on ``cpu``)."""
+        import faiss
+        import torch
+
         vectors = self.index.index.reconstruct_n(0, self.count)
         ids = faiss.vector_to_array(self.index.id_map)
-        self._gpu = (torch.from_numpy(vectors).to("cuda", torch.float16),
-                     torch.from_numpy(ids).to("cuda"))
+        self._gpu = (torch.from_numpy(vectors).to(device, torch.float16),
+                     torch.from_numpy(ids).to(device))
+        self._gpu_norm = float(np.linalg.norm(vectors, axis=1).max()) if self.count else 0.0
 
     def shape(self) -> tuple[int, int]:
         """(dimension, vectors): checked against the index metadata when the actor starts."""
         return self.dim, self.count
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each [nq, k'] with k' = min(k, shard size); -1 ids never returned."""
+        """(scores, ids), each [nq, min(k, shard size)]: the shard's first k by score descending,
+        then id ascending (``merge_topk``'s order, so merged shards equal one index). A row an
+        approximate kind fills short ends with id -1, score -inf."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise IndexStageError(f"queries have shape {queries.shape}, the index dimension is "
@@ -203,32 +242,116 @@ class IndexShard:
         k = min(k, self.count)
         if k == 0:
             return (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
-        if self._gpu is not None:
-            return self._search_gpu(queries, k)
-        return self.index.search(queries, k)
+        fetch = self._fetch_torch if self._gpu is not None else self._fetch_faiss
+        return topk_whole_ties(fetch, queries, k, self.count)
 
-    def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """fp16 GEMM + top-k for candidates, re-scored in fp32 so scores near a window edge are
-        not rounded across it; query chunks bound the score matrix to ~2 GB."""
+    def _fetch_faiss(self, queries: np.ndarray, m: int, k: int,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        params = None
+        if self.cfg.kind == "hnsw" and m > self.cfg.hnsw_ef_search:
+            import faiss  # HNSW returns at most efSearch hits: FAISS does not raise it to k
+
+            params = faiss.SearchParametersHNSW(efSearch=m)
+        scores, ids = self.index.search(queries, m, params=params)
+        return order_and_check(scores, scores, ids, k, exhausted=m >= self.count)
+
+    def _fetch_torch(self, queries: np.ndarray, m: int, k: int,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """fp16 GEMM + top-m for candidates, re-scored exactly (``exact_scores_torch``), ordered
+        and checked on the device (complete when the last candidate's fp16 score is
+        ``FP16_SLACK`` below every kept one's); query chunks bound the score matrix to ~2 GB and
+        the re-scoring's float64 products to ~1 GB."""
         import torch
 
         vecs, ids = self._gpu
-        extra = min(self.count, k + 16)
-        chunk = max(1, min(len(queries), (1 << 30) // max(1, self.count)))
-        out_s, out_i = [], []
+        chunk = max(1, min(len(queries), (1 << 30) // max(1, self.count),
+                           (1 << 27) // (m * self.dim)))
+        out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for i in range(0, len(queries), chunk):
-            q = torch.from_numpy(queries[i : i + chunk]).to("cuda")
-            _, cand = torch.topk(q.half() @ vecs.T, extra, dim=1)
-            exact = torch.einsum("qd,qcd->qc", q, vecs[cand].float())
-            scores, order = torch.topk(exact, k, dim=1)
-            out_s.append(scores.cpu().numpy())
-            out_i.append(ids[torch.gather(cand, 1, order)].cpu().numpy())
-        return np.concatenate(out_s), np.concatenate(out_i)
+            q = torch.from_numpy(queries[i : i + chunk]).to(vecs.device)
+            approx, cand = torch.topk(q.half() @ vecs.T, m, dim=1)  # sorted, best first
+            exact = exact_scores_torch(q, vecs[cand])
+            cid = ids[cand]
+            by_id = torch.argsort(cid, dim=1, stable=True)
+            order = by_id.gather(1, torch.argsort(exact.gather(1, by_id), dim=1,
+                                                  descending=True, stable=True))
+            s, a = exact.gather(1, order), approx.float().gather(1, order)
+            kept = torch.where(s >= s[:, k - 1 : k], a, torch.inf).amin(dim=1)
+            slack = FP16_SLACK * self._gpu_norm * torch.linalg.vector_norm(q, dim=1)
+            done = ~(approx[:, -1].float() + slack >= kept) | (m >= self.count)
+            out.append((s[:, :k].cpu().numpy(), cid.gather(1, order)[:, :k].cpu().numpy(),
+                        done.cpu().numpy()))
+        return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
+                np.concatenate([o[2] for o in out]))
+
+
+# (queries [n, d], m candidates, k) -> (scores [n, k], ids [n, k], done [n])
+Fetch = Callable[[np.ndarray, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def topk_whole_ties(fetch: Fetch, queries: np.ndarray, k: int, count: int,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first k by (score desc, id asc), fetching m = k + ``TIE_MARGIN`` candidates,
+    then twice as many for the rows ``fetch`` reports incomplete (a tie, or an approximate
+    score, reaching the last candidate), up to all ``count`` vectors."""
+    nq = len(queries)
+    out_s = np.full((nq, k), -np.inf, np.float32)
+    out_i = np.full((nq, k), -1, np.int64)
+    todo = np.arange(nq)
+    m = min(count, k + TIE_MARGIN)
+    while len(todo):
+        chunk = max(1, GROW_BUDGET // m)
+        again = []
+        for lo in range(0, len(todo), chunk):
+            rows = todo[lo : lo + chunk]
+            s, i, done = fetch(queries[rows], m, k)
+            out_s[rows[done]], out_i[rows[done]] = s[done], i[done]
+            again.append(rows[~done])
+        todo = np.concatenate(again)
+        m = min(count, 2 * m)
+    return out_s, out_i
+
+
+def order_and_check(approx: np.ndarray, exact: np.ndarray, ids: np.ndarray, k: int,
+                    exhausted: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates [n, m] (``approx``: the scores they were fetched by, best first; ``exact``: the
+    scores they rank by) -> the first k by (exact desc, id asc), and whether each row is
+    complete: every candidate kept there was fetched with a score strictly above the last
+    fetched one, so nothing left unfetched can tie with or beat them. A row the index filled
+    short (id -1) has nothing left to fetch."""
+    exact = np.where(ids == -1, -np.inf, exact).astype(np.float32)
+    order = np.broadcast_to(np.arange(exact.shape[1]), exact.shape).copy()
+    unsorted = ~(exact[:, 1:] < exact[:, :-1]).all(axis=1)  # a tie, a pad, or not best first
+    if unsorted.any():
+        order[unsorted] = np.lexsort((ids[unsorted], -exact[unsorted]), axis=1)
+    s = np.take_along_axis(exact, order, 1)
+    a = np.take_along_axis(approx, order, 1)
+    kept = np.where(s >= s[:, k - 1 : k], a, np.inf).min(axis=1)
+    done = ~(approx[:, -1] >= kept) | (ids[:, -1] == -1) | exhausted
+    return s[:, :k], np.take_along_axis(ids, order, 1)[:, :k], done
+
+
+def exact_scores_torch(q: Any, x: Any) -> Any:
+    """[n, d] float32 queries . [n, m, d] candidates -> [n, m] float32: float64 products (exact
+    for fp16/fp32 inputs) summed by a fixed pairwise tree of elementwise adds, so a score
+    depends on the two vectors alone — never on the tensor's shape or the candidate's position
+    (a GEMM kernel's reduction order may)."""
+    import torch
+
+    p = q.double()[:, None, :] * x.double()
+    width = 1 << max(0, p.shape[-1] - 1).bit_length()
+    if width != p.shape[-1]:
+        p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+    while p.shape[-1] > 1:
+        half = p.shape[-1] // 2
+        p = p[..., :half] + p[..., half:]
+    return p[..., 0].float()
 
 
 def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int,
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard top-k lists into the global top-k: by score, ties by id.
+    """Merge per-shard top-k lists into the global top-k: by score, ties by id. Exact when each
+    shard's list is its own first k in that order (``IndexShard.search``), whatever the ties.
 
     Entries with id -1 (FAISS's "no result") are dropped; rows shorter than ``k`` are padded
     with score -inf and id -1, which callers skip.

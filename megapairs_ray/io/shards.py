@@ -186,7 +186,12 @@ def _shards_for(uri: str, cfg: InputConfig) -> list[Shard]:
         root = posixpath.dirname(path)
         files = [path]
     else:
-        raise InputNotFoundError(f"input uri does not exist: {uri}")
+        hint = ""
+        if "://" not in uri and not posixpath.isabs(uri):
+            hint = (f" (relative to {os.getcwd()}; `ray job submit --working-dir` does not upload "
+                    "what .gitignore lists, such as data/: give an absolute path every node can "
+                    "read, or s3://)")
+        raise InputNotFoundError(f"input uri does not exist: {uri}{hint}")
     root = root.rstrip("/")
     image_exts = {e.lower() for e in cfg.image_extensions}
     kinds = {p: _kind(p, image_exts) for p in files}

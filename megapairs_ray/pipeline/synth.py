@@ -195,6 +195,8 @@ def run_tries(state: StepState, section: LLMStageConfig, retries: int,
                 record.counts[f"try_{attempt}_rows_already_committed"] = len(committed)
                 todo = todo.map_batches(_drop_committed, fn_args=(committed,),
                                         batch_format="pyarrow", num_cpus=section.num_cpus)
+            # Blocks of at most ``commit_rows`` rows: a task holds no more uncommitted answers.
+            todo = todo.repartition(target_num_rows_per_block=section.commit_rows)
             answers = pipeline_for_try(todo, attempt).map_batches(
                 commit_part, fn_kwargs={"out": out}, batch_size=section.commit_rows,
                 batch_format="pyarrow", num_cpus=section.num_cpus)

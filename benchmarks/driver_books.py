@@ -63,7 +63,8 @@ def run_one(n: int, work: Path, synth_pairs: int) -> dict:
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     # About ``synth_pairs`` pairs reach the LLM steps at every size (3 targets a query).
     fraction = min(1.0, synth_pairs / 3 / n)
-    cmd = [str(Path(sys.executable).parent / "megapairs"), "run", "-c",
+    # ``-m`` from the repository root: the tree this script is in, whatever is installed.
+    cmd = [sys.executable, "-m", "megapairs_ray.cli", "run", "-c",
            str(ROOT / "configs" / "tiny.yaml"), "-s", f"run_dir={run_dir}",
            "-s", f"input.uris=[{corpus}]", "-s", f"mine.query_fraction={fraction}",
            "-s", "mine.windows={clip_image: [0.5, 0.99], dino_image: [0.5, 0.99], "
@@ -71,7 +72,7 @@ def run_one(n: int, work: Path, synth_pairs: int) -> dict:
            "-s", "describe.retries=0", "-s", "instruct.retries=0"]
     peak, samples = 0, []
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     me = psutil.Process(proc.pid)
     err: list[bytes] = []

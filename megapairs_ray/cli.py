@@ -7,13 +7,15 @@ Every error a user can cause ends as one line naming the cause and a non-zero ex
 config, 1 otherwise), for every command and every job entrypoint: ``UserErrors`` turns the
 project's ``MegapairsError``s, and the storage failures a user causes (a missing path, no
 permission, a full or read-only disk, missing credentials, an unreachable endpoint), into that
-line. Anything else is a bug and keeps its traceback.
+line. Anything else is a bug and keeps its traceback (``MEGAPAIRS_TRACEBACK=1`` keeps it for every
+error).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -61,8 +63,8 @@ class UserErrors(TyperGroup):
             raise
         except Exception as e:
             message = user_error_message(e)
-            if message is None:
-                raise
+            if message is None or os.environ.get("MEGAPAIRS_TRACEBACK"):
+                raise  # a bug, or asked for: the whole traceback
             first = message.strip().splitlines() or ["error"]
             console.print(f"[red]error: {escape(' '.join(line.strip() for line in first))}"
                           "[/red]", soft_wrap=True)

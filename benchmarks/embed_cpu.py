@@ -1,9 +1,10 @@
 """The Ray Data embed pipeline vs a plain in-process loop over the same shards, on this CPU.
 
 Both run the same three pieces — ``read_accepted_images`` -> ``EmbedStage`` -> ``write_embeddings``
-— on the same ingested shards with the same tiny models and the same batch size; the loop just
-calls them one after another in one process. Both are timed from "start" to "every embedding is
-written", model construction included (the loop builds its stage once; Ray starts its actor).
+— on the same ingested shards with the same models (the config's spaces) and the same batch
+size; the loop just calls them one after another in one process. Both are timed from "start"
+to "every embedding is written", model construction included (the loop builds its stage
+once; Ray starts its actor).
 Ray's own start-up (``ray.init``) is outside the timing, as on a cluster that is already up.
 
 Two costs are reported: end to end (what a user of a small run sees: Ray's worker and actor
@@ -64,7 +65,7 @@ def _split(batches: list[dict], rows: int) -> tuple[list[dict], list[dict]]:
 
 def _embed_and_write(stage: EmbedStage, batches: list[dict], cfg) -> int:
     merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    write_embeddings(stage(merged), cfg.run_dir)
+    write_embeddings(stage(merged), cfg.run_dir, stage.image_spaces, stage.text_spaces)
     return len(merged["image_id"])
 
 

@@ -1,7 +1,7 @@
 """Embed stage vs the bare models, on one GPU, in one run.
 
-Bare: the three encoders' forward passes (CLIP image tower, DINOv2, CLIP text tower) on
-pre-made bf16 tensors already on the device — the ceiling. Stage: ``EmbedStage`` called
+Bare: the three encoders' forward passes (CLIP image tower, DINOv2, CLIP text tower: the paper's
+spaces) on pre-made bf16 tensors already on the device — the ceiling. Stage: ``EmbedStage`` called
 directly (no Ray) on real-sized JPEG bytes and captions — nvJPEG decode, preprocessing as
 tensor ops, the same three forwards, fp16 results back on the host. The ratio stage/bare is the
 share of the ceiling the stage keeps. Random weights: throughput does not depend on them.
@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from megapairs_ray.config import EmbedConfig
+from megapairs_ray.models.encoders import ImageEncoder
 from megapairs_ray.stages import pixels
 from megapairs_ray.stages.embed import EmbedStage
 
@@ -88,10 +89,15 @@ def main() -> None:
     arch = "tiny" if args.tiny else args.arch
     cuda = not args.tiny
     dino_arch = DINO_ARCH["vit-l" if arch == "eva02-l" else arch]
+    clip = {"model": CLIP_ARCH[arch], "pretrained": None}
     cfg = EmbedConfig(
-        clip={"model": CLIP_ARCH[arch], "pretrained": None},
-        dino={"model": "random", "pretrained": False, "config_overrides": dino_arch,
-              "image_size": 56 if arch == "tiny" else 224},
+        spaces=[
+            {"name": "clip_image", "encoder": {"kind": "open_clip_image", **clip}},
+            {"name": "dino_image", "encoder": {
+                "kind": "transformers_image", "model": "random", "pretrained": False,
+                "config_overrides": dino_arch, "image_size": 56 if arch == "tiny" else 224}},
+            {"name": "clip_text", "encoder": {"kind": "open_clip_text", **clip}},
+        ],
         device="cuda" if cuda else "cpu", precision="bf16" if cuda else "fp32",
         decode="gpu" if cuda else "cpu", batch_size=args.batch,
         num_gpus=1 if cuda else 0, decode_threads=args.decode_threads,
@@ -113,23 +119,27 @@ def main() -> None:
              "mode": np.array(["RGB"] * B, dtype=object)}
 
     # Bare: forwards only, on tensors made once, already on the device.
-    clip_px = torch.randn(B, 3, stage.clip.spec.size, stage.clip.spec.size, device=dev, dtype=dt)
-    dino_px = torch.randn(B, 3, stage.dino.spec.size, stage.dino.spec.size, device=dev, dtype=dt)
-    tokens = stage.clip.tokenize(captions).to(dev)
+    inputs = {}
+    for name, enc in stage.encoders.items():
+        if isinstance(enc, ImageEncoder):
+            inputs[name] = torch.randn(B, 3, enc.spec.size, enc.spec.size, device=dev, dtype=dt)
+        else:
+            tokens = enc.tokenize(captions)
+            inputs[name] = (tokens.to(dev) if isinstance(tokens, torch.Tensor)
+                            else {k: v.to(dev) for k, v in tokens.items()})
 
-    @torch.inference_mode()
-    def _text_tower(tok: torch.Tensor) -> None:
-        stage.clip.model.encode_text(tok, normalize=True)
+    def forward(name: str) -> None:
+        enc = stage.encoders[name]
+        if isinstance(enc, ImageEncoder):
+            enc.encode_image(inputs[name])
+        else:
+            enc.encode_tokens(inputs[name])
 
     def bare_all() -> None:
-        stage.clip.encode_image(clip_px)
-        stage.dino.encode_image(dino_px)
-        _text_tower(tokens)
-    per = {
-        "clip_image": timed(lambda: stage.clip.encode_image(clip_px), args.iters, sync),
-        "dino_image": timed(lambda: stage.dino.encode_image(dino_px), args.iters, sync),
-        "clip_text": timed(lambda: _text_tower(tokens), args.iters, sync),
-    }
+        for name in stage.encoders:
+            forward(name)
+    per = {name: timed(lambda name=name: forward(name), args.iters, sync)
+           for name in stage.encoders}
     bare = timed(bare_all, args.iters, sync)
     stage_t = timed(lambda: stage(batch), args.iters, sync)
     # Two calls at once, as Ray runs them with embed.concurrent_calls_per_actor=2.
@@ -154,7 +164,7 @@ def main() -> None:
     result = {
         "machine": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "arch": arch, "clip_model": cfg.clip.model, "dino": dino_arch,
+        "arch": arch, "clip_model": CLIP_ARCH[arch], "dino": dino_arch,
         "batch": B, "jpeg_sizes": args.sizes, "precision": cfg.precision,
         "build_seconds": round(build_s, 1),
         "bare_img_per_s": {k: round(B / v, 1) for k, v in per.items()},

@@ -101,7 +101,7 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> None:
     if "ingest" in stages:
         list_shards(cfg.input)
     if "embed" in stages:
-        check_models(cfg.embed.clip, cfg.embed.dino)
+        check_models(cfg.embed.spaces)
 
 
 def _run_stages(cfg: RunConfig, stages: list[str]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,6 +33,7 @@ class Strict(BaseModel):
 # until someone decides it is only a resource.
 RESOURCE: dict[str, Any] = {"books": "resource"}  # how the work runs, not what it makes
 SEARCH_TIME: dict[str, Any] = {"books": "search"}  # read when searching, not when building
+MINE_RULE: dict[str, Any] = {"books": "mine"}  # set beside an embed space, read by mine
 
 
 def output_settings(model: BaseModel, exclude: tuple[str, ...] = ("resource",),
@@ -47,6 +48,11 @@ def output_settings(model: BaseModel, exclude: tuple[str, ...] = ("resource",),
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             out.update(output_settings(value, exclude, f"{prefix}{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            # A list of sections (the embed spaces): each under its name, or its position.
+            for i, item in enumerate(value):
+                key = getattr(item, "name", None) or str(i)
+                out.update(output_settings(item, exclude, f"{prefix}{name}.{key}."))
         else:  # JSON form: tuples become lists, so a stored fingerprint compares equal
             out[f"{prefix}{name}"] = json.loads(json.dumps(value, default=str))
     return out
@@ -83,27 +89,120 @@ class IngestConfig(Strict):
     num_cpus: float = Field(default=1.0, gt=0, json_schema_extra=RESOURCE)
 
 
-class ClipEncoderConfig(Strict):
-    """A CLIP model from open_clip: the image tower and the text tower of one model."""
+class OpenClipEncoder(Strict):
+    """One tower of an open_clip model: the image tower (``open_clip_image``) or the text tower
+    over captions (``open_clip_text``). Two spaces naming the same model and weights share one
+    loaded model."""
 
+    kind: Literal["open_clip_image", "open_clip_text"]
     # An open_clip model name (EVA02-L-14 for the paper) or a bundled config (mp-tiny-clip).
     model: str
     # An open_clip pretrained tag, a local checkpoint file, or None for random weights.
     pretrained: str | None = None
 
+    def label(self) -> str:
+        return f"open_clip {self.model}, " + (self.pretrained or "random weights")
 
-class DinoEncoderConfig(Strict):
-    """A DINOv2 image encoder through transformers or timm."""
 
-    library: Literal["transformers", "timm"] = "transformers"
-    model: str = Field(description="HF id or local folder (transformers), or timm model name.")
-    pretrained: bool = True
-    # Random-initialised models: architecture overrides (transformers Dinov2Config / timm kwargs).
+class ImagePreprocess(Strict):
+    """How an image model wants its pixels (torchvision's eval transform): resize the short side
+    to ``image_size / crop_fraction``, centre-crop ``image_size``, normalise with ``mean``/``std``.
+    None takes the model's own value (timm's pretrained config; ImageNet's for transformers)."""
+
+    image_size: int | None = Field(default=None, gt=0)
+    crop_fraction: float | None = Field(default=None, gt=0, le=1)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Literal["bicubic", "bilinear"] | None = None
+
+
+class TimmImageEncoder(ImagePreprocess):
+    """A timm image model. Weights: timm's hub (``pretrained``), a state-dict file
+    (``checkpoint``: a path or ``package:<module>/<path>`` inside an installed package), or
+    random."""
+
+    kind: Literal["timm_image"]
+    model: str = Field(description="A timm architecture name (timm.list_models()).")
+    pretrained: bool = False
+    checkpoint: str | None = None
+    # by_name: the file's keys are timm's; in_order: the file's tensors map in order onto the
+    # model's (a port with other key names, e.g. EfficientNet-Lite0's ``_conv_stem`` naming).
+    checkpoint_keys: Literal["by_name", "in_order"] = "by_name"
     config_overrides: dict[str, Any] = {}
-    image_size: int = Field(default=224, gt=0)
-    # DINOv2's evaluation transform: resize the short side to 256, centre-crop 224.
-    crop_fraction: float = Field(default=224 / 256, gt=0, le=1)
+    # head: timm's own global pooling (convnets); cls / mean: a ViT's tokens.
+    pooling: Literal["head", "cls", "mean"] = "head"
+
+    def label(self) -> str:
+        weights = (self.checkpoint or ("timm's pretrained weights" if self.pretrained
+                                       else "random weights"))
+        return f"timm {self.model}, {weights}"
+
+
+class TransformersImageEncoder(ImagePreprocess):
+    """A transformers vision model (DINOv2 in the paper): a hub id, a local folder or
+    ``package:<module>/<path>``; with ``pretrained: false``, random weights of that folder's
+    architecture or of ``model_type`` with ``config_overrides``."""
+
+    kind: Literal["transformers_image"]
+    model: str
+    pretrained: bool = True
+    model_type: str = Field(default="dinov2", description="Architecture for random weights "
+                            "when ``model`` is not a folder.")
+    config_overrides: dict[str, Any] = {}
     pooling: Literal["cls", "mean"] = "cls"
+
+    def label(self) -> str:
+        return f"transformers {self.model}" + ("" if self.pretrained else ", random weights")
+
+
+class TransformersTextEncoder(Strict):
+    """A transformers sentence encoder over the captions (all-MiniLM-L6-v2 in the demo): the
+    last hidden state pooled over the attention mask, L2-normalised."""
+
+    kind: Literal["transformers_text"]
+    model: str = Field(description="A hub id, a local folder or package:<module>/<path>.")
+    pretrained: bool = Field(default=True, description="False: random weights of the folder's "
+                             "architecture, with its tokenizer.")
+    config_overrides: dict[str, Any] = {}
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(default=256, gt=0, description="Caption tokens kept.")
+
+    def label(self) -> str:
+        return (f"transformers {self.model}, {self.pooling} pooling"
+                + ("" if self.pretrained else ", random weights"))
+
+
+EncoderSpec = Annotated[
+    OpenClipEncoder | TimmImageEncoder | TransformersImageEncoder | TransformersTextEncoder,
+    Field(discriminator="kind")]
+TEXT_KINDS = ("open_clip_text", "transformers_text")
+
+
+class SpaceConfig(Strict):
+    """One embedding space: what encodes it, its mining window, its resources."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64,
+                      description="The space's folder under embeddings/ and index/.")
+    encoder: EncoderSpec
+    # A neighbour is a target candidate when lo < similarity < hi: below is a weak link, above
+    # a near-duplicate. Per space, since models differ in their similarity scales. Read by mine
+    # (``mine.windows`` can override it), not by embed.
+    window: tuple[float, float] = Field(default=(0.8, 0.96), json_schema_extra=MINE_RULE)
+    # Rows per forward pass of this encoder (None: the whole batch), for a large model beside
+    # small ones in one actor.
+    batch_size: int | None = Field(default=None, gt=0, json_schema_extra=RESOURCE)
+
+    @property
+    def is_text(self) -> bool:
+        """Encodes captions (rows without one get no vector) rather than images."""
+        return self.encoder.kind in TEXT_KINDS
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not -1.0 <= v[0] < v[1] <= 1.0:
+            raise ValueError("window must satisfy -1 <= lo < hi <= 1")
+        return v
 
 
 class ActorPoolSection(Strict):
@@ -138,10 +237,10 @@ class ActorPoolSection(Strict):
 
 
 class EmbedConfig(ActorPoolSection):
-    """The triple-encoder stage and the Ray actor pool that runs it."""
+    """The embedding spaces and the Ray actor pool that encodes them: each actor holds every
+    space's encoder, decodes a batch once and runs them all."""
 
-    clip: ClipEncoderConfig
-    dino: DinoEncoderConfig
+    spaces: list[SpaceConfig] = Field(min_length=1)
     # Random-initialised models are seeded so that every actor holds the same weights.
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -157,10 +256,21 @@ class EmbedConfig(ActorPoolSection):
             raise ValueError("embed.decode=gpu needs embed.device=cuda")
         if self.device == "cpu" and self.precision == "fp16":
             raise ValueError("embed.precision=fp16 is not supported on embed.device=cpu")
+        names = [s.name for s in self.spaces]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"embed.spaces: duplicate space name(s) {dups}")
         return self
 
+    @property
+    def space_names(self) -> list[str]:
+        return [s.name for s in self.spaces]
 
-SPACE_NAMES = ("clip_image", "dino_image", "clip_text")
+    def space(self, name: str) -> SpaceConfig:
+        for s in self.spaces:
+            if s.name == name:
+                return s
+        raise KeyError(name)
 
 
 class IndexConfig(Strict):
@@ -202,11 +312,13 @@ class IndexConfig(Strict):
 class MineConfig(Strict):
     """The paper's pair-mining rules (docs/method.md §1), with what it leaves open made explicit."""
 
-    spaces: list[Literal["clip_image", "dino_image", "clip_text"]] = list(SPACE_NAMES)
+    # The spaces mined, in the order targets are drawn round-robin; None: every embed space,
+    # in its order. Filled in when the run config loads.
+    spaces: list[str] | None = None
     k: int = Field(default=32, gt=1, description="Neighbours searched per query per space.")
-    # A neighbour is a target candidate when lo < similarity < hi: below is a weak link, above a
-    # near-duplicate. Per space, since models differ in their similarity scales.
-    windows: dict[str, tuple[float, float]] = {s: (0.8, 0.96) for s in SPACE_NAMES}
+    # Per-space overrides of the spaces' windows (embed.spaces[].window). When the run config
+    # loads, this holds every mined space's window.
+    windows: dict[str, tuple[float, float]] = {}
     targets_per_query: int = Field(default=3, ge=1)
     min_hard_negatives: int = Field(default=5, ge=0)
     max_hard_negatives: int = Field(default=10, ge=1)
@@ -217,16 +329,15 @@ class MineConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> MineConfig:
-        unknown = sorted(set(self.windows) - set(SPACE_NAMES))
-        if unknown:  # a misspelt space would otherwise keep the default window silently
-            raise ValueError(f"mine.windows has unknown space(s) {unknown}; known: "
-                             f"{list(SPACE_NAMES)}")
-        for space in self.spaces:
-            if space not in self.windows:
-                raise ValueError(f"mine.windows has no window for space {space!r}")
-            lo, hi = self.windows[space]
+        for space, (lo, hi) in self.windows.items():
             if not -1.0 <= lo < hi <= 1.0:
                 raise ValueError(f"mine.windows[{space}] must satisfy -1 <= lo < hi <= 1")
+        if self.spaces is None and self.windows:  # on its own (tests): the windows' spaces
+            object.__setattr__(self, "spaces", list(self.windows))
+        if self.spaces is not None:
+            dups = sorted({s for s in self.spaces if self.spaces.count(s) > 1})
+            if dups:
+                raise ValueError(f"mine.spaces names {dups} twice")
         if self.min_hard_negatives > self.max_hard_negatives:
             raise ValueError("mine.min_hard_negatives > mine.max_hard_negatives")
         return self
@@ -351,6 +462,25 @@ class RunConfig(Strict):
             raise ValueError("run_dir must not be empty")
         return v.rstrip("/")
 
+    @model_validator(mode="after")
+    def _resolve_mining(self) -> RunConfig:
+        """Mine reads the embed spaces: names it gives must exist; what it leaves out (which
+        spaces, their windows) is filled in from them, so ``mine`` is complete after loading."""
+        known = self.embed.space_names
+        for field, names in (("mine.windows", list(self.mine.windows)),
+                             ("mine.spaces", self.mine.spaces or [])):
+            unknown = sorted(set(names) - set(known))
+            if unknown:  # a misspelt space would otherwise be ignored silently
+                raise ValueError(f"{field} has unknown space(s) {unknown}; embed.spaces has "
+                                 f"{known}")
+        spaces = list(self.mine.spaces or known)
+        windows = {s: tuple(self.mine.windows.get(s, self.embed.space(s).window))
+                   for s in spaces}
+        # A new section, never the shared default instance; frozen models are set this way.
+        object.__setattr__(self, "mine", self.mine.model_copy(
+            update={"spaces": spaces, "windows": windows}))
+        return self
+
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -376,10 +506,36 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return doc
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, f"{path}{k}.")
+        elif isinstance(v, dict) and _is_named_list(out.get(k)):
+            out[k] = _merge_named(out[k], v, f"{path}{k}")
+        else:
+            out[k] = v
+    return out
+
+
+def _is_named_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(i, dict) and "name" in i for i in value)
+
+
+def _merge_named(items: list[dict[str, Any]], extra: dict[str, Any], path: str,
+                 ) -> list[dict[str, Any]]:
+    """``embed.spaces.dino_image.encoder.model=X``: a list of named sections is addressed by
+    name."""
+    names = [i["name"] for i in items]
+    unknown = sorted(set(extra) - set(names))
+    if unknown:
+        raise ConfigError(f"override {path}.{unknown[0]}: {path} has no entry named "
+                          f"{unknown[0]!r} (it has {names})")
+    out = []
+    for item in items:
+        value = extra.get(item["name"], item)
+        out.append(_merge(item, value, f"{path}.{item['name']}.")
+                   if isinstance(value, dict) and value is not item else value)
     return out
 
 

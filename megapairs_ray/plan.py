@@ -226,7 +226,7 @@ def _open_clip_config(name: str) -> dict[str, Any]:
         path = folder / f"{name}.json"
         if path.is_file():
             return json.loads(path.read_text())
-    raise ConfigError(f"embed.clip.model={name!r}: no open_clip config of that name")
+    raise ConfigError(f"open_clip model {name!r}: no open_clip config of that name")
 
 
 def _clip_tower_size(name: str) -> str:
@@ -240,14 +240,39 @@ def _clip_tower_size(name: str) -> str:
     return {1024: "L", 768: "B", 1280: "H", 1408: "g"}.get(width, f"width {width}")
 
 
+def _clip_space(cfg: RunConfig) -> tuple[str, Any]:
+    """The first open_clip space: its name and encoder (the measured embed rates are for the
+    paper's spaces, an open_clip model and a DINOv2)."""
+    for s in cfg.embed.spaces:
+        if s.encoder.kind.startswith("open_clip"):
+            return s.name, s.encoder
+    raise ConfigError("embed.spaces has no open_clip space: the plan's measured embed rates "
+                      "are for the paper's spaces (an open_clip CLIP and a DINOv2)")
+
+
+def _dino_space(cfg: RunConfig) -> tuple[str, Any]:
+    for s in cfg.embed.spaces:
+        if s.encoder.kind == "transformers_image":
+            return s.name, s.encoder
+    raise ConfigError("embed.spaces has no transformers_image (DINOv2) space: the plan's "
+                      "measured embed rates are for the paper's spaces (a CLIP and a DINOv2)")
+
+
 def space_dims(cfg: RunConfig) -> dict[str, Figure]:
     """The embedding width of every space the run mines."""
-    clip = cfg.embed.clip.model
-    clip_dim = Figure(float(_open_clip_config(clip)["embed_dim"]), "dims",
-                      (f"config: embed.clip.model={clip} (open_clip's config: embed_dim)",))
-    dino_dim = _dino_dim(cfg)
-    dims = {"clip_image": clip_dim, "clip_text": clip_dim, "dino_image": dino_dim}
-    return {s: dims[s] for s in cfg.mine.spaces}
+    out = {}
+    for name in cfg.mine.spaces:
+        enc = cfg.embed.space(name).encoder
+        if enc.kind.startswith("open_clip"):
+            out[name] = Figure(float(_open_clip_config(enc.model)["embed_dim"]), "dims",
+                               (f"config: embed.spaces.{name}.encoder.model={enc.model} "
+                                "(open_clip's config: embed_dim)",))
+        elif enc.kind == "transformers_image":
+            out[name] = _dino_dim(name, enc)
+        else:
+            raise ConfigError(f"embed.spaces.{name}: the plan knows the widths of open_clip "
+                              f"and DINOv2 encoders, not of {enc.kind}")
+    return out
 
 
 # --- the plan -----------------------------------------------------------------------------------
@@ -342,16 +367,16 @@ def _inputs(p: PlanInputs, cfg: RunConfig, config_label: str) -> dict[str, Figur
     return out
 
 
-def _dino_dim(cfg: RunConfig) -> Figure:
-    dino = cfg.embed.dino
+def _dino_dim(name: str, dino: Any) -> Figure:
+    field = f"embed.spaces.{name}.encoder"
     if "hidden_size" in dino.config_overrides:
         return Figure(float(dino.config_overrides["hidden_size"]), "dims",
-                      ("config: embed.dino.config_overrides.hidden_size",))
+                      (f"config: {field}.config_overrides.hidden_size",))
     sizes = [w for word, w in _DINO_WIDTHS.items() if word in dino.model.lower()]
     if not sizes:
-        raise ConfigError(f"embed.dino.model={dino.model!r}: width unknown to the plan "
+        raise ConfigError(f"{field}.model={dino.model!r}: width unknown to the plan "
                           f"(known: DINOv2 {', '.join(_DINO_WIDTHS)})")
-    return assumed(sizes[0], "dims", f"embed.dino.model={dino.model} is {sizes[0]} wide "
+    return assumed(sizes[0], "dims", f"{field}.model={dino.model} is {sizes[0]} wide "
                    "(DINOv2's published configs)")
 
 
@@ -359,8 +384,10 @@ def _embed_rate(res: Results, gpu: str, cfg: RunConfig, warnings: list[str],
                 ) -> tuple[Figure, str]:
     """The embed stage's measured images/s on one GPU for the config's encoder sizes, and the
     result file it comes from."""
-    want_clip = _clip_tower_size(cfg.embed.clip.model)
-    want_dino = int(_dino_dim(cfg).value)
+    clip = _clip_space(cfg)[1].model
+    dino_name, dino = _dino_space(cfg)
+    want_clip = _clip_tower_size(clip)
+    want_dino = int(_dino_dim(dino_name, dino).value)
     files = res.embed_files(gpu)
     for rel in files:
         doc = res.doc(rel)
@@ -371,14 +398,14 @@ def _embed_rate(res: Results, gpu: str, cfg: RunConfig, warnings: list[str],
                if cfg.embed.concurrent_calls_per_actor >= 2
                and "stage_2_concurrent_calls_img_per_s" in doc else "stage_img_per_s")
         rate = res.value(rel, key, "img/s/GPU")
-        if doc["clip_model"] != cfg.embed.clip.model:
-            same = assumed(0, "", f"{cfg.embed.clip.model} costs what the measured "
+        if doc["clip_model"] != clip:
+            same = assumed(0, "", f"{clip} costs what the measured "
                            f"{doc['clip_model']} costs (both ViT-{want_clip} image towers at "
                            "224 px)")
             rate = derive(rate.value, rate.unit, "as measured", rate, same)
-        if cfg.embed.dino.image_size != 224:
+        if (dino.image_size or 224) != 224:
             warnings.append(f"embed: measured with DINOv2 at 224 px, the config has "
-                            f"{cfg.embed.dino.image_size} px")
+                            f"{dino.image_size} px")
         return rate, rel
     raise ConfigError(f"no measured embed result on {gpu} for a ViT-{want_clip} CLIP with a "
                       f"{want_dino}-wide DINOv2; measured: {', '.join(files) or 'none'}")

@@ -11,15 +11,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+TINY_CLIP = {"model": "mp-tiny-clip", "pretrained": None}
 TINY_EMBED: dict[str, Any] = {
-    "clip": {"model": "mp-tiny-clip", "pretrained": None},
-    "dino": {
-        "library": "transformers", "model": "mp-tiny-dinov2", "pretrained": False,
-        "image_size": 56,
-        "config_overrides": {"hidden_size": 32, "num_hidden_layers": 1,
-                             "num_attention_heads": 2, "intermediate_size": 64,
-                             "patch_size": 14, "image_size": 56},
-    },
+    # The paper's three spaces, with tiny random encoders: what the plumbing tests need.
+    "spaces": [
+        {"name": "clip_image", "encoder": {"kind": "open_clip_image", **TINY_CLIP}},
+        {"name": "dino_image", "encoder": {
+            "kind": "transformers_image", "model": "mp-tiny-dinov2", "pretrained": False,
+            "image_size": 56,
+            "config_overrides": {"hidden_size": 32, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "intermediate_size": 64,
+                                 "patch_size": 14, "image_size": 56}}},
+        {"name": "clip_text", "encoder": {"kind": "open_clip_text", **TINY_CLIP}},
+    ],
     "device": "cpu", "precision": "fp32", "decode": "cpu", "batch_size": 16,
     "decode_threads": 1, "num_cpus": 0.5, "reader_num_cpus": 0.25, "writer_num_cpus": 0.25,
     "writer_batch_rows": 24,

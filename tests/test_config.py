@@ -17,8 +17,11 @@ def test_profiles_load(profile):
 
 def test_paper_profile_names_the_papers_models_and_asks_for_gpus():
     cfg = load_config(ROOT / "configs" / "paper.yaml")
-    assert cfg.embed.clip.model.startswith("EVA02")
-    assert "dinov2" in cfg.embed.dino.model
+    assert cfg.embed.space_names == ["clip_image", "dino_image", "clip_text"]
+    assert cfg.embed.space("clip_image").encoder.model.startswith("EVA02")
+    assert cfg.embed.space("clip_text").encoder.kind == "open_clip_text"
+    assert "dinov2" in cfg.embed.space("dino_image").encoder.model
+    assert cfg.mine.spaces == cfg.embed.space_names  # every space is mined, in that order
     assert cfg.embed.device == "cuda" and cfg.embed.num_gpus >= 1
     assert cfg.embed.decode == "gpu" and cfg.embed.precision == "bf16"
 
@@ -55,6 +58,9 @@ def test_overrides_are_applied_and_validated():
     ({"instruct": {"max_instructions": 2}}, "instruct.max_instructions"),
     ({"export": {"jpeg_quality": 101}}, "export.jpeg_quality"),
     ({"mine": {"windows": {"clip_imag": [0.5, 0.9]}}}, "clip_imag"),  # a misspelt space
+    ({"mine": {"windows": {"clip_imag": [0.5, 0.9]}}}, "mine.windows"),
+    ({"mine": {"spaces": ["clip_image", "caption"]}}, "mine.spaces"),
+    ({"embed": {"spaces": []}}, "embed.spaces"),
 ])
 def test_bad_fields_are_named(tmp_path, change, field):
     doc = tiny_config(tmp_path, ["x"])

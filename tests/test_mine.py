@@ -144,5 +144,7 @@ def test_deterministic_and_seeded_query_sample():
 def test_config_rejects_bad_windows():
     with pytest.raises(ValueError, match="lo < hi"):
         MineConfig(windows={s: (0.9, 0.8) for s in SPACES})
-    with pytest.raises(ValueError, match="no window"):
-        MineConfig(windows={"clip_image": (0.8, 0.9)})
+    # On its own, mine's spaces are its windows' (in a run config, the embed spaces).
+    assert MineConfig(windows={"dino_image": (0.8, 0.9)}).spaces == ["dino_image"]
+    with pytest.raises(ValueError, match="twice"):
+        MineConfig(windows={"clip_image": (0.8, 0.9)}, spaces=["clip_image", "clip_image"])

@@ -103,9 +103,10 @@ def test_rerun_does_nothing_and_interrupted_shard_is_redone(local_run):
     assert _files(cfg.run_dir) == before
     assert run_ingest(cfg).counts["shards_skipped_done"] == 3
 
-    # Interrupt one shard: no marker, half its output, plus a stray part from the dead run.
+    # Interrupt one shard: no markers, half its output, plus a stray part from the dead run.
     shard = next(s for s in list_shards(cfg.input) if s.name == "good.tar")
-    storage.remove(layout.marker(cfg.run_dir, "embed", shard.slug))
+    for stage in ["embed", *(f"embed.{n}" for n in cfg.embed.space_names)]:
+        storage.remove(layout.marker(cfg.run_dir, stage, shard.slug))
     shard_dir = layout.embeddings_shard_dir(cfg.run_dir, "clip_image", shard.slug)
     parts = storage.list_files(shard_dir, ".parquet")
     stray = storage.read_parquet(parts[0])
@@ -164,3 +165,48 @@ def test_changed_source_is_a_counted_reject_and_a_changed_input_is_refused(tmp_p
     write_tar(tmp_path / "c" / "t.tar", good_samples(2, prefix="t"))
     with pytest.raises(InputChangedError, match=r"added \['t.tar'\]"):
         run_ingest(cfg)
+
+
+def test_an_added_space_is_computed_alone_and_a_changed_one_recomputed_alone(tmp_path,
+                                                                            ray_cluster):
+    for i in range(2):
+        write_tar(tmp_path / "c" / f"s{i}.tar", good_samples(5, prefix=f"s{i}"))
+    doc = tiny_config(tmp_path / "run", [str(tmp_path / "c")])
+    cfg = config_from_dict(doc)
+    run_ingest(cfg)
+    run_embed(cfg)
+    before = _files(cfg.run_dir)
+
+    def with_spaces(spaces):
+        return config_from_dict({**doc, "embed": {**doc["embed"], "spaces": spaces}})
+
+    def same_files(a, b, spaces):
+        for space in spaces:
+            assert {p: n for p, n in a.items() if f"/embeddings/{space}/" in p} == {
+                p: n for p, n in b.items() if f"/embeddings/{space}/" in p}, space
+
+    # A space added (and a resource changed): only the new space is computed.
+    spaces = [dict(s) for s in doc["embed"]["spaces"]]
+    spaces[2] = {**spaces[2], "batch_size": 3}
+    spaces.append({"name": "dino_mean", "encoder": {**spaces[1]["encoder"], "pooling": "mean"}})
+    rec = run_embed(with_spaces(spaces))
+    assert rec.counts["shards_embedded"] == 2 and "changed" not in rec.inputs
+    after = _files(cfg.run_dir)
+    same_files(before, after, ("clip_image", "dino_image", "clip_text"))
+    assert _space(cfg.run_dir, "dino_mean").num_rows == 10
+
+    # One space's model changed: that space goes and is made again, alone.
+    enc = spaces[1]["encoder"]
+    spaces[1] = {**spaces[1], "encoder": {**enc, "image_size": 42, "config_overrides": {
+        **enc["config_overrides"], "image_size": 42}}}
+    moved = with_spaces(spaces)
+    old = dict(zip(*load_space(cfg.run_dir, "dino_image")))
+    rec = run_embed(moved)
+    assert rec.inputs["changed"] == ["embed.spaces.dino_image.encoder.config_overrides",
+                                     "embed.spaces.dino_image.encoder.image_size"]
+    assert rec.counts["shards_embedded"] == 2
+    same_files(after, _files(cfg.run_dir), ("clip_image", "clip_text", "dino_mean"))
+    ids, vecs = load_space(cfg.run_dir, "dino_image")
+    assert len(ids) == len(set(ids.tolist())) == 10  # nothing mixed, nothing twice
+    assert all(not np.allclose(v, old[i]) for i, v in zip(ids.tolist(), vecs))
+    assert run_embed(moved).counts["shards_skipped_done"] == 2

@@ -77,7 +77,9 @@ def test_embed_gpu_hours_are_images_over_the_measured_rate(billion: Plan) -> Non
 
 
 def test_a_vit_b_config_takes_the_vit_b_result(paper: RunConfig) -> None:
-    cfg = load_config(PAPER, ["embed.clip.model=ViT-B-16", "embed.dino.model=facebook/dinov2-base"])
+    cfg = load_config(PAPER, ["embed.spaces.clip_image.encoder.model=ViT-B-16",
+                              "embed.spaces.clip_text.encoder.model=ViT-B-16",
+                              "embed.spaces.dino_image.encoder.model=facebook/dinov2-base"])
     embed = _plan(cfg).stage("embed")
     rate = _result("h200/embed_gpu_vit-b.json")["stage_img_per_s"]
     assert embed.gpu_hours.value == pytest.approx(1e9 / rate / 3600)

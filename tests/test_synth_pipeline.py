@@ -23,7 +23,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from megapairs_ray.cli import app
-from megapairs_ray.config import InputConfig, config_from_dict
+from megapairs_ray.config import InputConfig, config_from_dict, load_config
 from megapairs_ray.corpus import OPENCLIPART
 from megapairs_ray.io.shards import fetch_bytes
 from megapairs_ray.pipeline.mine import PAIRS_SCHEMA
@@ -34,6 +34,7 @@ from tests.helpers import chromium
 from tests.train_helpers import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_SPACES = load_config(ROOT / "configs" / "tiny.yaml").embed.space_names
 runner = CliRunner()
 pytestmark = [
     pytest.mark.ray, pytest.mark.slow,
@@ -158,7 +159,7 @@ def test_export_is_the_released_form_with_real_images(synth_run):
         assert len(t["q_text"]) >= 3 and all(s.isprintable() for s in t["q_text"])
         assert t["describe_model"] == "tiny-random-llava"
         assert t["instruct_model"] == "tiny-random-llama"
-        assert set(t["spaces"]) <= {"clip_image", "dino_image", "clip_text"}
+        assert set(t["spaces"]) <= set(DEMO_SPACES)
     paths = sorted({p for t in lines for p in [t["q_img"], t["t_img"], *t["hns"]]})
     data = store.read_many(paths)
     assert all(isinstance(d, bytes) for d in data), "every annotated path is in a tar"

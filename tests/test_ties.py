@@ -46,7 +46,7 @@ def captions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     computed as the embed stage computes them (the tiny profile's seeded text tower, fp16)."""
     import torch
 
-    from megapairs_ray.models.encoders import build_clip
+    from megapairs_ray.models.encoders import build_clip, space_seed
 
     missing = [t for t in TARS if not (CORPUS / t).is_file()]
     assert not missing, f"{missing} not in {CORPUS}: run scripts/setup.sh"
@@ -59,8 +59,9 @@ def captions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as an embed actor on one CPU; spinning threads cost more here
     try:
-        torch.manual_seed(cfg.embed.seed)
-        clip = build_clip(cfg.embed.clip, torch.device("cpu"), torch.float32)
+        encoder = cfg.embed.space(SPACE).encoder
+        torch.manual_seed(space_seed(cfg.embed.seed, encoder))
+        clip = build_clip(encoder, torch.device("cpu"), torch.float32)
         per_slug = {}
         for shard in list_shards(cfg.input):
             records = [r for r in read_shard(shard, cfg.input)

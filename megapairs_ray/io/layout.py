@@ -20,10 +20,7 @@ stage.
 
 from __future__ import annotations
 
-from megapairs_ray.config import SPACE_NAMES
 from megapairs_ray.io import storage
-
-SPACES = SPACE_NAMES
 
 
 def shards_file(run_dir: str) -> str:

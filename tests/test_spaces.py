@@ -5,12 +5,15 @@ test with an added and a changed space is in test_pipeline.py)."""
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from megapairs_ray.config import ConfigError, config_from_dict, load_config, output_settings
+from megapairs_ray.corpus import OPENCLIPART
 from megapairs_ray.models.encoders import ModelNotFoundError, check_models, resolve_model_path
 from megapairs_ray.stages.embed import EmbedStage
 from megapairs_ray.stages.embed_io import load_space, write_embeddings
@@ -151,3 +154,62 @@ def test_the_stage_and_the_writer_follow_the_list(tmp_path):
     assert np.allclose(alone(_batch(6))["caption"], out["caption"], atol=2e-3)
     with pytest.raises(ValueError, match="unknown space"):
         EmbedStage(cfg.embed, spaces=["nope"])
+
+
+# ------------------------------------------------- the demo's packaged encoders (real weights)
+
+STARS = OPENCLIPART / "png" / "shapes" / "stars"
+needs_openclipart = pytest.mark.skipif(not STARS.is_dir(), reason="Debian's openclipart-png is "
+                                       "not installed (scripts/setup.sh installs it)")
+
+
+def _png_as_jpeg(path: Path, scale: float = 1.0) -> bytes:
+    im = Image.open(path).convert("RGBA")
+    im.thumbnail((384, 384))
+    im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    im = im.convert("RGB").resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_stage():
+    """configs/tiny.yaml's encoders, loaded as the demo loads them: offline."""
+    import os
+
+    assert os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true")
+    return EmbedStage(load_config(ROOT / "configs" / "tiny.yaml").embed)
+
+
+def test_the_caption_encoder_puts_synonyms_closer_than_unrelated_captions(demo_stage):
+    enc = demo_stage.encoders["minilm_text"]
+    v = enc.encode_text(["a red star", "a crimson five-pointed star", "an old stone church",
+                         "a cathedral with a bell tower", "a bowl of fresh fruit"]).numpy()
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    sim = v @ v.T
+    assert sim[0, 1] > sim[0, 2] + 0.3 and sim[0, 1] > sim[0, 4] + 0.3
+    assert sim[2, 3] > sim[2, 0] + 0.3 and sim[2, 3] > sim[2, 4] + 0.3
+    # Its scale: related captions land inside the demo's window, unrelated ones below it.
+    lo, hi = demo_stage.spaces[1].window
+    assert lo < sim[2, 3] < hi and sim[0, 2] < lo
+
+
+@needs_openclipart
+def test_the_image_encoder_knows_a_resized_image_and_a_star_from_a_church(demo_stage):
+    church = OPENCLIPART / "png" / "buildings" / "church_building_01_01.png"
+    stars = [STARS / "star.png", STARS / "estrella_01.png"]
+    images = [_png_as_jpeg(stars[0]), _png_as_jpeg(stars[0], 0.6), _png_as_jpeg(stars[1]),
+              _png_as_jpeg(church)]
+    n = len(images)
+    out = demo_stage({"image_id": np.arange(n, dtype=np.int64),
+                      "shard": np.array(["s"] * n, dtype=object),
+                      "image": np.array(images, dtype=object),
+                      "caption": np.array(["star", "star", "estrella", "church"], dtype=object),
+                      "format": np.array(["JPEG"] * n, dtype=object),
+                      "mode": np.array(["RGB"] * n, dtype=object)})
+    v = out["efficientnet_image"].astype(np.float32)
+    sim = v @ v.T
+    assert sim[0, 1] > 0.85  # the same picture, smaller
+    assert sim[0, 1] > sim[0, 2] > sim[0, 3] + 0.15  # another star, then the church
+    assert sim[2, 3] < sim[0, 2]

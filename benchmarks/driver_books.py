@@ -123,21 +123,21 @@ def main() -> None:
     ap.add_argument("--synth-pairs", type=int, default=300)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    results = []
-    for n in args.sizes:
+    results: list[dict] = []
+    for n in args.sizes:  # the file is rewritten after every size: a long run keeps what it has
         results.append(run_one(n, args.work, args.synth_pairs))
         print(json.dumps(results[-1]), flush=True)
-    base = results[0]
-    for r in results:
-        r["peak_vs_smallest"] = round(r["driver_peak_rss_mib"] / base["driver_peak_rss_mib"], 3)
-        r["wall_per_image_ms"] = round(1000 * r["wall_s"] / r["images"], 2)
-    doc = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or
-                       platform.machine(), "memory_gib": round(psutil.virtual_memory().total
-                                                               / 2**30, 1)},
-           "command": " ".join(sys.argv), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
-
+        base = results[0]
+        for r in results:
+            r["peak_vs_smallest"] = round(r["driver_peak_rss_mib"] / base["driver_peak_rss_mib"],
+                                          3)
+            r["wall_per_image_ms"] = round(1000 * r["wall_s"] / r["images"], 2)
+        doc = {"machine": {"cpus": os.cpu_count(),
+                           "processor": platform.processor() or platform.machine(),
+                           "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+               "command": " ".join(sys.argv), "results": results}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -121,7 +121,8 @@ def test_the_pipeline_job_runs_its_stages_on_the_worker_nodes(cluster, tmp_path)
     assert set(doc["stages"]) == {"ingest", "embed", "index", "mine"}
     assert doc["stages"]["ingest"]["counts"]["images"] == 16
     assert doc["stages"]["embed"]["counts"]["embedded"] == 16
-    assert doc["stages"]["index"]["counts"]["clip_image_vectors"] == 16
+    for space in doc["config"]["embed"]["spaces"]:  # the profile's spaces, whichever they are
+        assert doc["stages"]["index"]["counts"][f"{space['name']}_vectors"] == 16
     assert doc["stages"]["mine"]["counts"]["shards_mined"] == 2
     assert len(list((run_dir / "_state" / "mine").glob("*.json"))) == 2
     assert not (run_dir / "_state" / "lock.json").exists()  # released at the end

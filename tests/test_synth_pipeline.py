@@ -68,7 +68,9 @@ def synth_run(tmp_path_factory, ray_cluster):
     _cli("corpus", "build", "--out", str(corpus), "--n-images", "30", "--shard-size", "15")
     common = ["-c", str(ROOT / "configs" / "tiny.yaml"), "-s", f"run_dir={run_dir}",
               "-s", f"input.uris=[{corpus}]", "-s", "embed.num_cpus=0.5",
-              "-s", "ingest.num_cpus=0.25"]
+              "-s", "ingest.num_cpus=0.25",
+              # Every image a query: 30 images give the demo's real spaces about 20 pairs.
+              "-s", "mine.query_fraction=1.0"]
     _cli("run", *common, "--stages", "ingest,embed,index,mine")
     pairs = pq.read_table(run_dir / "pairs").to_pylist()
     assert len(pairs) >= 10

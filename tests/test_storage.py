@@ -44,9 +44,10 @@ def test_a_retried_writer_rewrites_the_same_files(tmp_path):
              "has_text": np.array([True, False, True, False, True]),
              **{s: np.ones((n, d), dtype=np.float16) for s in
                 ("clip_image", "dino_image", "clip_text")}}
-    first = write_embeddings(batch, str(tmp_path))
+    spaces = (("clip_image", "dino_image"), ("clip_text",))
+    first = write_embeddings(batch, str(tmp_path), *spaces)
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.parquet"))
-    again = write_embeddings(batch, str(tmp_path))
+    again = write_embeddings(batch, str(tmp_path), *spaces)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.parquet")) == files
     assert {k: v.tolist() for k, v in first.items()} == {k: v.tolist() for k, v in again.items()}
     assert first["rows"].tolist() == [2, 3] and first["rejected"].tolist() == [0, 1]

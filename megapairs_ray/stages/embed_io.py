@@ -121,7 +121,8 @@ def write_embeddings(batch: dict[str, np.ndarray], run_dir: str,
                 storage.write_parquet(
                     storage.join(layout.embeddings_shard_dir(run_dir, space, slug), part),
                     embedding_table(ids, batch[space][ok]))
-        text = ok & batch["has_text"].astype(bool)
+        # Rows with a caption; an encoder with no text space (the gallery's) sends no column.
+        text = ok & batch["has_text"].astype(bool) if "has_text" in batch else ok & False
         if text.any():
             for space in text_spaces:
                 storage.write_parquet(

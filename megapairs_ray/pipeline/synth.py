@@ -196,7 +196,9 @@ def run_tries(state: StepState, section: LLMStageConfig, retries: int,
                 todo = todo.map_batches(_drop_committed, fn_args=(committed,),
                                         batch_format="pyarrow", num_cpus=section.num_cpus)
             # Blocks of at most ``commit_rows`` rows: a task holds no more uncommitted answers.
-            todo = todo.repartition(target_num_rows_per_block=section.commit_rows)
+            # Cut before the engines start: the repartition's tasks take a whole CPU each, and
+            # on a small node the engine and fetch actors would leave them none (a deadlock).
+            todo = todo.repartition(target_num_rows_per_block=section.commit_rows).materialize()
             answers = pipeline_for_try(todo, attempt).map_batches(
                 commit_part, fn_kwargs={"out": out}, batch_size=section.commit_rows,
                 batch_format="pyarrow", num_cpus=section.num_cpus)

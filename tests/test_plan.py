@@ -368,7 +368,7 @@ def test_cli_prints_a_table() -> None:
     assert result.exit_code == 0, result.output
     for needle in ("plan: 1,000,000,000 images", "embed", "describe", "GPU-hours",
                    "index per space", "dino_image", "every figure and its sources",
-                   "embed_gpu_vit-l.json", "warning: index: pq_m=96"):
+                   "embed_gpu_vit-l.json", "warning: index: 5,000,000 training vectors"):
         assert needle in result.output, needle
 
 

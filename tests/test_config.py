@@ -8,7 +8,7 @@ from tests.helpers import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("profile", ["tiny", "paper"])
+@pytest.mark.parametrize("profile", ["tiny", "paper", "paper-tiny"])
 def test_profiles_load(profile):
     cfg = load_config(ROOT / "configs" / f"{profile}.yaml")
     assert cfg.profile == profile
@@ -34,6 +34,66 @@ def test_profiles_name_the_paper_s_synthesis_models():
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
     assert tiny.describe.model == "tiny-random-llava" and tiny.instruct.model == "tiny-random-llama"
     assert tiny.describe.engine_num_gpus == tiny.instruct.engine_num_gpus == 0
+
+
+# Where configs/paper-tiny.yaml may differ from configs/paper.yaml (its header says why); a name
+# ending in "." covers every field under it.
+PAPER_TINY_DIFFERS = {
+    "profile", "run_dir", "input.uris", "ingest.num_cpus",
+    "embed.spaces.clip_image.encoder.", "embed.spaces.dino_image.encoder.",
+    "embed.spaces.clip_text.encoder.", "embed.device", "embed.precision", "embed.decode",
+    "embed.batch_size", "embed.decode_threads", "embed.max_actors", "embed.num_gpus",
+    "embed.num_cpus", "embed.reader_num_cpus", "embed.writer_num_cpus", "embed.writer_batch_rows",
+    "index.kind", "index.shards", "index.shard_num_cpus",
+    "mine.k", "mine.query_fraction", "mine.actors", "mine.num_cpus",
+    "ray.address", "ray.num_cpus", "ray.object_store_memory",
+    "describe.model", "instruct.model", "describe.tiny_model_dir", "instruct.tiny_model_dir",
+    "describe.engine_kwargs.enforce_eager", "instruct.engine_kwargs.enforce_eager",
+    "describe.env_vars.", "instruct.env_vars.", "describe.tensor_parallel_size",
+    "describe.replicas", "instruct.replicas", "describe.engine_num_gpus",
+    "instruct.engine_num_gpus", "describe.engine_num_cpus", "instruct.engine_num_cpus",
+    "describe.fetch_actors", "describe.sampling_seed", "instruct.sampling_seed",
+    "export.num_cpus",
+}
+
+
+def _leaves(value, prefix=""):
+    """Every field as ``{"dotted.name": value}``; a list of named sections (embed.spaces) by
+    name, and the names in their order under the list's own name."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v
+                                                 for v in value):
+        value = {"": [v["name"] for v in value], **{v["name"]: v for v in value}}
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_leaves(v, f"{prefix}{k}." if k else prefix))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def _allowed(field):
+    return field in PAPER_TINY_DIFFERS or any(
+        a.endswith(".") and field.startswith(a) for a in PAPER_TINY_DIFFERS)
+
+
+def test_paper_tiny_is_the_paper_profile_but_for_its_listed_differences():
+    paper = _leaves(load_config(ROOT / "configs" / "paper.yaml").model_dump(mode="json"))
+    tiny = _leaves(load_config(ROOT / "configs" / "paper-tiny.yaml").model_dump(mode="json"))
+    differ = {f for f in paper.keys() | tiny.keys() if paper.get(f, "?") != tiny.get(f, "?")}
+    assert sorted(f for f in differ if not _allowed(f)) == []
+    # Every listed difference is one (a stale entry would hide a change from review).
+    assert sorted(a for a in PAPER_TINY_DIFFERS if not any(
+        f == a or (a.endswith(".") and f.startswith(a)) for f in differ)) == []
+    assert tiny["describe.model"] == "tiny-random-internvl2"
+    assert tiny["instruct.model"] == "tiny-random-llama3"
+    # The header names each difference (a field or a section above it).
+    text = (ROOT / "configs" / "paper-tiny.yaml").read_text()
+    header = " ".join(line for line in text.splitlines() if line.startswith("#"))
+    for field in differ:
+        parts = field.split(".")
+        assert any(".".join(parts[:i]) + suffix in header
+                   for i in range(min(2, len(parts)), len(parts) + 1)
+                   for suffix in (",", " ", ".*")), field
 
 
 def test_overrides_are_applied_and_validated():

@@ -67,8 +67,10 @@ def make_preprocess(cfg: DescribeConfig, attempt: int) -> Callable[[dict[str, An
             # nor a copy of them held to split it; postprocess gives it its reason.
             return {**rest, "messages": [{"role": "user", "content": "-"}],
                     "sampling_params": {"max_tokens": 1, "temperature": 0.0}}
-        # The chat template renders each image part as the model's placeholder; the pixels go
-        # to the engine beside the prompt, in the same order (source, then target).
+        # Each image part becomes the model's placeholder in the prompt (``llm.ChatFormat``:
+        # the template's own rendering, or the family's placeholder text for templates that
+        # take text only); the pixels go to the engine beside the prompt, in the same order
+        # (source, then target).
         images = [Image.open(io.BytesIO(row["q_image"])), Image.open(io.BytesIO(row["t_image"]))]
         for im in images:
             im.load()

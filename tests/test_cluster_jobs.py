@@ -10,17 +10,21 @@ dir, never with `ray stop` (which would stop every Ray on the machine).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -40,6 +44,9 @@ class Cluster:
     env: dict[str, str]  # a client's environment: the token, the venv first on PATH
     head_node: str
     worker_nodes: list[str]
+    root: Path  # every node's temp dir is under it
+    gcs: int
+    lost: list[str] = field(default_factory=list)  # killed worker nodes (Ray sees it later)
 
 
 def _ray(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -62,42 +69,115 @@ def cluster(s3_endpoint: str) -> Iterator[Cluster]:
     try:
         head = _ray(env, "start", "--head", f"--temp-dir={root}/head", f"--port={gcs}",
                     "--num-cpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    *ports(), timeout=180)
+                    *_ports(), timeout=180)
         assert head.returncode == 0, head.stderr[-2000:]
+        c = Cluster(f"http://127.0.0.1:{dash}", env, "", [], root, gcs)
         for name in ("cpu-a", "cpu-b"):
-            worker = _ray(env, "start", f"--temp-dir={root}/{name}",
-                          f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *ports(), timeout=180)
-            assert worker.returncode == 0, worker.stderr[-2000:]
-        nodes = json.loads(_ray(env, "list", "nodes", "--address", f"http://127.0.0.1:{dash}",
-                                "--format=json", "--detail").stdout)
-        head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
-        workers = [n["node_id"] for n in nodes if not n["is_head_node"]]
-        assert len(workers) == 2
-        yield Cluster(f"http://127.0.0.1:{dash}", env, head_id, workers)
+            _add_worker(c, name)
+        nodes = _nodes(c)
+        c.head_node = next(n["node_id"] for n in nodes if n["is_head_node"])
+        assert len(c.worker_nodes) == 2
+        yield c
     finally:
         subprocess.run(["pkill", "-9", "-f", str(root)], check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _ports() -> list[str]:
+    return [f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+
+
+def _nodes(cluster: Cluster) -> list[dict]:
+    return json.loads(_ray(cluster.env, "list", "nodes", "--address", cluster.url,
+                           "--format=json", "--detail").stdout)
+
+
+def _add_worker(cluster: Cluster, name: str) -> str:
+    """Join a worker node of 2 CPUs with its own temp dir (a pod); its node id."""
+    # Its own /tmp too, as a pod has: Ray Train's workers download the checkpoint they restore
+    # into a temp dir named by the checkpoint; with one /tmp under two nodes, a restored worker
+    # read a trainer state the other node's download was still writing (EOFError).
+    tmp = cluster.root / name / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    worker = _ray({**cluster.env, "TMPDIR": str(tmp)}, "start", f"--temp-dir={cluster.root}/{name}",
+                  f"--address=127.0.0.1:{cluster.gcs}", "--num-cpus=2", *_ports(), timeout=180)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    for _ in range(30):
+        new = [n["node_id"] for n in _nodes(cluster) if not n["is_head_node"]
+               and n["state"] == "ALIVE"
+               and n["node_id"] not in cluster.worker_nodes + cluster.lost]
+        if new:
+            break
+        time.sleep(1)
+    assert len(new) == 1, new
+    cluster.worker_nodes.append(new[0])
+    return new[0]
+
+
+def _kill_node(cluster: Cluster, node_id: str) -> None:
+    """SIGKILL every process of one worker node (its raylet, its workers), as a pod lost with
+    its machine; the node's temp dir names them all."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    raylet = next(line for line in ps.splitlines() if f"--node_id={node_id}" in line)
+    temp_dir = re.search(r"--temp_dir=(\S+)", raylet).group(1)
+    assert temp_dir.startswith(str(cluster.root)) and not temp_dir.endswith("/head")
+    subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+    cluster.worker_nodes.remove(node_id)
+    cluster.lost.append(node_id)
+
+
 def _submit(cluster: Cluster, *entrypoint: str, env_vars: dict[str, str] | None = None,
-            ) -> tuple[str, subprocess.CompletedProcess]:
-    """``ray job submit --working-dir . -- <entrypoint>`` as a user types it; (job id, result)."""
+            wait: bool = True) -> tuple[str, subprocess.CompletedProcess]:
+    """``ray job submit --working-dir . -- <entrypoint>`` as a user types it; (job id, result).
+    ``wait=False``: ``--no-wait``, the job runs on while the caller does something to it."""
     job_id = f"mp-{uuid.uuid4().hex[:8]}"
     runtime = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    no_wait = [] if wait else ["--no-wait"]
     result = _ray(cluster.env, "job", "submit", "--address", cluster.url, "--working-dir", ".",
-                  "--submission-id", job_id, *runtime, "--", *entrypoint, timeout=900)
+                  "--submission-id", job_id, *no_wait, *runtime, "--", *entrypoint,
+                  timeout=900)
     return job_id, result
 
 
-def _placement(cluster: Cluster, job_id: str, kind: str) -> list[tuple[str, str]]:
-    """(name, node id) of a job's tasks or actors, from Ray's state API."""
+def _job_status(cluster: Cluster, job_id: str) -> str:
+    out = _ray(cluster.env, "job", "status", "--address", cluster.url, job_id).stdout
+    found = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out)
+    return found.group(1) if found else "running"
+
+
+def _wait_job(cluster: Cluster, job_id: str, timeout: float = 900) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = _job_status(cluster, job_id)
+        if status != "running":
+            return status
+        time.sleep(2)
+    return "timed out"
+
+
+def _logs(cluster: Cluster, job_id: str) -> str:
+    return _ray(cluster.env, "job", "logs", "--address", cluster.url, job_id).stdout
+
+
+def _placement(cluster: Cluster, job_id: str, kind: str, state: str | None = None,
+               ) -> list[tuple[str, str]]:
+    """(name, node id) of a job's tasks or actors, from Ray's state API, those in ``state``
+    if given ([] while the job's driver has not started)."""
     jobs = json.loads(_ray(cluster.env, "list", "jobs", "--address", cluster.url,
                            "--format=json").stdout)
-    ray_job = next(j["job_id"] for j in jobs if j["submission_id"] == job_id)
-    rows = json.loads(_ray(cluster.env, "list", kind, "--address", cluster.url, "--format=json",
-                           "--detail", "--limit=10000", "--filter", f"job_id={ray_job}").stdout)
+    ray_job = next((j["job_id"] for j in jobs if j["submission_id"] == job_id), None)
+    if ray_job is None:
+        return []
+    listed = _ray(cluster.env, "list", kind, "--address", cluster.url, "--format=json",
+                  "--detail", "--limit=10000", "--filter", f"job_id={ray_job}")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    if listed.stdout.startswith("No resource"):  # what the CLI prints for an empty list
+        return []
     name = "func_or_class_name" if kind == "tasks" else "class_name"
-    return [(str(r.get(name) or r.get("name")), r["node_id"]) for r in rows if r.get("node_id")]
+    return [(str(r.get(name) or r.get("name")), r["node_id"])
+            for r in json.loads(listed.stdout)
+            if r.get("node_id") and state in (None, r.get("state"))]
 
 
 def test_a_client_without_the_token_is_refused(cluster):
@@ -137,6 +217,55 @@ def test_the_pipeline_job_runs_its_stages_on_the_worker_nodes(cluster, tmp_path)
         assert nodes <= set(cluster.worker_nodes), stage_part
 
 
+def _markers(run_dir: Path, stage: str) -> int:
+    return len(list((run_dir / "_state" / stage).glob("*.json")))
+
+
+def test_a_worker_node_killed_during_embed_loses_and_duplicates_no_row(cluster, tmp_path):
+    from megapairs_ray.stages.embed_io import load_space
+
+    shards, per_shard = 36, 10
+    for i in range(shards):
+        write_tar(tmp_path / "corpus" / f"s{i:02d}.tar",
+                  good_samples(per_shard, prefix=f"s{i:02d}"))
+    run_dir = tmp_path / "run"
+    job_id, result = _submit(
+        cluster, "python", "jobs/run_pipeline.py", "--config", "configs/tiny.yaml",
+        "--set", f"run_dir={run_dir}", "--set", f"input.uris=[{tmp_path / 'corpus'}]",
+        "--set", "embed.batch_size=2", "--stages", "ingest,embed", wait=False)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    spaces = [s["name"] for s in yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+              ["embed"]["spaces"]]
+    # The node the embed actor lives on goes as soon as the actor is up (its model loaded, the
+    # stage's readers running): the stage's work in flight on that node is lost with it.
+    deadline, victim = time.time() + 600, None
+    while victim is None:
+        assert time.time() < deadline and _job_status(cluster, job_id) == "running", \
+            _logs(cluster, job_id)[-4000:]
+        victim = next((node for name, node in _placement(cluster, job_id, "actors", "ALIVE")
+                       if "EmbedStage" in name), None)
+    _kill_node(cluster, victim)
+    done_at_kill = _markers(run_dir, f"embed.{spaces[0]}")
+    _add_worker(cluster, "cpu-c")  # KubeRay replaces a lost pod; the module's tests go on on two
+    assert _wait_job(cluster, job_id) == "succeeded", _logs(cluster, job_id)[-4000:]
+
+    assert done_at_kill < shards, f"the kill came after embed had finished ({done_at_kill})"
+    doc = json.loads((run_dir / "manifest.json").read_text())
+    assert doc["stages"]["ingest"]["counts"]["images"] == shards * per_shard
+    assert doc["stages"]["embed"]["counts"]["embedded"] == shards * per_shard
+    image_ids = pq.read_table(run_dir / "images", columns=["image_id"]).column(
+        "image_id").to_pylist()
+    assert len(image_ids) == shards * per_shard
+    for space in spaces:
+        ids, vectors = load_space(str(run_dir), space)
+        assert len(ids) == len(set(ids.tolist())) == len(image_ids), space  # none lost, none twice
+        assert set(ids.tolist()) == set(image_ids), space
+        assert len(vectors) == len(ids)
+    # The pool went on elsewhere: an embed actor now lives on a node that is still there.
+    nodes = {node for name, node in _placement(cluster, job_id, "actors") if "EmbedStage" in name}
+    assert nodes & set(cluster.worker_nodes), nodes
+
+
 def test_a_wrong_config_fails_fast_with_the_cause_in_the_job_logs(cluster, tmp_path):
     job_id, result = _submit(cluster, "python", "jobs/run_pipeline.py", "--config",
                              "configs/tiny.yaml", "--set", "embed.batch_size=-3",
@@ -152,28 +281,61 @@ def test_a_wrong_config_fails_fast_with_the_cause_in_the_job_logs(cluster, tmp_p
     assert "does not upload what .gitignore lists" in result.stdout + result.stderr
 
 
-def test_training_runs_one_worker_on_each_node_with_checkpoints_on_s3(cluster, tmp_path,
-                                                                       bucket, s3_endpoint):
+def test_training_on_two_nodes_survives_losing_one_and_restores_its_checkpoint(
+        cluster, tmp_path, bucket, s3_endpoint):
+    import s3fs
+
     annotations = write_toy_dataset(tmp_path / "toy")
+    steps, every = 24, 4
     doc = train_config(str(annotations), f"s3://{bucket}/train", "multi",
-                       optim={"max_steps": 6, "warmup_steps": 0},
+                       optim={"max_steps": steps, "warmup_steps": 0},
                        scaling={"num_workers": 2, "cpus_per_worker": 1.5},
-                       checkpoint={"every_steps": 3, "log_every_steps": 1})
+                       checkpoint={"every_steps": every, "log_every_steps": 1,
+                                   "max_failures": 1})
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(yaml.safe_dump(doc))
     aws = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                       "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     job_id, result = _submit(cluster, "python", "jobs/train_mmret.py", "--config",
-                             str(cfg_file), env_vars=aws)
-    assert result.returncode == 0 and "succeeded" in result.stdout, \
-        (result.stdout + result.stderr)[-4000:]
-    import s3fs
-
+                             str(cfg_file), env_vars=aws, wait=False)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     fs = s3fs.S3FileSystem()
+    first = f"{bucket}/train/multi/step_{every:08d}"
+    deadline = time.time() + 600
+    while not fs.exists(first):  # the first checkpoint is registered: a node goes
+        assert time.time() < deadline and _job_status(cluster, job_id) == "running", \
+            _logs(cluster, job_id)[-4000:]
+        time.sleep(0.2)
+        fs.invalidate_cache()
+    # 1.5 CPUs a worker on 2-CPU nodes: one Ray Train worker on each worker node, none on the
+    # head; either node holds one.
+    before = {node for name, node in _placement(cluster, job_id, "actors")
+              if "TrainWorker" in name}
+    assert before == set(cluster.worker_nodes), _placement(cluster, job_id, "actors")
+    victim = cluster.worker_nodes[-1]
+    _kill_node(cluster, victim)
+    _add_worker(cluster, "cpu-d")  # the capacity comes back, as KubeRay replaces a pod
+    fs.invalidate_cache()
+    assert _wait_job(cluster, job_id) == "succeeded", (
+        _logs(cluster, job_id)[-4000:],
+        {k: v["size"] for k, v in fs.find(f"{bucket}/train/multi", detail=True).items()
+         if "prepared" not in k})
+
     summary = json.loads(fs.cat_file(f"{bucket}/train/multi/summary.json"))
-    assert summary["metrics"]["step"] == 6
-    assert fs.exists(f"{bucket}/train/multi/step_00000006")
-    # 1.5 CPUs a worker on 2-CPU nodes: the two Ray Train workers are on the two worker nodes.
-    workers = {node for name, node in _placement(cluster, job_id, "actors")
-               if "TrainWorker" in name}
-    assert workers == set(cluster.worker_nodes), _placement(cluster, job_id, "actors")
+    assert summary["metrics"]["step"] == steps
+    assert fs.exists(f"{bucket}/train/multi/step_{steps:08d}")
+    rows = [json.loads(line) for line in
+            fs.cat_file(f"{bucket}/train/multi/metrics.jsonl").decode().splitlines()]
+    logged = [r["step"] for r in rows if "loss" in r]
+    # A second worker group started after the loss, from a registered checkpoint: any step it
+    # logged again follows a checkpoint's step, never a fresh start from step 1.
+    workers = [(name, node) for name, node in _placement(cluster, job_id, "actors")
+               if "TrainWorker" in name]
+    assert len(workers) == 4, workers
+    restarts = [b for a, b in itertools.pairwise(logged) if b <= a]
+    assert len(restarts) <= 1 and all(b - 1 >= every and (b - 1) % every == 0
+                                      for b in restarts), logged
+    assert logged[-1] == steps and set(logged) == set(range(1, steps + 1)), logged
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses  # it learns across the restore
+    assert {node for _, node in workers} - before <= set(cluster.worker_nodes)

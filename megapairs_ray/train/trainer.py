@@ -28,6 +28,7 @@ import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
@@ -237,7 +238,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if usable < global_batch:
         raise TrainDataError(f"{usable} usable triplets cannot fill one batch of {global_batch} "
                              f"(rejects: {_rejects(counts)})")
-    tally = RejectTally.options(name=tally_name(cfg), get_if_exists=True).remote()
+    # The tally is books, not work: it lives on the driver's node (a cluster's head, which a
+    # lost worker node does not take with it) and, should it go all the same, comes back empty
+    # rather than failing the run.
+    tally = RejectTally.options(
+        name=tally_name(cfg), get_if_exists=True, max_restarts=-1, max_task_retries=-1,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)).remote()
     model_input = model_input_for(cfg)
     ds = training_dataset(cfg, prepared, model_input, tokenizer_source(cfg), tally_name(cfg))
     resources = {"CPU": cfg.scaling.cpus_per_worker}

@@ -1,5 +1,6 @@
-"""Entrypoint for ``ray job submit``: zero-shot CIR evaluation of a checkpoint on a GPU node
-(``megapairs eval --gpus 1``).
+"""Entrypoint for ``ray job submit``: zero-shot CIR evaluation of a checkpoint on a worker node
+(``megapairs eval --gpus 1``, or ``--cpus N`` on CPUs; the head of a cluster takes no work).
+The checkpoint may be a ``megapairs train`` run folder: its last checkpoint is evaluated.
 
     ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint s3://.../step_00015000 \
         --benchmark circo --data s3://.../CIRCO --device cuda --precision bf16 --gpus 1 \

@@ -315,22 +315,30 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     out: Annotated[str | None, typer.Option(help="Write the report as JSON here.")] = None,
     gpus: Annotated[float, typer.Option(help="Run on a Ray cluster node with this many "
-                                        "GPUs (0: in this process).")] = 0,
+                                        "GPUs (0 and --cpus 0: in this process).")] = 0,
+    cpus: Annotated[float, typer.Option(help="Run on a Ray cluster node with this many "
+                                        "CPUs (0: 1 if --gpus is set).")] = 0,
 ) -> None:
-    """Zero-shot composed-image-retrieval metrics of a checkpoint."""
+    """Zero-shot composed-image-retrieval metrics of a checkpoint (an HF-form folder, local or
+    s3://, a hub id, or a `megapairs train` run folder: its last checkpoint)."""
     from megapairs_ray.io import storage
+    from megapairs_ray.models.retriever import resolve_checkpoint
     from megapairs_ray.train.evaluate import run_eval
 
-    kwargs = {"checkpoint": checkpoint, "benchmark": benchmark, "root": data, "split": split,
-              "device": device, "batch_size": batch_size, "precision": precision}
-    if gpus > 0:
+    kwargs = {"checkpoint": resolve_checkpoint(checkpoint), "benchmark": benchmark,
+              "root": data, "split": split, "device": device, "batch_size": batch_size,
+              "precision": precision}
+    if gpus > 0 or cpus > 0:
+        # On a cluster the driver sits on the head, which takes no work: the evaluation goes
+        # to a worker node with the resources asked for.
         import ray
 
         from megapairs_ray.config import RayConfig
         from megapairs_ray.pipeline.runtime import init_ray
 
         init_ray(RayConfig())
-        report = ray.get(ray.remote(num_gpus=gpus)(run_eval).remote(**kwargs))
+        task = ray.remote(num_gpus=gpus, num_cpus=cpus or 1)(run_eval)
+        report = ray.get(task.remote(**kwargs))
     else:
         report = run_eval(**kwargs)
     for r in report["results"]:

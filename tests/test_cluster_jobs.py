@@ -28,9 +28,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from megapairs_ray.train.evaluate import run_eval
 from megapairs_ray.train.toy_triplets import write_toy_dataset
 from tests.helpers import good_samples, write_tar
 from tests.serve_helpers import free_port
+from tests.test_evaluate import make_circo
 from tests.train_helpers import train_config
 
 pytestmark = pytest.mark.slow
@@ -339,3 +341,19 @@ def test_training_on_two_nodes_survives_losing_one_and_restores_its_checkpoint(
     losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses  # it learns across the restore
     assert {node for _, node in workers} - before <= set(cluster.worker_nodes)
+
+    # Then the evaluation, as a user submits it: the run folder on s3 (its last checkpoint),
+    # the work on a worker node (`--cpus`), the report written to s3.
+    circo = make_circo(tmp_path / "circo")
+    eval_id, result = _submit(
+        cluster, "python", "jobs/evaluate.py", "--checkpoint", f"s3://{bucket}/train/multi",
+        "--benchmark", "circo", "--data", str(circo), "--cpus", "1",
+        "--out", f"s3://{bucket}/eval/circo.json", env_vars=aws)
+    assert result.returncode == 0 and "succeeded" in result.stdout, \
+        (result.stdout + result.stderr)[-4000:]
+    report = json.loads(fs.cat_file(f"{bucket}/eval/circo.json"))
+    assert report["checkpoint"].endswith(f"train/multi/step_{steps:08d}"), report["checkpoint"]
+    here = run_eval(report["checkpoint"], "circo", str(circo))  # the same, in this process
+    assert report["results"][0]["metrics"] == pytest.approx(here["results"][0]["metrics"])
+    ran = {node for name, node in _placement(cluster, eval_id, "tasks") if name == "run_eval"}
+    assert ran and ran <= set(cluster.worker_nodes), _placement(cluster, eval_id, "tasks")

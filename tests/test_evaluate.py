@@ -204,3 +204,30 @@ def test_eval_cli_prints_a_table_and_writes_json(tmp_path, checkpoint):
     bad = CliRunner().invoke(app, ["eval", "--checkpoint", checkpoint, "--benchmark", "circo",
                                    "--data", str(root), "--split", "test"])
     assert bad.exit_code == 1
+
+
+def test_a_checkpoint_on_s3_evaluates_as_its_local_folder(tmp_path, checkpoint, bucket,
+                                                          monkeypatch):
+    import s3fs
+
+    from megapairs_ray.models import retriever
+
+    monkeypatch.setattr(retriever, "CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem()
+    fs.put(checkpoint.rstrip("/") + "/", f"{bucket}/ckpt/", recursive=True)
+    root = make_circo(tmp_path / "circo")
+    remote = run_eval(f"s3://{bucket}/ckpt", "circo", str(root))
+    assert remote["checkpoint"] == f"s3://{bucket}/ckpt"
+    assert remote["results"][0]["metrics"] == pytest.approx(
+        run_eval(checkpoint, "circo", str(root))["results"][0]["metrics"])
+    # Copied once: a second load reads the same copy...
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    run_eval(f"s3://{bucket}/ckpt", "circo", str(root))
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    # ...and a checkpoint rewritten in place is copied again, never read stale.
+    fs.pipe(f"{bucket}/ckpt/preprocessor_config.json",
+            json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}).encode())
+    fs.invalidate_cache()
+    changed = run_eval(f"s3://{bucket}/ckpt", "circo", str(root))
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert changed["results"][0]["metrics"] != remote["results"][0]["metrics"]

@@ -7,9 +7,12 @@ test server needs no code path of its own.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +47,37 @@ def with_scheme(fs: AbstractFileSystem, path: str) -> str:
     if protocol in ("file", "local"):
         return path
     return f"{protocol}://{path}"
+
+
+def local_copy(uri: str, cache_dir: str, version: str = "") -> str:
+    """The folder at ``uri`` copied once to ``cache_dir`` on this machine, for readers that take
+    local paths only (FAISS's memory map, ``from_pretrained``). The copy is keyed by ``uri`` and
+    ``version`` (what changes when the folder is rewritten), so a rebuilt folder is never read
+    from a stale copy; it is complete or absent (written aside, then renamed), and processes
+    copying at once on one node keep the first that finished."""
+    key = hashlib.blake2b(f"{uri}\n{version}".encode(), digest_size=10).hexdigest()
+    local = os.path.join(cache_dir, key)
+    if os.path.exists(os.path.join(local, "_complete")):
+        return local
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{local}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    fs, path = filesystem(uri)
+    fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    open(os.path.join(tmp, "_complete"), "w").close()
+    try:
+        os.rename(tmp, local)
+    except OSError:  # another process on this node finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def folder_version(uri: str) -> str:
+    """Each file's name, size and modification stamp under ``uri``: changes when it is rewritten."""
+    fs, path = filesystem(uri)
+    files = fs.find(path, detail=True)
+    return json.dumps(sorted((k, v.get("size"), str(v.get("LastModified") or v.get("mtime") or ""))
+                             for k, v in files.items()))
 
 
 def exists(uri: str) -> bool:

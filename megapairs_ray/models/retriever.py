@@ -14,7 +14,9 @@ once over every row that has a text, and each row sums what it has.
 
 from __future__ import annotations
 
+import os
 import posixpath
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +28,9 @@ from megapairs_ray.io import storage
 from megapairs_ray.models.encoders import ImageSpec
 from megapairs_ray.stages.pixels import decode_cpu, to_model_input
 from megapairs_ray.train.model import MMRetCLIP
+
+# Where an s3 checkpoint is copied to be loaded, once per node.
+CHECKPOINT_CACHE = os.path.join(tempfile.gettempdir(), "megapairs", "checkpoints")
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -58,6 +63,9 @@ class RetrieverEncoder:
         from megapairs_ray.train.tokenizer import load_tokenizer
 
         self.checkpoint = checkpoint
+        if storage.is_remote(checkpoint):  # from_pretrained reads local folders and hub ids
+            checkpoint = storage.local_copy(checkpoint, CHECKPOINT_CACHE,
+                                            version=storage.folder_version(checkpoint))
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.model = MMRetCLIP.from_pretrained(checkpoint).eval().to(self.device, self.dtype)

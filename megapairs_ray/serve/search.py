@@ -15,12 +15,9 @@ directly.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
-import os
-import shutil
 from typing import Any
 
 import numpy as np
@@ -48,7 +45,8 @@ class GallerySearcher:
                   if v is not None}
         cfg = IndexConfig(**meta["build"], **search)
         if mmap and storage.is_remote(idx):
-            idx = _local_copy(idx, meta, local_cache_dir)
+            # Keyed by the index's metadata: a rebuilt index is never served from a stale copy.
+            idx = storage.local_copy(idx, local_cache_dir, version=str(sorted(meta.items())))
         self.shards = [IndexShard(idx, s, cfg, mmap=mmap) for s in range(int(meta["shards"]))]
         if any(s.dim != self.dim for s in self.shards):
             raise GalleryError(f"{gallery_dir}: index dimension differs from gallery.json's "
@@ -127,23 +125,3 @@ def thumbnail_jpeg(data: bytes, size: int, quality: int = 85) -> bytes:
     out = io.BytesIO()
     im.save(out, "JPEG", quality=quality)
     return out.getvalue()
-
-
-def _local_copy(index_uri: str, meta: dict[str, Any], cache_dir: str) -> str:
-    """The index folder copied to local disk (to map it), keyed by where it came from and its
-    metadata, so a rebuilt index is never served from a stale copy."""
-    key = hashlib.blake2b(f"{index_uri}\n{sorted(meta.items())}".encode(),
-                          digest_size=10).hexdigest()
-    local = os.path.join(cache_dir, key)
-    if os.path.exists(os.path.join(local, "_complete")):
-        return local
-    tmp = f"{local}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    fs, path = storage.filesystem(index_uri)
-    fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-    open(os.path.join(tmp, "_complete"), "w").close()
-    try:
-        os.rename(tmp, local)
-    except OSError:  # another replica on this node finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return local

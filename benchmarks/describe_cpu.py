@@ -42,15 +42,13 @@ def pair_rows(n: int) -> list[dict]:
 
 
 def bare(cfg, n_small: int, n_large: int) -> dict[str, float]:
-    from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     from megapairs_ray.synth.describe import make_preprocess, template_regex
-    from megapairs_ray.synth.llm import model_path
+    from megapairs_ray.synth.llm import model_path, render_row
 
     path = model_path(cfg)
-    processor = AutoProcessor.from_pretrained(path)
     llm = LLM(model=path, enforce_eager=True, dtype="float32", max_model_len=cfg.max_model_len,
               limit_mm_per_prompt={"image": 2})
     sp = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
@@ -60,10 +58,10 @@ def bare(cfg, n_small: int, n_large: int) -> dict[str, float]:
 
     def run(n: int, time_prompts: bool = False) -> tuple[float, int]:
         t0 = time.perf_counter()
-        rows = [pre(r) for r in pair_rows(n)]  # decoding and the prompt, as Ray's stages do
-        prompts = [{"prompt": processor.apply_chat_template(r["messages"], tokenize=False,
-                                                            add_generation_prompt=True),
-                    "multi_modal_data": r["multimodal_data"]} for r in rows]
+        # Decoding and the prompt, as our preprocessing step does: the same prompt text.
+        rows = [render_row(pre(r), path, False) for r in pair_rows(n)]
+        prompts = [{"prompt": r["prompt"], "multi_modal_data": r["multimodal_data"]}
+                   for r in rows]
         if not time_prompts:
             t0 = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=False)

@@ -231,3 +231,13 @@ def test_a_checkpoint_on_s3_evaluates_as_its_local_folder(tmp_path, checkpoint, 
     changed = run_eval(f"s3://{bucket}/ckpt", "circo", str(root))
     assert len(list((tmp_path / "cache").iterdir())) == 2
     assert changed["results"][0]["metrics"] != remote["results"][0]["metrics"]
+
+
+def test_eval_of_a_training_run_without_a_checkpoint_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"metrics": {"step": 0}}))
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(run), "--benchmark", "circo",
+                                   "--data", str(tmp_path)])
+    assert res.exit_code == 1
+    assert "has no checkpoint yet" in res.output and "Traceback" not in res.output

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 from megapairs_ray.models.encoders import ImageSpec
 from megapairs_ray.stages.pixels import decode_cpu, to_model_input
@@ -31,6 +32,10 @@ from megapairs_ray.train.model import MMRetCLIP
 
 # Where an s3 checkpoint is copied to be loaded, once per node.
 CHECKPOINT_CACHE = os.path.join(tempfile.gettempdir(), "megapairs", "checkpoints")
+
+
+class CheckpointNotFound(MegapairsError, FileNotFoundError):
+    """A checkpoint asked for that is not there; the message says which."""
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -44,7 +49,7 @@ def resolve_checkpoint(path: str) -> str:
         checkpoint = storage.read_json(summary).get("checkpoint")
         if checkpoint:
             return str(checkpoint)
-        raise FileNotFoundError(f"training run {path} has no checkpoint yet")
+        raise CheckpointNotFound(f"training run {path} has no checkpoint yet")
     return path  # a hub id, or a folder from_pretrained will name in its own error
 
 

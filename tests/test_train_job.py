@@ -130,8 +130,9 @@ def test_a_killed_and_relaunched_run_resumes_at_its_checkpoint_step(tmp_path):
 
     ann = write_toy_dataset(tmp_path / "ds")
     store = tmp_path / "store"
-    overrides = {"optim": {"max_steps": 60}, "checkpoint": {"every_steps": 6,
-                                                             "log_every_steps": 3}}
+    steps = 30
+    overrides = {"optim": {"max_steps": steps}, "checkpoint": {"every_steps": 6,
+                                                                "log_every_steps": 3}}
     doc = train_config(str(ann), str(store), "resume", **overrides)
     (tmp_path / "train.yaml").write_text(json.dumps(doc))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -160,13 +161,12 @@ def test_a_killed_and_relaunched_run_resumes_at_its_checkpoint_step(tmp_path):
     snapshot = json.loads((store / "resume" / "checkpoint_manager_snapshot.json").read_text())
     saved = sorted(int(c["checkpoint_dir_name"].split("_")[1])
                    for c in snapshot["checkpoint_results"])
-    assert saved and before[-1]["step"] < 60
+    assert saved and before[-1]["step"] < steps
     summary = run_training(TrainConfig.model_validate(doc))
     after = read_metrics(str(store / "resume" / "metrics.jsonl"))[len(before):]
     assert after[0]["step"] == saved[-1] + 3, (saved, snapshot, [r["step"] for r in after])
-    assert after[-1]["step"] == 60 and summary["metrics"]["step"] == 60
+    assert after[-1]["step"] == steps and summary["metrics"]["step"] == steps
     # The schedule resumed too: the lr at the first resumed log is the fresh schedule's value.
     from megapairs_ray.train.step import linear_schedule
 
-    step = after[0]["step"]
-    assert after[0]["lr"] == pytest.approx(5e-4 * linear_schedule(2, 60)(step))
+    assert after[0]["lr"] == pytest.approx(5e-4 * linear_schedule(2, steps)(after[0]["step"]))

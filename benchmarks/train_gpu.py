@@ -94,7 +94,6 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = MMRetCLIP.from_config(**MODELS[args.model]).to(dev)
-    model.clip.logit_scale.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     bare_opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
 

@@ -182,14 +182,14 @@ def test_export_is_the_released_form_with_real_images(synth_run):
 
 
 def test_our_trainer_reads_the_export_without_a_reject(synth_run, tmp_path):
-    from megapairs_ray.train.data import prepare_triplets
+    from megapairs_ray.train.data import prepare_data
 
     run_dir = synth_run[0]
     cfg = config_from_dict(train_config(str(run_dir / "triplets" / "megapairs.jsonl"),
                                         str(tmp_path), "read-export",
                                         data={"num_hard_negatives": 4}),
                            schema=TrainConfig)
-    _, counts = prepare_triplets(cfg)
+    _, counts = prepare_data(cfg)
     n = len((run_dir / "triplets" / "megapairs.jsonl").read_text().splitlines())
     assert counts["rows"] == counts["usable"] == n
 

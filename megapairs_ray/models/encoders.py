@@ -269,8 +269,8 @@ def _timm_image(space: SpaceConfig, enc: TimmImageEncoder, device: torch.device,
     model = timm.create_model(enc.model, pretrained=enc.pretrained and enc.checkpoint is None,
                               **enc.config_overrides)
     if enc.checkpoint is not None:
-        _load_checkpoint(model, resolve_model_path(enc.checkpoint, _field(space, "checkpoint")),
-                         enc.checkpoint_keys, _field(space, "checkpoint"))
+        load_state_file(model, resolve_model_path(enc.checkpoint, _field(space, "checkpoint")),
+                        enc.checkpoint_keys, _field(space, "checkpoint"))
     model.reset_classifier(0)  # pooled features, no classifier
     data = resolve_data_config({}, model=model)
     spec = _image_spec(enc, int(data["input_size"][-1]), float(data["crop_pct"]),
@@ -293,7 +293,9 @@ def _timm_image(space: SpaceConfig, enc: TimmImageEncoder, device: torch.device,
     return ImageEncoder(encode_image, spec, int(model.num_features), model)
 
 
-def _load_checkpoint(model: torch.nn.Module, path: str, keys: str, field: str) -> None:
+def load_state_file(model: torch.nn.Module, path: str, keys: str, field: str) -> None:
+    """A state-dict file into ``model``, by key names or, for a port with other names, in
+    order (every tensor's shape checked)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]

@@ -1,9 +1,9 @@
-"""The retriever's encoders: one MMRet / CLIP checkpoint in Hugging Face form, as every consumer
-uses it.
+"""The retriever's encoders: one MMRet checkpoint of any family (``models/family.py``), as every
+consumer uses it.
 
 ``megapairs eval`` (benchmark galleries and queries), the gallery job (candidate embeddings) and
 the query-encoder deployment of the service all embed through this one class, so a served
-ranking is the offline ranking: same decode, same CLIP preprocessing, same tokenisation, same
+ranking is the offline ranking: same decode, same preprocessing, same tokenisation, same
 composition (``normalize(proj_image + proj_text)``, docs/method.md §4).
 
 Images arrive as encoded bytes. They are decoded whole (no reduced-scale JPEG decoding): the
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 from megapairs_ray.models.encoders import ImageSpec
+from megapairs_ray.models.family import load_retriever
 from megapairs_ray.stages.pixels import decode_cpu, to_model_input
-from megapairs_ray.train.model import MMRetCLIP
 
 # Where an s3 checkpoint is copied to be loaded, once per node.
 CHECKPOINT_CACHE = os.path.join(tempfile.gettempdir(), "megapairs", "checkpoints")
@@ -62,9 +62,6 @@ class RetrieverEncoder:
 
     def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = 64,
                  threads: int = 8, precision: str = "fp32") -> None:
-        from transformers import CLIPConfig
-
-        from megapairs_ray.train.step import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
         from megapairs_ray.train.tokenizer import load_tokenizer
 
         self.checkpoint = checkpoint
@@ -73,19 +70,14 @@ class RetrieverEncoder:
                                             version=storage.folder_version(checkpoint))
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.model = MMRetCLIP.from_pretrained(checkpoint).eval().to(self.device, self.dtype)
+        self.model = load_retriever(checkpoint).eval().to(self.device, self.dtype)
         self.tokenizer = load_tokenizer(checkpoint)
-        conf = CLIPConfig.from_pretrained(checkpoint)
-        self.max_len = conf.text_config.max_position_embeddings
-        self.dim = conf.projection_dim
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        pre = posixpath.join(checkpoint, "preprocessor_config.json")
-        if storage.exists(pre):
-            p = storage.read_json(pre)
-            mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+        model_input = self.model.model_input
+        self.max_len = model_input.max_text_len
+        self.dim = self.model.dim
         # CLIP's processor: short side to the input size, centre crop.
-        self.spec = ImageSpec(size=conf.vision_config.image_size, crop_fraction=1.0,
-                              mean=mean, std=std)  # type: ignore[arg-type]
+        self.spec = ImageSpec(size=model_input.image_size, crop_fraction=1.0,
+                              mean=model_input.mean, std=model_input.std)
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(threads)
 

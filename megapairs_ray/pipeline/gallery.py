@@ -22,13 +22,12 @@ import ray
 from megapairs_ray import manifest
 from megapairs_ray.config import InputConfig, output_settings
 from megapairs_ray.io import layout, storage
-from megapairs_ray.io.shards import Shard
-from megapairs_ray.io.stepstate import StepState, done_units, read_json_many, stored_fingerprint
+from megapairs_ray.io.stepstate import StepState, stored_fingerprint
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.pipeline.embed import clear_partial, count_until_done
 from megapairs_ray.pipeline.index import build_space
 from megapairs_ray.pipeline.ingest import run_ingest
-from megapairs_ray.pipeline.shardlist import run_shards
+from megapairs_ray.pipeline.shardlist import ingested_images, ingested_tables, run_shards
 from megapairs_ray.serve.config import SPACE, GalleryConfig
 from megapairs_ray.serve.gallery import (
     GalleryEncoder,
@@ -46,22 +45,11 @@ INDEX_UNIT = "index"
 def _sources(cfg: GalleryConfig) -> tuple[str, list[tuple[str, str, int]], InputConfig]:
     """(images root, [(shard slug, images table, accepted rows)], the input's reading config)."""
     if cfg.input is not None:
-        root, shards, input_cfg = cfg.run_dir, run_shards(cfg), cfg.input  # type: ignore[arg-type]
-    else:
-        root = str(cfg.images_from)
-        if not storage.exists(layout.shards_file(root)):
-            raise GalleryError(f"images_from: {root} is not a run directory (no shards.json)")
-        shards = [Shard.from_row(r) for r in storage.read_json(layout.shards_file(root))]
-        doc = manifest.load(root).get("config", {})
-        input_cfg = InputConfig.model_validate(doc.get("input") or {"uris": [root]})
-    ingested = done_units(root, "ingest")
-    missing = [s.name for s in shards if s.slug not in ingested]
-    if missing:
-        raise GalleryError(f"{len(missing)} shard(s) of {root} are not ingested (e.g. "
-                           f"{missing[:3]}); finish ingest there first")
-    markers = read_json_many([layout.marker(root, "ingest", s.slug) for s in shards])
-    return root, [(s.slug, layout.images_file(root, s.slug), int(m["counts"].get("images", 0)))
-                  for s, m in zip(shards, markers)], input_cfg
+        root, input_cfg = cfg.run_dir, cfg.input
+        return root, ingested_tables(root, run_shards(cfg), GalleryError), input_cfg  # type: ignore[arg-type]
+    root = str(cfg.images_from)
+    tables, input_cfg = ingested_images(root, "images_from", GalleryError)
+    return root, tables, input_cfg
 
 
 def gallery_state(cfg: GalleryConfig, checkpoint: str, root: str) -> StepState:

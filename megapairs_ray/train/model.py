@@ -9,23 +9,61 @@ projected image features. Image-only and text-only queries are the usual CLIP em
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megapairs_ray.models.fusion import compose, fuse_queries
+from megapairs_ray.train.step import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ModelInput
+
 
 class MMRetCLIP(nn.Module):
-    def __init__(self, clip: nn.Module) -> None:
+    """The ``clip`` retriever family."""
+
+    family = "clip"
+
+    def __init__(self, clip: nn.Module,
+                 mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         super().__init__()
         self.clip = clip
+        self.mean_std = mean_std or (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        # The loss has a fixed temperature, so CLIP's learned logit scale takes no part; DDP
+        # must not wait for a gradient it will never get.
+        self.clip.logit_scale.requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MMRetCLIP:
         from transformers import CLIPModel
 
-        return cls(CLIPModel.from_pretrained(path))
+        return cls(CLIPModel.from_pretrained(path), clip_mean_std(path))
+
+    @property
+    def dim(self) -> int:
+        return int(self.clip.config.projection_dim)
+
+    @property
+    def model_input(self) -> ModelInput:
+        conf = self.clip.config
+        return ModelInput(image_size=conf.vision_config.image_size,
+                          max_text_len=conf.text_config.max_position_embeddings,
+                          mean=self.mean_std[0], std=self.mean_std[1])  # type: ignore[arg-type]
+
+    def freeze(self, image_tower: bool, text_layers: int | None) -> None:
+        """Freeze the vision tower (``image_tower``) and all but the top ``text_layers`` layers
+        of the text tower (None: train them all). The projections always train."""
+        if image_tower:
+            self.clip.vision_model.requires_grad_(False)
+        if text_layers is not None:
+            layers = list(self.clip.text_model.encoder.layers)
+            self.clip.text_model.requires_grad_(False)
+            for layer in layers[len(layers) - text_layers:] if text_layers else []:
+                layer.requires_grad_(True)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.clip.gradient_checkpointing_enable()
 
     @classmethod
     def from_config(cls, **overrides: object) -> MMRetCLIP:
@@ -49,31 +87,29 @@ class MMRetCLIP(nn.Module):
     def embed_candidates(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_features(pixel_values), dim=-1)
 
-    def forward(self, query_pixels: torch.Tensor, input_ids: torch.Tensor,
+    def forward(self, query_pixels: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None, candidate_pixels: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step's embeddings: composed queries [B, D] and candidates [N, D].
-
-        Query and candidate images share one pass through the image tower (one large batch
-        instead of two), and going through ``forward`` is what lets DDP synchronise gradients.
-        """
-        b = query_pixels.shape[0]
-        feats = self.image_features(torch.cat([query_pixels, candidate_pixels]))
-        queries = F.normalize(feats[:b] + self.text_features(input_ids, attention_mask), dim=-1)
-        return queries, F.normalize(feats[b:], dim=-1)
+        """One training step's embeddings (``fusion.compose``); going through ``forward`` is
+        what lets DDP synchronise gradients."""
+        return compose(self, query_pixels, input_ids, attention_mask, candidate_pixels)
 
     def embed_queries(self, pixel_values: torch.Tensor | None = None,
                       input_ids: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Composed (both), image-only or text-only queries."""
-        if pixel_values is None and input_ids is None:
-            raise ValueError("a query needs an image, a text, or both")
-        total = 0
-        if pixel_values is not None:
-            total = total + self.image_features(pixel_values)
-        if input_ids is not None:
-            total = total + self.text_features(input_ids, attention_mask)
-        return F.normalize(total, dim=-1)
+        return fuse_queries(self, pixel_values, input_ids, attention_mask)
+
+
+def clip_mean_std(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A CLIP checkpoint's pixel statistics (``preprocessor_config.json``), OpenAI's where it
+    has none."""
+    pre = Path(path) / "preprocessor_config.json"
+    if pre.is_file():
+        p = json.loads(pre.read_text())
+        if "image_mean" in p and "image_std" in p:
+            return tuple(p["image_mean"]), tuple(p["image_std"])
+    return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def _clip_model(config: object) -> nn.Module:

@@ -3,8 +3,9 @@ benchmark all run this same object.
 
 A call takes one micro-batch as the loaders produce it (uint8 pixels, token ids), normalises the
 pixels on the device, runs query and candidate images through the image tower in one pass, takes
-the gathered InfoNCE loss and back-propagates; every ``grad_accum_steps`` calls it clips, steps
-AdamW and the linear warm-up/decay schedule.
+the gathered InfoNCE loss and back-propagates (an alignment batch of captions and their images:
+text-only queries and the symmetric loss, images to captions too); every ``grad_accum_steps``
+calls it clips, steps AdamW and the linear warm-up/decay schedule.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def linear_schedule(warmup_steps: int, max_steps: int) -> Any:
 
 class TrainStep:
     """``model`` is what runs forward (DDP-wrapped when distributed); ``core`` the bare
-    ``MMRetCLIP`` whose parameters are optimised."""
+    retriever (any family) whose parameters are optimised."""
 
     def __init__(self, model: nn.Module, core: nn.Module, optim: OptimConfig,
                  num_hard_negatives: int, model_input: ModelInput, device: torch.device,
@@ -55,9 +56,6 @@ class TrainStep:
         self.rank, self.world = rank, world_size
         self.mean = torch.tensor(model_input.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(model_input.std, device=device).view(1, 3, 1, 1)
-        # The loss has a fixed temperature, so CLIP's learned logit scale takes no part; DDP
-        # must not wait for a gradient it will never get.
-        core.clip.logit_scale.requires_grad_(False)
         trainable = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
         decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
         no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
@@ -85,17 +83,25 @@ class TrainStep:
         last_micro = (self._micro + 1) % self.optim.grad_accum_steps == 0
         sync = (nullcontext() if last_micro or not hasattr(self.model, "no_sync")
                 else self.model.no_sync())
-        q_px = self._pixels(batch["query_pixels"])
-        c_px = self._pixels(torch.cat([batch["target_pixels"],
+        # Alignment batches (captions) have no query images and no hard negatives.
+        aligning = "query_pixels" not in batch
+        q_px = None if aligning else self._pixels(batch["query_pixels"])
+        c_px = self._pixels(batch["target_pixels"] if aligning else
+                            torch.cat([batch["target_pixels"],
                                        batch["negative_pixels"].flatten(0, 1)]))
         with sync:
             with self.autocast:
                 queries, candidates = self.model(q_px, batch["input_ids"],
                                                  batch["attention_mask"], c_px)
             b = queries.shape[0]
-            loss = mmret_loss(queries.float(), candidates[:b].float(),
-                              candidates[b:].float().view(b, self.h, -1),
+            queries, candidates = queries.float(), candidates.float()
+            h = 0 if aligning else self.h
+            loss = mmret_loss(queries, candidates[:b], candidates[b:].view(b, h, -1),
                               self.optim.temperature, rank=self.rank, world_size=self.world)
+            if aligning:  # symmetric, as CLIP and LiT train: images also find their captions
+                loss = (loss + mmret_loss(candidates, queries, queries[:0].view(b, 0, -1),
+                                          self.optim.temperature, rank=self.rank,
+                                          world_size=self.world)) / 2
             (loss / self.optim.grad_accum_steps).backward()
         self._loss_sum += loss.detach()
         self._micro += 1

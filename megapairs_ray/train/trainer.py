@@ -1,11 +1,12 @@
 """MMRet training on Ray Train (``TorchTrainer``, Train V2).
 
-The driver prepares the triplets once (``data.prepare_triplets``), then hands Ray Train a
-dataset that Ray Data streams into every worker. Each worker runs ``train_loop_per_worker``:
-``TrainStep`` (AdamW with linear warm-up and decay, optional bf16 autocast, gradient
-accumulation, the gathered InfoNCE loss) under DDP. Rank 0 checkpoints in Hugging Face CLIP form
-(model + tokenizer) plus ``trainer_state.pt`` (optimiser, scheduler, step) through
-``ray.train.report``; relaunching the same run (same ``checkpoint.storage_path`` and
+The driver prepares the data once (``data.prepare_data``), then hands Ray Train a dataset that
+Ray Data streams into every worker: checked triplets, or for an alignment run a pipeline run's
+(image, caption) pairs. The model is any retriever family (``models/family.py``). Each worker
+runs ``train_loop_per_worker``: ``TrainStep`` (AdamW with linear warm-up and decay, optional
+bf16 autocast, gradient accumulation, the gathered InfoNCE loss) under DDP. Rank 0
+checkpoints in the family's own form (model + tokenizer) plus ``trainer_state.pt`` (optimiser,
+scheduler, step) through ``ray.train.report``; relaunching the same run (same ``checkpoint.storage_path`` and
 ``checkpoint.name``) resumes from the newest checkpoint at its step, and ``FailureConfig``
 restarts a failed worker group the same way.
 
@@ -32,14 +33,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
+from megapairs_ray.models.encoders import resolve_model_path
+from megapairs_ray.models.family import checkpoint_family, load_retriever
+from megapairs_ray.models.retriever import resolve_checkpoint
+from megapairs_ray.models.towers import MMRetTowers, image_statistics, towers_model_input
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.data import (
     RejectTally,
-    prepare_triplets,
+    prepare_data,
     tally_name,
     training_dataset,
 )
-from megapairs_ray.train.model import MMRetCLIP
+from megapairs_ray.train.model import MMRetCLIP, clip_mean_std
 from megapairs_ray.train.step import ModelInput, TrainStep
 
 log = logging.getLogger(__name__)
@@ -51,28 +56,58 @@ class TrainDataError(MegapairsError, ValueError):
     """The training data cannot feed one step (too few usable triplets, say)."""
 
 
-def _clip_config(cfg: TrainConfig) -> Any:
-    from transformers import CLIPConfig
-
-    if cfg.model.init is not None:
-        return CLIPConfig.from_pretrained(cfg.model.init)
-    return CLIPConfig(**cfg.model.config_overrides)
+def build_model(cfg: TrainConfig, checkpoint_dir: str | None = None) -> Any:
+    """The model a run trains: its own checkpoint when resuming, else ``model.init`` (any
+    family; a train run folder gives its last checkpoint), else a new model of
+    ``model.family``; then frozen where the config says."""
+    m = cfg.model
+    if checkpoint_dir is not None:
+        model = load_retriever(checkpoint_dir)
+    elif m.init is not None:
+        model = load_retriever(resolve_checkpoint(m.init))
+    elif m.family == "towers":
+        model = MMRetTowers.from_towers(**m.towers.model_dump(), seed=cfg.data.seed)
+    else:
+        torch.manual_seed(cfg.data.seed)
+        model = MMRetCLIP.from_config(**m.config_overrides)
+    model.freeze(m.freeze_image_tower, m.text_layers_trained)
+    return model
 
 
 def model_input_for(cfg: TrainConfig) -> ModelInput:
-    """Image size, text length and pixel statistics of the model being trained."""
-    conf = _clip_config(cfg)
-    mean_std: dict[str, Any] = {}
-    if cfg.model.init is not None and (Path(cfg.model.init) / "preprocessor_config.json").exists():
-        pre = json.loads((Path(cfg.model.init) / "preprocessor_config.json").read_text())
-        if "image_mean" in pre and "image_std" in pre:
-            mean_std = {"mean": tuple(pre["image_mean"]), "std": tuple(pre["image_std"])}
+    """Image size, text length and pixel statistics of the model being trained, read without
+    building it (the driver only feeds the loaders)."""
+    m = cfg.model
+    if m.init is not None:
+        path = resolve_checkpoint(m.init)
+        if checkpoint_family(path) == "towers":
+            return towers_model_input(json.loads((Path(path) / "config.json").read_text()))
+        from transformers import CLIPConfig
+
+        conf, (mean, std) = CLIPConfig.from_pretrained(path), clip_mean_std(path)
+    elif m.family == "towers":
+        t = m.towers
+        mean, std = image_statistics(t.image_model)
+        return ModelInput(image_size=t.image_size, max_text_len=t.max_text_len,
+                          mean=mean, std=std)  # type: ignore[arg-type]
+    else:
+        from transformers import CLIPConfig
+
+        conf, (mean, std) = CLIPConfig(**m.config_overrides), clip_mean_std("")
     return ModelInput(image_size=conf.vision_config.image_size,
-                      max_text_len=conf.text_config.max_position_embeddings, **mean_std)
+                      max_text_len=conf.text_config.max_position_embeddings,
+                      mean=mean, std=std)  # type: ignore[arg-type]
 
 
 def tokenizer_source(cfg: TrainConfig) -> str | None:
-    return cfg.model.tokenizer or cfg.model.init
+    """The tokenizer the loaders and the checkpoints use: the config's, the init checkpoint's,
+    or the family's own (towers: the text tower's; CLIP: OpenAI's BPE)."""
+    m = cfg.model
+    if m.tokenizer or m.init:
+        return m.tokenizer or resolve_checkpoint(m.init)  # type: ignore[arg-type]
+    if m.family == "towers":
+        return resolve_model_path(m.towers.text_model, "model.towers.text_model")
+    return None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -94,16 +129,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            core = MMRetCLIP.from_pretrained(d)
+            core = build_model(cfg, d)
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    elif cfg.model.init is not None:
-        core = MMRetCLIP.from_pretrained(cfg.model.init)
     else:
-        torch.manual_seed(cfg.data.seed)
-        core = MMRetCLIP.from_config(**cfg.model.config_overrides)
+        core = build_model(cfg)
     if opt.gradient_checkpointing:
-        core.clip.gradient_checkpointing_enable()
-    core.clip.logit_scale.requires_grad_(False)  # see TrainStep; before DDP sees the params
+        core.gradient_checkpointing_enable()
     model = prepare_model(core)  # moves to the device, wraps in DDP when world > 1
     core = model.module if hasattr(model, "module") else model
     train_step = TrainStep(model, core, opt, cfg.data.num_hard_negatives, model_input, device,
@@ -156,7 +187,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         passes += 1
 
 
-def _report_with_checkpoint(metrics: dict[str, Any], model: MMRetCLIP, tokenizer: Any,
+def _report_with_checkpoint(metrics: dict[str, Any], model: Any, tokenizer: Any,
                             train_step: TrainStep, rank: int) -> None:
     name = f"step_{train_step.step:08d}"
     if rank != 0:
@@ -232,7 +263,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    prepared, counts = prepare_triplets(cfg)
+    prepared, counts = prepare_data(cfg)
     usable = counts.get("usable", 0)
     global_batch = cfg.optim.batch_size * cfg.scaling.num_workers
     if usable < global_batch:

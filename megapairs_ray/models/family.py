@@ -1,0 +1,56 @@
+"""The retriever families, and which one a checkpoint is.
+
+Every family offers one interface (``image_features``, ``text_features``, ``forward``,
+``embed_candidates``, ``embed_queries``, ``freeze``, ``save_pretrained``, ``dim``,
+``model_input``), so training, evaluation, the gallery and the service never ask which family
+they hold. A checkpoint says its own family in its ``config.json``, as ``transformers`` does:
+
+- ``clip``: ``model_type: clip``, a Hugging Face ``CLIPModel`` folder (OpenAI CLIP, BGE-VL-base /
+  large, MMRet-CLIP, what this project trains on CLIP) or a hub id;
+- ``towers``: ``model_type: megapairs_towers`` (``models/towers.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from megapairs_ray.errors import MegapairsError
+from megapairs_ray.io import storage
+
+FAMILIES = ("clip", "towers")
+MODEL_TYPES = {"clip": "clip", "megapairs_towers": "towers"}
+
+
+class UnknownFamily(MegapairsError, ValueError):
+    """A checkpoint whose config names no retriever family this project knows."""
+
+
+def checkpoint_family(path: str) -> str:
+    """``clip`` or ``towers`` for a local checkpoint folder; a hub id is taken for CLIP (the
+    released retrievers are), and ``transformers`` names it in its own error if it is not."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        if storage.is_remote(path) or Path(path).exists():
+            raise UnknownFamily(f"{path} is no checkpoint: it has no config.json")
+        return "clip"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise UnknownFamily(f"{config}: not a JSON object ({e})") from e
+    if model_type not in MODEL_TYPES:
+        raise UnknownFamily(f"{config}: model_type {model_type!r} is no retriever family "
+                            f"here (known: {', '.join(sorted(MODEL_TYPES))})")
+    return MODEL_TYPES[model_type]
+
+
+def load_retriever(path: str) -> Any:
+    """The retriever a local checkpoint folder (or hub id) holds, whichever its family."""
+    if checkpoint_family(path) == "towers":
+        from megapairs_ray.models.towers import MMRetTowers
+
+        return MMRetTowers.from_pretrained(path)
+    from megapairs_ray.train.model import MMRetCLIP
+
+    return MMRetCLIP.from_pretrained(path)

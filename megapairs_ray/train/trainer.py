@@ -6,9 +6,9 @@ Ray Data streams into every worker: checked triplets, or for an alignment run a 
 runs ``train_loop_per_worker``: ``TrainStep`` (AdamW with linear warm-up and decay, optional
 bf16 autocast, gradient accumulation, the gathered InfoNCE loss) under DDP. Rank 0
 checkpoints in the family's own form (model + tokenizer) plus ``trainer_state.pt`` (optimiser,
-scheduler, step) through ``ray.train.report``; relaunching the same run (same ``checkpoint.storage_path`` and
-``checkpoint.name``) resumes from the newest checkpoint at its step, and ``FailureConfig``
-restarts a failed worker group the same way.
+scheduler, step) through ``ray.train.report``; relaunching the same run (same
+``checkpoint.storage_path`` and ``checkpoint.name``) resumes from the newest checkpoint at its
+step, and ``FailureConfig`` restarts a failed worker group the same way.
 
 On resume the optimiser state and the step are exact; the data stream starts a fresh pass (Ray
 Data's streaming split has no replayable position), which for an open-domain corpus sampled

@@ -14,9 +14,11 @@ setup:
 demo: setup
 	$(BIN)/megapairs run --config configs/tiny.yaml
 
-# From the demo's triplets to a running endpoint: train the tiny MMRet on them, embed the bundled
-# corpus as the gallery, serve it on 127.0.0.1:8000 (Ctrl-C stops it).
+# From the demo's run to a running endpoint: align the packaged towers on its captions, train
+# MMRet on its triplets, embed the bundled corpus as the gallery, serve it on 127.0.0.1:8000
+# (Ctrl-C stops it).
 serve-demo: demo
+	$(BIN)/megapairs train --config configs/align-demo.yaml
 	$(BIN)/megapairs train --config configs/train-demo.yaml
 	$(BIN)/megapairs gallery --config configs/gallery-tiny.yaml
 	$(BIN)/megapairs serve --config configs/serve-tiny.yaml

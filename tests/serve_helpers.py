@@ -37,6 +37,21 @@ def make_checkpoint(folder: Path, seed: int = 3) -> str:
     return str(folder)
 
 
+def make_towers_checkpoint(folder: Path, seed: int = 3) -> str:
+    """A towers-family checkpoint (the packaged towers, fresh projections) with its tokenizer,
+    at test size: what `megapairs train` writes for that family."""
+    from transformers import AutoTokenizer
+
+    from megapairs_ray.models.towers import MMRetTowers
+    from megapairs_ray.train.config import TowersSpec
+
+    spec = TowersSpec(image_size=64, projection_dim=32, max_text_len=16)
+    model = MMRetTowers.from_towers(**spec.model_dump(), seed=seed)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model.tokenizer_source).save_pretrained(folder)
+    return str(folder)
+
+
 def write_gallery_folder(root: Path, n: int = 36) -> list[Path]:
     """``n`` distinct photos of several sizes, each with a caption file beside it (the folder
     layout ingest reads)."""

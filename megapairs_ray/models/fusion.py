@@ -2,30 +2,75 @@
 (docs/method.md §4): ``normalize(proj_image(I) + proj_text(T))``, the sum of the two projected,
 *unnormalised* features, normalised once; candidates are normalised projected image features.
 
-A model here is anything with ``image_features(pixels)`` and ``text_features(ids, mask)``.
+A model here is anything with ``image_pooled(pixels)`` (the image tower's output),
+``project_image(pooled)``, ``text_features(ids, mask)``, ``image_frozen`` and
+``feature_cache``.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 
+class FeatureCache:
+    """A frozen image tower's outputs by image key, least recently used out first.
+
+    A frozen tower in eval mode gives an image the same features every pass, so training with it
+    (alignment, LiT-style) runs the tower once per image and worker instead of once per pass and
+    role: on 2 CPU cores that is most of a step's time. Bounded by ``max_items``."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self.items: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def features(self, tower: Any, pixels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        keys_list = keys.tolist()
+        missing = [i for i, k in enumerate(keys_list) if k not in self.items]
+        self.hits += len(keys_list) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            with torch.no_grad():
+                fresh = tower(pixels[missing])
+            for i, f in zip(missing, fresh):
+                self.items[keys_list[i]] = f
+        out = torch.stack([self.items[k] for k in keys_list])
+        for k in keys_list:
+            self.items.move_to_end(k)
+        while len(self.items) > self.max_items:
+            self.items.popitem(last=False)
+        return out
+
+
+def image_features(model: Any, pixels: torch.Tensor, keys: torch.Tensor | None = None,
+                   ) -> torch.Tensor:
+    """Projected image features; a frozen tower's outputs come from the model's cache when the
+    images have keys."""
+    cache = getattr(model, "feature_cache", None)
+    if keys is not None and cache is not None and model.image_frozen:
+        return model.project_image(cache.features(model.image_pooled, pixels, keys))
+    return model.project_image(model.image_pooled(pixels))
+
+
 def compose(model: Any, query_pixels: torch.Tensor | None, input_ids: torch.Tensor,
             attention_mask: torch.Tensor | None, candidate_pixels: torch.Tensor,
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            image_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One training step's embeddings: composed queries [B, D] and candidates [N, D].
 
     Query and candidate images share one pass through the image tower (one large batch instead
-    of two). Alignment steps have no query images: their queries are the texts alone."""
+    of two). Alignment steps have no query images: their queries are the texts alone.
+    ``image_keys`` name the images (queries first, then candidates) for a frozen tower's
+    cache."""
     text = model.text_features(input_ids, attention_mask)
     if query_pixels is None:
-        return F.normalize(text, dim=-1), F.normalize(model.image_features(candidate_pixels),
-                                                      dim=-1)
+        feats = image_features(model, candidate_pixels, image_keys)
+        return F.normalize(text, dim=-1), F.normalize(feats, dim=-1)
     b = query_pixels.shape[0]
-    feats = model.image_features(torch.cat([query_pixels, candidate_pixels]))
+    feats = image_features(model, torch.cat([query_pixels, candidate_pixels]), image_keys)
     return F.normalize(feats[:b] + text, dim=-1), F.normalize(feats[b:], dim=-1)
 
 

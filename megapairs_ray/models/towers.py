@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megapairs_ray.errors import MegapairsError
-from megapairs_ray.models.fusion import compose, fuse_queries
+from megapairs_ray.models.fusion import FeatureCache, compose, fuse_queries
 
 MODEL_TYPE = "megapairs_towers"
 CONFIG_FILE = "config.json"
@@ -56,6 +56,7 @@ class MMRetTowers(nn.Module):
         self.image_projection = nn.Linear(int(config["image_features"]), dim, bias=False)
         self.text_projection = nn.Linear(int(config["text_features"]), dim, bias=False)
         self.frozen: set[str] = set()
+        self.feature_cache: FeatureCache | None = None
 
     # ------------------------------------------------------------------ building and saving
 
@@ -155,11 +156,21 @@ class MMRetTowers(nn.Module):
     def model_input(self) -> Any:
         return towers_model_input(self.config)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    @property
+    def image_frozen(self) -> bool:
+        return "image" in self.frozen
+
+    def image_pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled features (before the projection)."""
         pixels = pixel_values.contiguous(memory_format=torch.channels_last)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "image" not in self.frozen):
-            feats = self.image_tower(pixels)
-        return self.image_projection(feats)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.image_frozen):
+            return self.image_tower(pixels)
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.image_projection(pooled)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.project_image(self.image_pooled(pixel_values))
 
     def text_features(self, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,9 +188,10 @@ class MMRetTowers(nn.Module):
 
     def forward(self, query_pixels: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None, candidate_pixels: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                image_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Composed queries [B, D] (text-only where ``query_pixels`` is None) and candidates."""
-        return compose(self, query_pixels, input_ids, attention_mask, candidate_pixels)
+        return compose(self, query_pixels, input_ids, attention_mask, candidate_pixels,
+                       image_keys)
 
     def embed_queries(self, pixel_values: torch.Tensor | None = None,
                       input_ids: torch.Tensor | None = None,

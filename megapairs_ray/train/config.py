@@ -75,6 +75,9 @@ class TrainModelConfig(Strict):
     # What trains: the image tower or not, and the top N layers of the text tower (null: all).
     freeze_image_tower: bool = False
     text_layers_trained: int | None = Field(default=None, ge=0)
+    # With a frozen image tower: keep up to this many images' tower outputs per worker, so each
+    # image goes through the tower once, not once per pass (0: off). ~5 KB an image at 1280-d.
+    image_feature_cache: int = Field(default=0, ge=0)
     # A folder with tokenizer files; default: the checkpoint's own, else the family's (CLIP:
     # OpenAI's BPE; towers: the text tower's).
     tokenizer: str | None = None

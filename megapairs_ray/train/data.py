@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from megapairs_ray.ids import image_ids
 from megapairs_ray.io import storage
 from megapairs_ray.io.shards import fetch_bytes_tolerant
 from megapairs_ray.models.encoders import ImageSpec
@@ -227,7 +228,8 @@ class TripletLoader:
     """Ray Data stage: annotation rows -> uint8 pixels and token ids for one training step.
 
     Output columns: ``query_pixels`` [n,3,S,S], ``target_pixels`` [n,3,S,S],
-    ``negative_pixels`` [n,H,3,S,S] (uint8), ``input_ids`` / ``attention_mask`` [n,L] (int64).
+    ``negative_pixels`` [n,H,3,S,S] (uint8), ``input_ids`` / ``attention_mask`` [n,L] (int64),
+    and each image's key: ``query_keys``, ``target_keys`` [n], ``negative_keys`` [n,H].
     """
 
     def __init__(self, data: TrainDataConfig, model_input: ModelInput, tokenizer_path: str | None,
@@ -293,6 +295,11 @@ class TripletLoader:
             .reshape(len(keep), h, 3, s, s),
             "input_ids": tok["input_ids"].astype(np.int64),
             "attention_mask": tok["attention_mask"].astype(np.int64),
+            # Each image's name as a stable 64-bit key (a frozen tower's feature cache).
+            "query_keys": image_ids("", [per_row[i][0] for i in keep]),
+            "target_keys": image_ids("", [per_row[i][1] for i in keep]),
+            "negative_keys": image_ids("", [p for i in keep for p in per_row[i][2:]])
+            .reshape(len(keep), h),
         }
 
 
@@ -332,7 +339,9 @@ class CaptionLoader:
         tok = self.tokenizer([str(batch["caption"][i]) for i in keep], padding="max_length",
                              truncation=True, max_length=self.input.max_text_len,
                              return_tensors="np")
-        return {"target_pixels": pixels, "input_ids": tok["input_ids"].astype(np.int64),
+        return {"target_pixels": pixels,
+                "target_keys": np.asarray(batch["image_id"], np.int64)[keep],
+                "input_ids": tok["input_ids"].astype(np.int64),
                 "attention_mask": tok["attention_mask"].astype(np.int64)}
 
 

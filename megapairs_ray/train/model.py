@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megapairs_ray.models.fusion import compose, fuse_queries
+from megapairs_ray.models.fusion import FeatureCache, compose, fuse_queries
 from megapairs_ray.train.step import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ModelInput
 
 
@@ -33,6 +33,7 @@ class MMRetCLIP(nn.Module):
         # The loss has a fixed temperature, so CLIP's learned logit scale takes no part; DDP
         # must not wait for a gradient it will never get.
         self.clip.logit_scale.requires_grad_(False)
+        self.feature_cache: FeatureCache | None = None  # set by training with a frozen tower
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MMRetCLIP:
@@ -75,9 +76,19 @@ class MMRetCLIP(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         self.clip.save_pretrained(path)
 
+    @property
+    def image_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.clip.vision_model.parameters())
+
+    def image_pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's pooled output (before the projection)."""
+        return self.clip.vision_model(pixel_values=pixel_values).pooler_output
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.clip.visual_projection(pooled)
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.clip.vision_model(pixel_values=pixel_values)
-        return self.clip.visual_projection(out.pooler_output)
+        return self.project_image(self.image_pooled(pixel_values))
 
     def text_features(self, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,10 +100,11 @@ class MMRetCLIP(nn.Module):
 
     def forward(self, query_pixels: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None, candidate_pixels: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                image_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step's embeddings (``fusion.compose``); going through ``forward`` is
         what lets DDP synchronise gradients."""
-        return compose(self, query_pixels, input_ids, attention_mask, candidate_pixels)
+        return compose(self, query_pixels, input_ids, attention_mask, candidate_pixels,
+                       image_keys)
 
     def embed_queries(self, pixel_values: torch.Tensor | None = None,
                       input_ids: torch.Tensor | None = None,

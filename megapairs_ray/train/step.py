@@ -89,17 +89,20 @@ class TrainStep:
         c_px = self._pixels(batch["target_pixels"] if aligning else
                             torch.cat([batch["target_pixels"],
                                        batch["negative_pixels"].flatten(0, 1)]))
+        keys = None
+        if "target_keys" in batch:  # names of the images, for a frozen tower's feature cache
+            keys = batch["target_keys"] if aligning else torch.cat([
+                batch["query_keys"], batch["target_keys"], batch["negative_keys"].flatten()])
         with sync:
             with self.autocast:
                 queries, candidates = self.model(q_px, batch["input_ids"],
-                                                 batch["attention_mask"], c_px)
-            b = queries.shape[0]
+                                                 batch["attention_mask"], c_px, keys)
+            (b, d), h = queries.shape, 0 if aligning else self.h
             queries, candidates = queries.float(), candidates.float()
-            h = 0 if aligning else self.h
-            loss = mmret_loss(queries, candidates[:b], candidates[b:].view(b, h, -1),
+            loss = mmret_loss(queries, candidates[:b], candidates[b:].view(b, h, d),
                               self.optim.temperature, rank=self.rank, world_size=self.world)
             if aligning:  # symmetric, as CLIP and LiT train: images also find their captions
-                loss = (loss + mmret_loss(candidates, queries, queries[:0].view(b, 0, -1),
+                loss = (loss + mmret_loss(candidates, queries, queries[:0].view(b, 0, d),
                                           self.optim.temperature, rank=self.rank,
                                           world_size=self.world)) / 2
             (loss / self.optim.grad_accum_steps).backward()

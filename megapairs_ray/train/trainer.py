@@ -35,6 +35,7 @@ from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 from megapairs_ray.models.encoders import resolve_model_path
 from megapairs_ray.models.family import checkpoint_family, load_retriever
+from megapairs_ray.models.fusion import FeatureCache
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.models.towers import MMRetTowers, image_statistics, towers_model_input
 from megapairs_ray.train.config import TrainConfig
@@ -71,6 +72,8 @@ def build_model(cfg: TrainConfig, checkpoint_dir: str | None = None) -> Any:
         torch.manual_seed(cfg.data.seed)
         model = MMRetCLIP.from_config(**m.config_overrides)
     model.freeze(m.freeze_image_tower, m.text_layers_trained)
+    if m.freeze_image_tower and m.image_feature_cache:
+        model.feature_cache = FeatureCache(m.image_feature_cache)
     return model
 
 

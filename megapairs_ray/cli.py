@@ -289,7 +289,27 @@ def train(config: ConfigOpt, set_: SetOpt = None) -> None:
     summary = run_training(_load(config, set_, TrainConfig))
     console.print(f"trained to step {summary['metrics'].get('step')}: "
                   f"loss {summary['metrics'].get('loss'):.4f}; checkpoint {summary['checkpoint']}")
-    console.print("triplets: " + ", ".join(f"{k}={v}" for k, v in summary["triplets"].items()))
+    what = "captioned images" if summary.get("captions") else "triplets"
+    console.print(f"{what}: " + ", ".join(f"{k}={v}" for k, v in summary["triplets"].items()))
+
+
+@app.command()
+def probe(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Does this run's data train a better retriever? Held-out images, four retrievers per seed
+    (untrained, aligned, aligned + MMRet, shuffled-target control), the project's metrics."""
+    from megapairs_ray.train.probe import ProbeConfig, rows_of, run_probe
+
+    cfg = _load(config, set_, ProbeConfig)
+    report = run_probe(cfg, log=console.print)
+    rows = rows_of(report)
+    table = Table(title=f"data probe of {cfg.run_dir}: {report['held_out_triplets']} held-out "
+                        f"triplets, {report['held_out_images']} images, seeds {cfg.seeds}")
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows[1:]:
+        table.add_row(*row)
+    Console().print(table)
+    console.print(f"report: {cfg.out}/probe.json")
 
 
 @app.command("train-toy-data")

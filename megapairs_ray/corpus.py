@@ -73,15 +73,22 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+LABELS_FILE = "labels.json"
+
+
 def build_corpus(out: Path, n_images: int = 1000, shard_size: int = 100, max_side: int = 384,
                  root: Path = OPENCLIPART) -> dict[str, int]:
-    """Write ``n_images`` images into ``out/shard-NNNNN.tar``; idempotent for the same args."""
+    """Write ``n_images`` images into ``out/shard-NNNNN.tar``, and ``out/labels.json`` (each
+    key's top-level OpenClipArt category: a label no encoder or miner sees, for measuring
+    retrieval against chance); idempotent for the same args."""
     if not (root / "png").is_dir() or not (root / "svg").is_dir():
         raise FileNotFoundError(
             f"{root} not found: install Debian's openclipart-png and openclipart-svg packages")
     stamp = out / "corpus.json"
     want = {"n_images": n_images, "shard_size": shard_size, "max_side": max_side}
-    if stamp.exists() and {k: json.loads(stamp.read_text()).get(k) for k in want} == want:
+    labels = out / LABELS_FILE
+    built = stamp.exists() and {k: json.loads(stamp.read_text()).get(k) for k in want} == want
+    if built and labels.exists():
         return json.loads(stamp.read_text())
     pool = list(candidates(root))
     if len(pool) < n_images:
@@ -89,6 +96,10 @@ def build_corpus(out: Path, n_images: int = 1000, shard_size: int = 100, max_sid
     step = len(pool) / n_images  # spread the sample over every category
     chosen = [pool[int(i * step)] for i in range(n_images)]
     out.mkdir(parents=True, exist_ok=True)
+    labels.write_text(json.dumps({f"{i:09d}": png.relative_to(root).parts[1]
+                                  for i, (png, _) in enumerate(chosen)}))
+    if built:
+        return json.loads(stamp.read_text())
     t0 = time.perf_counter()
     for s in range(0, n_images, shard_size):
         shard = out / f"shard-{s // shard_size:05d}.tar"

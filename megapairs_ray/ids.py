@@ -21,3 +21,27 @@ def image_id(source: str, key: str) -> int:
 
 def image_ids(source: str, keys: list[str]) -> np.ndarray:
     return np.fromiter((image_id(source, k) for k in keys), dtype=np.int64, count=len(keys))
+
+
+def held_out(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which images a seeded split holds out: a hash of (seed, id) below ``fraction``. The same
+    id is on the same side in every job and process, so a held-out image never reaches
+    training by any route (captions, triplets, hard negatives)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.empty(len(ids), dtype=bool)
+    for i, v in enumerate(ids.tolist()):
+        digest = hashlib.blake2b(f"{seed}\x00{v}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little") / 2.0**64 < fraction
+    return out
+
+
+def id_of_path(path: str) -> int:
+    """The image id of an annotated image path: the export names each image by its id
+    (``images/00007/<16 hex digits>.jpg``); any other path is hashed like a key."""
+    stem = path.rsplit("/", 1)[-1].split(".", 1)[0]
+    if len(stem) == 16:
+        try:
+            return int.from_bytes(int(stem, 16).to_bytes(8, "big"), "big", signed=True)
+        except ValueError:
+            pass
+    return image_id("", path)

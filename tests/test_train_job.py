@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,10 +16,9 @@ from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.toy_triplets import write_jsonl, write_toy_dataset, write_triplet_set
 from megapairs_ray.train.trainer import TrainDataError, read_metrics, run_training
 
-from .train_helpers import train_config
+from .train_helpers import kill_at_first_checkpoint, train_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tmp_path, annotations, storage_path=None, name="run", **sections) -> TrainConfig:
@@ -126,45 +120,18 @@ def test_two_workers_learn_checkpoint_and_survive_a_worker_failure(tmp_path, buc
 
 
 def test_a_killed_and_relaunched_run_resumes_at_its_checkpoint_step(tmp_path):
-    import ray
-
     ann = write_toy_dataset(tmp_path / "ds")
     store = tmp_path / "store"
     steps = 30
     overrides = {"optim": {"max_steps": steps}, "checkpoint": {"every_steps": 6,
                                                                 "log_every_steps": 3}}
     doc = train_config(str(ann), str(store), "resume", **overrides)
-    (tmp_path / "train.yaml").write_text(json.dumps(doc))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "megapairs_ray.cli", "train", "--config",
-                             str(tmp_path / "train.yaml")], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        # A checkpoint counts once Ray Train has registered it in its run snapshot.
-        while time.time() < deadline and not (store / "resume" /
-                                              "checkpoint_manager_snapshot.json").exists():
-            assert proc.poll() is None, "the training driver exited before its first checkpoint"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    # Ray tears down the dead driver's trainers; wait for their CPUs before relaunching.
-    deadline = time.time() + 60
-    while time.time() < deadline and ray.available_resources().get("CPU", 0) < 1.5:
-        time.sleep(0.5)
+    saved = kill_at_first_checkpoint(doc, tmp_path / "train.yaml")
     before = read_metrics(str(store / "resume" / "metrics.jsonl"))
-    # What counts is the newest checkpoint Ray Train registered: a worker that outlived its
-    # driver for a moment may have uploaded a later folder that was never registered.
-    snapshot = json.loads((store / "resume" / "checkpoint_manager_snapshot.json").read_text())
-    saved = sorted(int(c["checkpoint_dir_name"].split("_")[1])
-                   for c in snapshot["checkpoint_results"])
     assert saved and before[-1]["step"] < steps
     summary = run_training(TrainConfig.model_validate(doc))
     after = read_metrics(str(store / "resume" / "metrics.jsonl"))[len(before):]
-    assert after[0]["step"] == saved[-1] + 3, (saved, snapshot, [r["step"] for r in after])
+    assert after[0]["step"] == saved[-1] + 3, (saved, [r["step"] for r in after])
     assert after[-1]["step"] == steps and summary["metrics"]["step"] == steps
     # The schedule resumed too: the lr at the first resumed log is the fresh schedule's value.
     from megapairs_ray.train.step import linear_schedule

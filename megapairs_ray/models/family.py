@@ -23,6 +23,22 @@ FAMILIES = ("clip", "towers")
 MODEL_TYPES = {"clip": "clip", "megapairs_towers": "towers"}
 
 
+def register_with_transformers() -> None:
+    """Make ``model_type: megapairs_towers`` a config type ``transformers`` knows, so its Auto
+    classes (``AutoTokenizer`` reads a folder's config.json) take a towers checkpoint as they
+    take any other."""
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "megapairs_towers" in CONFIG_MAPPING:
+        return
+
+    class MMRetTowersConfig(PretrainedConfig):
+        model_type = "megapairs_towers"
+
+    AutoConfig.register("megapairs_towers", MMRetTowersConfig)
+
+
 class UnknownFamily(MegapairsError, ValueError):
     """A checkpoint whose config names no retriever family this project knows."""
 

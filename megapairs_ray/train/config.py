@@ -13,6 +13,14 @@ from pydantic import Field, field_validator, model_validator
 from megapairs_ray.config import RayConfig, Strict
 
 
+class HeldOutSplit(Strict):
+    """Images held out of training by a seeded hash of their id (``ids.held_out``): a training
+    row that names one is rejected (``held_out``), a held-out hard negative is dropped."""
+
+    fraction: float = Field(gt=0, lt=1)
+    seed: int = 0
+
+
 class TrainDataConfig(Strict):
     """Triplets in the released MegaPairs form (docs/method.md §3), or, for an alignment run,
     a pipeline run's ingested images with their captions (``captions_from``)."""
@@ -31,6 +39,10 @@ class TrainDataConfig(Strict):
     # the rest are drawn from hns[1:] afresh every pass.
     keep_query_negative: bool = True
     seed: int = 0
+    split: HeldOutSplit | None = None
+    # A negative control (the data probe's): every triplet's target swapped for another's,
+    # seeded by ``seed``, so the query-target relation is gone and everything else stays.
+    shuffle_targets: bool = False
     # The Ray Data actors that read, decode and preprocess images for the trainers.
     loader_actors: int = Field(default=1, ge=1)
     loader_num_cpus: float = Field(default=1.0, gt=0)

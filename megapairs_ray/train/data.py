@@ -27,16 +27,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import torch
 
-from megapairs_ray.ids import image_ids
+from megapairs_ray.ids import held_out, id_of_path, image_ids
 from megapairs_ray.io import storage
 from megapairs_ray.io.shards import fetch_bytes_tolerant
 from megapairs_ray.models.encoders import ImageSpec
 from megapairs_ray.pipeline.shardlist import ingested_images
 from megapairs_ray.stages.pixels import decode_cpu, to_model_input
-from megapairs_ray.train.config import TrainConfig, TrainDataConfig
+from megapairs_ray.train.config import HeldOutSplit, TrainConfig, TrainDataConfig
 from megapairs_ray.train.step import ModelInput
 from megapairs_ray.train.triplets import ImageStore, triplet_problem
 
@@ -106,18 +107,40 @@ def _rows_from_batch(batch: pa.Table) -> list[tuple[dict[str, Any] | None, str, 
     return out
 
 
-class CheckTriplets:
-    """Ray Data stage: validate records and the existence of every image they name."""
+def _held_out_paths(paths: list[str], split: HeldOutSplit | None) -> set[str]:
+    if split is None or not paths:
+        return set()
+    ids = np.array([id_of_path(p) for p in paths], dtype=np.int64)
+    return {p for p, out in zip(paths, held_out(ids, split.fraction, split.seed)) if out}
 
-    def __init__(self, root: str, num_hard_negatives: int, keep_query_negative: bool) -> None:
+
+class CheckTriplets:
+    """Ray Data stage: validate records and the existence of every image they name; with a
+    split, reject the rows whose query or target is held out and drop held-out hard
+    negatives."""
+
+    def __init__(self, root: str, num_hard_negatives: int, keep_query_negative: bool,
+                 split: HeldOutSplit | None = None) -> None:
         self.store = ImageStore(root)
         self.h = num_hard_negatives
         self.keep_query = keep_query_negative
+        self.split = split
+
+    def _without_held_out(self, rec: dict[str, Any]) -> str:
+        hns = rec["hns"] if isinstance(rec.get("hns"), list) else []
+        paths = [p for p in (rec.get("q_img"), rec.get("t_img"), *hns) if isinstance(p, str)]
+        out = _held_out_paths(paths, self.split)
+        if rec.get("q_img") in out or rec.get("t_img") in out:
+            return "held_out"
+        rec["hns"] = [h for h in hns if h not in out]
+        return ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols: dict[str, list[Any]] = {f: [] for f in PREPARED_SCHEMA.names}
         for rec, reason, source in _rows_from_batch(batch):
-            if rec is not None:
+            if rec is not None and self.split is not None:
+                reason = self._without_held_out(rec)
+            if rec is not None and not reason:
                 reason = triplet_problem(rec, self.h, self.keep_query) or ""
             if not reason and rec is not None:
                 paths = [rec["q_img"], rec["t_img"], *rec["hns"]]
@@ -140,7 +163,7 @@ def _data_settings(data: TrainDataConfig) -> dict[str, Any]:
     """What the prepared rows depend on: a relaunch with other data prepares them again."""
     return data.model_dump(mode="json", include={
         "annotations", "captions_from", "image_root", "num_hard_negatives",
-        "keep_query_negative"})
+        "keep_query_negative", "split", "shuffle_targets", "seed"})
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[str, dict[str, int]]:
@@ -158,6 +181,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, dict[str, int]]:
     storage.remove(out, recursive=True)  # a half-written earlier attempt, or other data
     checked = _check_captions(cfg) if cfg.data.captions_from else _check_triplets(cfg)
     checked.write_parquet(out)
+    if cfg.data.shuffle_targets:
+        _shuffle_targets(out, cfg.data.seed)
     reasons = storage.read_parquet_dir(out, columns=["reject_reason"])
     tally = Counter(reasons.column("reject_reason").to_pylist()) if reasons else Counter()
     counts = {"rows": sum(tally.values()), "usable": tally.pop("", 0)}
@@ -178,16 +203,20 @@ def _check_triplets(cfg: TrainConfig) -> ray.data.Dataset:
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     return ds.map_batches(
         CheckTriplets, fn_constructor_args=(image_root(cfg.data), cfg.data.num_hard_negatives,
-                                            cfg.data.keep_query_negative),
+                                            cfg.data.keep_query_negative, cfg.data.split),
         batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=min(1.0, cfg.data.loader_num_cpus))
 
 
-def _captioned(batch: dict[str, np.ndarray]) -> pa.Table:
-    """One images table -> its rows, each with ``no_caption`` or "" as its reject reason."""
+def _captioned(batch: dict[str, np.ndarray], split: HeldOutSplit | None) -> pa.Table:
+    """One images table -> its rows, each with ``held_out``, ``no_caption`` or "" as its
+    reject reason."""
     table = storage.read_parquet(str(batch["file"][0]), CAPTION_COLUMNS)
     caption = pc.utf8_trim_whitespace(pc.fill_null(table.column("caption"), ""))
     reason = pc.if_else(pc.equal(caption, ""), "no_caption", "")
+    if split is not None:
+        out = held_out(table.column("image_id").to_numpy(), split.fraction, split.seed)
+        reason = pc.if_else(pa.array(out, pa.bool_()), "held_out", reason)
     return (table.set_column(table.schema.get_field_index("caption"), "caption", caption)
             .append_column("reject_reason", reason)
             .append_column("source", pc.if_else(pc.equal(reason, ""), "", table["file_uri"])))
@@ -196,7 +225,34 @@ def _captioned(batch: dict[str, np.ndarray]) -> pa.Table:
 def _check_captions(cfg: TrainConfig) -> ray.data.Dataset:
     tables, _ = ingested_images(str(cfg.data.captions_from), "data.captions_from")
     ds = ray.data.from_items([{"file": t} for _, t, _ in tables], override_num_blocks=len(tables))
-    return ds.map_batches(_captioned, batch_size=1, num_cpus=cfg.data.loader_num_cpus)
+    return ds.map_batches(_captioned, fn_kwargs={"split": cfg.data.split}, batch_size=1,
+                          num_cpus=cfg.data.loader_num_cpus)
+
+
+def _shuffle_targets(prepared: str, seed: int) -> None:
+    """The negative control: the usable triplets' targets permuted among them (seeded); a
+    triplet whose new target is its own query keeps its old one. The prepared files are
+    rewritten in place, before training reads them (a control, not a scale path: the driver
+    holds every target path)."""
+    files = storage.list_files(prepared, suffix=".parquet")
+    tables = [storage.read_parquet(f) for f in files]
+    usable = [pc.equal(t.column("reject_reason"), "").to_numpy(zero_copy_only=False)
+              for t in tables]
+    targets = np.array([p for t, u in zip(tables, usable)
+                        for p in np.asarray(t.column("t_img").to_pylist(), object)[u]], object)
+    shuffled = targets[np.random.default_rng(seed).permutation(len(targets))]
+    start = 0
+    for f, t, u in zip(files, tables, usable):
+        col = np.asarray(t.column("t_img").to_pylist(), object)
+        queries = np.asarray(t.column("q_img").to_pylist(), object)
+        idx = np.flatnonzero(u)
+        new = shuffled[start : start + len(idx)]
+        start += len(idx)
+        col[idx] = np.where(new == queries[idx], col[idx], new)
+        t = t.set_column(t.schema.get_field_index("t_img"), "t_img",
+                         pa.array(col.tolist(), pa.string()))
+        with storage.open_atomic(f, "wb") as out:
+            pq.write_table(t, out)
 
 
 def _read_usable(batch: dict[str, np.ndarray]) -> pa.Table:

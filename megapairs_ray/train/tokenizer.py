@@ -1,4 +1,5 @@
-"""The CLIP tokenizer, as a Hugging Face tokenizer in every case.
+"""The retriever's tokenizer, as a Hugging Face tokenizer in every case: a checkpoint's own
+(either family), else CLIP's.
 
 A checkpoint folder that carries tokenizer files (every released CLIP, BGE-VL and MMRet does, and
 so does every checkpoint this project writes) uses its own. A random-initialised model has none:
@@ -17,11 +18,14 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerBase
 
+from megapairs_ray.models.family import register_with_transformers
+
 CLIP_VOCAB_SIZE = 49408
 
 
 def load_tokenizer(path: str | None) -> PreTrainedTokenizerBase:
     if path is not None and _has_tokenizer_files(path):
+        register_with_transformers()  # a towers checkpoint's config.json
         return AutoTokenizer.from_pretrained(path)
     return _openai_clip_bpe()
 

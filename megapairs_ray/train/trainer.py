@@ -310,6 +310,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                        if result.checkpoint else None),
         "metrics": result.metrics,
         "triplets": counts,
+        "captions": cfg.data.captions_from is not None,  # the rows were captioned images
         "dropped_while_loading": dropped,
         "seconds": time.perf_counter() - t0,
     }

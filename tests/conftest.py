@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -81,3 +82,21 @@ def retriever_gallery(ray_cluster: None, tmp_path_factory: pytest.TempPathFactor
     record = run_gallery(cfg)
     return {"checkpoint": checkpoint, "gallery_dir": cfg.run_dir, "images": images,
             "record": record, "config": cfg}
+
+
+@pytest.fixture(scope="session")
+def towers_gallery(retriever_gallery: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
+                   ) -> dict[str, object]:
+    """The same photos as ``retriever_gallery``'s, embedded by a towers-family checkpoint."""
+    from megapairs_ray.pipeline.gallery import run_gallery
+
+    from .serve_helpers import gallery_config, make_towers_checkpoint
+
+    root = tmp_path_factory.mktemp("towers")
+    checkpoint = make_towers_checkpoint(root / "checkpoint")
+    cfg = gallery_config(root / "gallery", checkpoint,
+                         images_from=retriever_gallery["gallery_dir"])
+    record = run_gallery(cfg)
+    return {"checkpoint": checkpoint, "gallery_dir": cfg.run_dir,
+            "images_from": retriever_gallery["gallery_dir"],
+            "images": retriever_gallery["images"], "record": record, "config": cfg}

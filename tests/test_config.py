@@ -142,13 +142,35 @@ def test_missing_file_and_bad_yaml(tmp_path):
         parse_overrides(["no-equals-sign"])
 
 
-@pytest.mark.parametrize("name", ["train-tiny.yaml", "train-paper.yaml"])
+@pytest.mark.parametrize("name", ["train-tiny.yaml", "train-paper.yaml", "align-demo.yaml",
+                                  "train-demo.yaml"])
 def test_training_profiles_load(name):
     from megapairs_ray.train.config import TrainConfig
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name, schema=TrainConfig)
     assert cfg.optim.max_steps > cfg.optim.warmup_steps
     assert cfg.scaling.use_gpu == (name == "train-paper.yaml")
+
+
+def test_the_probe_profile_loads_and_names_loadable_train_configs():
+    from megapairs_ray.train.config import TrainConfig
+    from megapairs_ray.train.probe import ProbeConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    probe = load_config(repo / "configs" / "probe-demo.yaml", schema=ProbeConfig)
+    align = load_config(repo / probe.align, schema=TrainConfig)
+    assert align.model.family == "towers" and align.data.captions_from == probe.run_dir
+    assert load_config(repo / probe.train, schema=TrainConfig).model.freeze_image_tower
+
+
+def test_a_training_config_takes_one_data_source():
+    from megapairs_ray.train.config import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "align-demo.yaml"
+    with pytest.raises(ConfigError, match=r"either annotations .* or captions_from"):
+        load_config(path, ["data.annotations=[a.jsonl]"], schema=TrainConfig)
+    with pytest.raises(ConfigError, match="num_hard_negatives must be 0 with captions_from"):
+        load_config(path, ["data.num_hard_negatives=2"], schema=TrainConfig)
 
 
 def test_training_config_errors_name_the_field(tmp_path):

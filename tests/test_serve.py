@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def service(retriever_gallery, tmp_path_factory):
+def service(retriever_gallery, towers_gallery, tmp_path_factory):
     from ray import serve
 
     from megapairs_ray.serve.deploy import deploy
@@ -43,9 +43,11 @@ def service(retriever_gallery, tmp_path_factory):
         ("secured", "/secured", app_args(
             g["gallery_dir"], auth={"token_env": SERVE_TOKEN_ENV},
             url_fetch={"enabled": True, "allowed_prefixes": [images_dir]})),
+        ("towers", "/towers", app_args(towers_gallery["gallery_dir"])),
     ])
     urls = deploy(path)
-    assert urls == [f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}/secured/"]
+    assert urls == [f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}/secured/",
+                    f"http://127.0.0.1:{port}/towers/"]
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=120) as client:
         yield {"base": base, "client": client, **g}
@@ -54,14 +56,22 @@ def service(retriever_gallery, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(retriever_gallery):
-    """The eval code's view of the same gallery: ids, embeddings, the embedder."""
+    return _offline(retriever_gallery)
+
+
+@pytest.fixture(scope="module")
+def offline_towers(towers_gallery):
+    return _offline(towers_gallery)
+
+
+def _offline(g: dict) -> dict:
+    """The eval code's view of a gallery: ids, embeddings, the embedder."""
     import pyarrow.parquet as pq
 
     from megapairs_ray.io import storage
 
-    g = retriever_gallery
     tables = [pq.read_table(f) for f in storage.list_files(
-        storage.join(g["gallery_dir"], "images"), ".parquet")]
+        storage.join(g.get("images_from") or g["gallery_dir"], "images"), ".parquet")]
     by_path = {r["file_uri"]: r["image_id"] for t in tables for r in t.to_pylist()}
     paths = sorted(by_path)
     emb = Embedder(g["checkpoint"])
@@ -100,8 +110,13 @@ def test_a_gallery_image_queried_by_itself_comes_back_first(service, offline):
         assert body["hits"][0]["caption"].startswith("a ")
 
 
+@pytest.mark.parametrize("family", ["clip", "towers"])
 @pytest.mark.parametrize("kind", ["composed", "image", "text"])
-def test_served_ranking_equals_the_offline_eval_ranking(service, offline, kind):
+def test_served_ranking_equals_the_offline_eval_ranking(service, offline, offline_towers, kind,
+                                                        family):
+    if family == "towers":
+        offline = offline_towers
+    prefix = "/towers" if family == "towers" else ""
     c, emb = service["client"], offline["embedder"]
     ref = offline["paths"][7]
     text = "make it purple and brighter"
@@ -110,7 +125,7 @@ def test_served_ranking_equals_the_offline_eval_ranking(service, offline, kind):
         body["image_base64"] = _b64(Path(ref).read_bytes())
     if kind in ("composed", "text"):
         body["text"] = text
-    r = c.post("/search", json=body)
+    r = c.post(f"{prefix}/search", json=body)
     if kind == "composed":
         q = emb.queries([ref], [text])
     elif kind == "image":

@@ -282,7 +282,8 @@ def show_manifest(run_dir: Annotated[str, typer.Argument(help="Run directory.")]
 
 @app.command()
 def train(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Train MMRet on MegaPairs-form triplets with Ray Train (resumes a relaunched run)."""
+    """Train MMRet on MegaPairs-form triplets, or align a towers retriever on a run's captions,
+    with Ray Train (resumes a relaunched run)."""
     from megapairs_ray.train.config import TrainConfig
     from megapairs_ray.train.trainer import run_training
 
@@ -326,7 +327,8 @@ def train_toy_data(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Annotated[str, typer.Option(help="HF-form CLIP folder or hub id.")],
+    checkpoint: Annotated[str, typer.Option(help="A checkpoint of either family (its "
+                                                 "config.json says which) or a hub id.")],
     benchmark: Annotated[str, typer.Option(help="circo, cirr, fashioniq or genecis.")],
     data: Annotated[str, typer.Option(help="The benchmark's folder (local or s3://).")],
     split: Annotated[str, typer.Option()] = "val",
@@ -339,8 +341,9 @@ def evaluate(
     cpus: Annotated[float, typer.Option(help="Run on a Ray cluster node with this many "
                                         "CPUs (0: 1 if --gpus is set).")] = 0,
 ) -> None:
-    """Zero-shot composed-image-retrieval metrics of a checkpoint (an HF-form folder, local or
-    s3://, a hub id, or a `megapairs train` run folder: its last checkpoint)."""
+    """Zero-shot composed-image-retrieval metrics of a checkpoint (a folder of either retriever
+    family, local or s3://, a hub id, or a `megapairs train` run folder: its last
+    checkpoint)."""
     from megapairs_ray.io import storage
     from megapairs_ray.models.retriever import resolve_checkpoint
     from megapairs_ray.train.evaluate import run_eval

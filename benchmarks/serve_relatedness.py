@@ -75,6 +75,34 @@ def tower_neighbours(run: Path, space: str, ids: list[str], sample: list[str], k
     return [[vid[j] for j in row] for row in order]
 
 
+def screenshot(url: str, image: bytes, text: str, out: Path) -> None:
+    """The search page in Debian's Chromium, answering a query made through its own form."""
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.NamedTemporaryFile(suffix=".png") as f, sync_playwright() as p:
+        f.write(image)
+        f.flush()
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 860})
+            page.goto(url)
+            page.set_input_files("#image", f.name)
+            if text:
+                page.fill("#text", text)
+            page.select_option("#top_k", "12")
+            page.click("#go")
+            page.wait_for_function("document.body.dataset.searches === '1'", timeout=60_000)
+            page.wait_for_function("[...document.querySelectorAll('#results img')].every("
+                                   "i => i.complete && i.naturalWidth > 0)", timeout=60_000)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(out))
+        finally:
+            browser.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--serve-config", type=Path, help="Serve config to deploy on a local Ray.")
@@ -87,6 +115,10 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
+    p.add_argument("--screenshot", type=Path,
+                   help="Also save the search page answering one image query (Chromium).")
+    p.add_argument("--screenshot-text", default="",
+                   help="An instruction to compose with the screenshot's query image.")
     args = p.parse_args()
 
     served = None
@@ -136,6 +168,10 @@ def main() -> None:
     }
     for k in ("image_query", "text_query", "tower_neighbours"):
         result[f"{k}_x_chance"] = round(result[f"{k}_same_category"] / chance, 2)
+    if args.screenshot:
+        result["screenshot"] = {"image_key": sample_rows[0]["key"], "text": args.screenshot_text,
+                                "path": str(args.screenshot)}
+        screenshot(url, read_image(sample_rows[0]), args.screenshot_text, args.screenshot)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -104,8 +104,11 @@ def test_the_shuffled_control_keeps_the_targets_but_not_their_queries(tmp_path):
     shuffled = TrainConfig.model_validate(
         _doc(tmp_path / "store", "shuffled", {**data, "shuffle_targets": True}, TOWERS))
     rows = [_usable(prepare_data(c)[0]) for c in (plain, shuffled)]
-    assert sorted(r["t_img"] for r in rows[0]) == sorted(r["t_img"] for r in rows[1])
+    # The same queries and instructions; every target one of the run's own targets.
     assert sorted(r["q_img"] for r in rows[0]) == sorted(r["q_img"] for r in rows[1])
+    assert sorted(map(str, (r["q_text"] for r in rows[0]))) == sorted(
+        map(str, (r["q_text"] for r in rows[1])))
+    assert {r["t_img"] for r in rows[1]} <= {r["t_img"] for r in rows[0]}
     pairs = {(r["q_img"], r["t_img"]) for r in rows[0]}
     kept = sum((r["q_img"], r["t_img"]) in pairs for r in rows[1])
     assert kept < len(rows[0]) // 2, (kept, len(rows[0]))

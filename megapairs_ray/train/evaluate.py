@@ -2,7 +2,8 @@
 
 Reads a benchmark laid out as its authors publish it (local or s3://), builds the composed
 queries as the official MegaPairs evaluation does, embeds the gallery and the queries with
-the checkpoint's retriever (``models/family.py``), ranks by cosine similarity and reports the benchmark's metrics.
+the checkpoint's retriever (``models/family.py``), ranks by cosine similarity and reports the
+benchmark's metrics.
 
 Layouts (relative to the folder given):
 - CIRCO: ``annotations/{split}.json``; gallery ``COCO2017_unlabeled/annotations/

@@ -29,7 +29,7 @@ TOWERS = {"family": "towers", "towers": {"image_size": 64, "projection_dim": 32,
           "freeze_image_tower": True, "text_layers_trained": 1, "image_feature_cache": 1000}
 
 
-def _doc(storage_path: Path, name: str, data: dict, model: dict, steps: int = 16) -> dict:
+def _doc(storage_path: Path, name: str, data: dict, model: dict, steps: int = 12) -> dict:
     return {
         "profile": "test",
         "data": {"loader_num_cpus": 0.25, "loader_batch_rows": 8, "decode_threads": 1,

@@ -134,10 +134,16 @@ def test_served_ranking_equals_the_offline_eval_ranking(service, offline, offlin
         q = RetrieverEncoder.queries(emb, [None], [text])  # the base class's text-only path
     want = rank(q, offline["gallery"], offline["ids"], depth=9)[0][:10]
     assert r.json()["kind"] == kind
-    assert _hit_ids(r) == want
     scores = [h["score"] for h in r.json()["hits"]]
     expected = np.sort(q @ offline["gallery"].T)[0][::-1][:10]
     np.testing.assert_allclose(scores, expected, atol=1e-4)
+    # The same ranking; two hits may trade places only where their offline scores are closer
+    # than the scores' own tolerance (a batch of one and a batch of many round differently:
+    # oneDNN picks other convolution kernels for the towers' convnet by batch size).
+    offline_score = dict(zip(offline["ids"], (q @ offline["gallery"].T)[0]))
+    served = _hit_ids(r)
+    for i, (got, exp) in enumerate(zip(served, want)):
+        assert got == exp or abs(offline_score[got] - offline_score[exp]) < 1e-4, (i, served, want)
 
 
 def test_concurrent_mixed_queries_each_get_their_own_answer(service, offline):

@@ -258,12 +258,21 @@ def run_dir(cfg: TrainConfig) -> str:
     return storage.join(cfg.checkpoint.storage_path, cfg.checkpoint.name)
 
 
+def _with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local model paths made absolute: Ray Train's workers do not run in the driver's working
+    directory, where a relative ``model.init`` would name nothing (and pass for a hub id)."""
+    model = {k: str(Path(v).resolve()) for k in ("init", "tokenizer")
+             if (v := getattr(cfg.model, k)) and not storage.is_remote(v) and Path(v).exists()}
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=model)}) if model else cfg
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` names; returns and stores its summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from megapairs_ray.pipeline.runtime import init_ray
 
+    cfg = _with_absolute_paths(cfg)
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     prepared, counts = prepare_data(cfg)

@@ -119,6 +119,8 @@ def main() -> None:
                    help="Also save the search page answering one image query (Chromium).")
     p.add_argument("--screenshot-text", default="",
                    help="An instruction to compose with the screenshot's query image.")
+    p.add_argument("--screenshot-caption", default="",
+                   help="The screenshot queries the first gallery image whose caption has this.")
     args = p.parse_args()
 
     served = None
@@ -169,9 +171,10 @@ def main() -> None:
     for k in ("image_query", "text_query", "tower_neighbours"):
         result[f"{k}_x_chance"] = round(result[f"{k}_same_category"] / chance, 2)
     if args.screenshot:
-        result["screenshot"] = {"image_key": sample_rows[0]["key"], "text": args.screenshot_text,
-                                "path": str(args.screenshot)}
-        screenshot(url, read_image(sample_rows[0]), args.screenshot_text, args.screenshot)
+        shown = next(r for r in rows if args.screenshot_caption in (r["caption"] or ""))
+        result["screenshot"] = {"image_key": shown["key"], "caption": shown["caption"],
+                                "text": args.screenshot_text, "path": str(args.screenshot)}
+        screenshot(url, read_image(shown), args.screenshot_text, args.screenshot)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -128,3 +128,17 @@ def test_towers_missing_from_the_environment_name_the_package():
         MMRetTowers.from_towers(**{**SMALL, "text_model": "package:no_such_towers_pkg/model"})
     with pytest.raises(MegapairsError, match="unknown timm model 'no_such_convnet'"):
         MMRetTowers.from_towers(**{**SMALL, "image_model": "no_such_convnet"})
+
+
+def test_a_training_run_refuses_missing_towers_before_any_worker_starts():
+    from megapairs_ray.train.config import TrainConfig
+    from megapairs_ray.train.trainer import model_input_for
+
+    doc = {"profile": "t", "data": {"captions_from": "runs/x", "num_hard_negatives": 0},
+           "model": {"family": "towers", "towers": {
+               "image_checkpoint": "package:no_such_lite0_pkg/models/w.pth"}},
+           "optim": {"max_steps": 2, "batch_size": 2},
+           "checkpoint": {"storage_path": "/tmp/x", "name": "n"}}
+    with pytest.raises(ModelNotFoundError, match=r"model\.towers\.image_checkpoint: package "
+                                                 r"'no_such_lite0_pkg' is not installed"):
+        model_input_for(TrainConfig.model_validate(doc))

@@ -90,6 +90,10 @@ def model_input_for(cfg: TrainConfig) -> ModelInput:
         conf, (mean, std) = CLIPConfig.from_pretrained(path), clip_mean_std(path)
     elif m.family == "towers":
         t = m.towers
+        # Refused here, in one line, rather than in every worker: a tower not installed.
+        for ref, field in ((t.image_checkpoint, "image_checkpoint"), (t.text_model, "text_model")):
+            if ref is not None:
+                resolve_model_path(ref, f"model.towers.{field}")
         mean, std = image_statistics(t.image_model)
         return ModelInput(image_size=t.image_size, max_text_len=t.max_text_len,
                           mean=mean, std=std)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 class FeatureCache:
@@ -85,3 +86,31 @@ def fuse_queries(model: Any, pixel_values: torch.Tensor | None, input_ids: torch
     if input_ids is not None:
         total = total + model.text_features(input_ids, attention_mask)
     return F.normalize(total, dim=-1)  # type: ignore[arg-type]
+
+
+class Retriever(nn.Module):
+    """What every retriever family shares: a family supplies ``image_pooled``,
+    ``project_image``, ``text_features``, ``image_frozen``, ``freeze``, ``dim`` and
+    ``model_input``; the embeddings and the training forward are these, the same for all."""
+
+    feature_cache: FeatureCache | None = None
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.project_image(self.image_pooled(pixel_values))  # type: ignore[attr-defined]
+
+    def embed_candidates(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_features(pixel_values), dim=-1)
+
+    def forward(self, query_pixels: torch.Tensor | None, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None, candidate_pixels: torch.Tensor,
+                image_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step's embeddings (``compose``); going through ``forward`` is what
+        lets DDP synchronise gradients."""
+        return compose(self, query_pixels, input_ids, attention_mask, candidate_pixels,
+                       image_keys)
+
+    def embed_queries(self, pixel_values: torch.Tensor | None = None,
+                      input_ids: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Composed (both), image-only or text-only queries."""
+        return fuse_queries(self, pixel_values, input_ids, attention_mask)

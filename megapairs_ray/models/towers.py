@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megapairs_ray.errors import MegapairsError
-from megapairs_ray.models.fusion import FeatureCache, compose, fuse_queries
+from megapairs_ray.models.fusion import Retriever
 
 MODEL_TYPE = "megapairs_towers"
 CONFIG_FILE = "config.json"
@@ -41,7 +40,7 @@ class TowersUnavailable(MegapairsError, ImportError):
     """A tower the config names cannot be built here (a package or library missing)."""
 
 
-class MMRetTowers(nn.Module):
+class MMRetTowers(Retriever):
     """Image tower + text tower + one linear projection each into ``projection_dim``."""
 
     family = "towers"
@@ -56,7 +55,6 @@ class MMRetTowers(nn.Module):
         self.image_projection = nn.Linear(int(config["image_features"]), dim, bias=False)
         self.text_projection = nn.Linear(int(config["text_features"]), dim, bias=False)
         self.frozen: set[str] = set()
-        self.feature_cache: FeatureCache | None = None
 
     # ------------------------------------------------------------------ building and saving
 
@@ -169,8 +167,6 @@ class MMRetTowers(nn.Module):
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.image_projection(pooled)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.project_image(self.image_pooled(pixel_values))
 
     def text_features(self, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,21 +178,6 @@ class MMRetTowers(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return self.text_projection(pooled)
-
-    def embed_candidates(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_features(pixel_values), dim=-1)
-
-    def forward(self, query_pixels: torch.Tensor | None, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None, candidate_pixels: torch.Tensor,
-                image_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Composed queries [B, D] (text-only where ``query_pixels`` is None) and candidates."""
-        return compose(self, query_pixels, input_ids, attention_mask, candidate_pixels,
-                       image_keys)
-
-    def embed_queries(self, pixel_values: torch.Tensor | None = None,
-                      input_ids: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return fuse_queries(self, pixel_values, input_ids, attention_mask)
 
 
 def towers_model_input(config: dict[str, Any]) -> Any:

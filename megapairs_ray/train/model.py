@@ -13,14 +13,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from megapairs_ray.models.fusion import FeatureCache, compose, fuse_queries
+from megapairs_ray.models.fusion import Retriever
 from megapairs_ray.train.step import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ModelInput
 
 
-class MMRetCLIP(nn.Module):
+class MMRetCLIP(Retriever):
     """The ``clip`` retriever family."""
 
     family = "clip"
@@ -33,7 +32,6 @@ class MMRetCLIP(nn.Module):
         # The loss has a fixed temperature, so CLIP's learned logit scale takes no part; DDP
         # must not wait for a gradient it will never get.
         self.clip.logit_scale.requires_grad_(False)
-        self.feature_cache: FeatureCache | None = None  # set by training with a frozen tower
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MMRetCLIP:
@@ -87,30 +85,11 @@ class MMRetCLIP(nn.Module):
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.clip.visual_projection(pooled)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.project_image(self.image_pooled(pixel_values))
 
     def text_features(self, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         return self.clip.text_projection(out.pooler_output)
-
-    def embed_candidates(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_features(pixel_values), dim=-1)
-
-    def forward(self, query_pixels: torch.Tensor | None, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None, candidate_pixels: torch.Tensor,
-                image_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step's embeddings (``fusion.compose``); going through ``forward`` is
-        what lets DDP synchronise gradients."""
-        return compose(self, query_pixels, input_ids, attention_mask, candidate_pixels,
-                       image_keys)
-
-    def embed_queries(self, pixel_values: torch.Tensor | None = None,
-                      input_ids: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Composed (both), image-only or text-only queries."""
-        return fuse_queries(self, pixel_values, input_ids, attention_mask)
 
 
 def clip_mean_std(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -36,7 +36,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from space_windows import read_corpus, windows_for  # noqa: E402
+
+from megapairs_ray.train.probe import base_rate  # noqa: E402
 
 # Every image a query (the demo samples 40 % of them to bound its synthesis time): more pairs,
 # a tighter estimate of the same shares.
@@ -72,12 +73,6 @@ def categories(corpus: Path) -> dict[str, tuple[str, str]]:
         parts = r["source"].split("/")  # png/<category>/.../<file>.png
         out[r["key"]] = (parts[1], "/".join(parts[1:-1]))
     return out
-
-
-def base_rate(labels: list[str]) -> float:
-    """P(two distinct images drawn at random share the label)."""
-    n = len(labels)
-    return sum(c * (c - 1) for c in Counter(labels).values()) / (n * (n - 1))
 
 
 def score(run_dir: Path, cats: dict[str, tuple[str, str]]) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import base64
 import json
 import platform
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -33,12 +32,9 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 
+from megapairs_ray.train.probe import base_rate
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def base_rate(labels: list[str]) -> float:
-    n = len(labels)
-    return sum(c * (c - 1) for c in Counter(labels).values()) / (n * (n - 1))
 
 
 def gallery_rows(gallery_dir: Path) -> list[dict[str, Any]]:

@@ -524,6 +524,10 @@ def read_shard(shard: Shard, cfg: InputConfig, max_member_bytes: int | None = No
 # --------------------------------------------------------------------------- fetch by location
 
 
+# The images table's columns that say where an image's bytes live (what ``fetch_bytes`` reads).
+LOCATION_COLUMNS = ("format_kind", "file_uri", "offset", "length", "row")
+
+
 def fetch_bytes(rows: list[dict[str, object]], cfg: InputConfig) -> list[bytes]:
     """Image bytes for rows of the ``images`` table, grouped by the file that holds them.
 

@@ -16,9 +16,7 @@ from PIL import Image
 
 from megapairs_ray.config import InputConfig
 from megapairs_ray.imaging import Reason, decode_rgb
-from megapairs_ray.io.shards import fetch_bytes_tolerant
-
-LOCATION_COLUMNS = ("format_kind", "file_uri", "offset", "length", "row")
+from megapairs_ray.io.shards import LOCATION_COLUMNS, fetch_bytes_tolerant
 
 MISSING_IMAGE = Reason.MISSING_IMAGE  # the id is in no images table
 UNREADABLE_IMAGE = Reason.UNREADABLE_IMAGE  # its bytes could not be read or decoded

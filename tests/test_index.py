@@ -281,3 +281,47 @@ def test_hnsw_answers_k_beyond_ef_search_and_orders_what_it_finds_by_score_then_
     for row_s, row_i in zip(scores, got):
         for a in range(299):
             assert row_s[a] > row_s[a + 1] or row_i[a] < row_i[a + 1]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw"])
+def test_shards_give_back_their_stored_vectors(tmp_path, kind):
+    x = clustered(600, 16, 8, 0.3, seed=4)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = random_ids(600, 5)
+    cfg = IndexConfig(kind=kind, shards=2, nlist=8, train_sample=600)
+    shards = _build(tmp_path, cfg, ids, x, mmap=True)
+    asked = [*ids[::37].tolist(), 12345]  # one id in no shard
+    found: dict[int, np.ndarray] = {}
+    for s in shards:
+        got = s.reconstruct(asked)
+        assert not set(got) & set(found)  # each id lives in one shard only
+        found.update(got)
+    assert set(found) == set(ids[::37].tolist())
+    np.testing.assert_allclose(np.stack([found[i] for i in ids[::37].tolist()]), x[::37],
+                               atol=1e-6)
+
+
+def test_deduplicate_keeps_the_best_ranked_hit_of_each_linked_group(tmp_path):
+    """clip back's rule: hits linked above 0.94 (transitively) collapse to the best-ranked."""
+    from megapairs_ray.serve.search import DEDUP_THRESHOLD, deduplicate
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(6, 32))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    # a chain a-b-c where a and c are farther apart than the threshold, but each link is close
+    ortho = base[1] - (base[1] @ base[0]) * base[0]
+    ortho /= np.linalg.norm(ortho)
+    angle = np.arccos(0.96)
+    chain = [np.cos(t) * base[0] + np.sin(t) * ortho for t in (0, angle, 2 * angle)]
+    assert chain[0] @ chain[2] < DEDUP_THRESHOLD < chain[0] @ chain[1]
+    # rows: 0-1-2 the chain; 3 alone; 4 and 5 near-identical; 6 alone
+    x = np.stack([*chain, base[2], base[3], base[3] * 0.999 + 0.001 * base[4], base[5]])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = random_ids(len(x), 6)
+    shards = _build(tmp_path, IndexConfig(kind="flat", shards=2), ids, x)
+    order = [1, 3, 2, 5, 0, 4, 6]  # the hits' ranking (best first): not the storage order
+    hits = [{"id": int(ids[i]), "score": 1.0 - r / 10} for r, i in enumerate(order)]
+    kept = [ids.tolist().index(h["id"]) for h in deduplicate(hits, shards)]
+    # 1 (the chain's best ranked), 3, 5 (ranked before 4), 6; 2, 0 and 4 collapse
+    assert kept == [1, 3, 5, 6]
+    assert deduplicate(hits[:1], shards) == hits[:1]

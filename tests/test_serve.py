@@ -1,14 +1,17 @@
 """The retriever service, live: Ray Serve on the session's Ray, real HTTP on 127.0.0.1.
 
-Two applications share one Serve instance: ``open`` at ``/`` (no auth) and ``secured`` at
-``/secured`` (a bearer token from the replicas' environment, and URI fetching allowed under one
-prefix). Rankings are checked against the eval code's offline ranking for the same checkpoint
-and gallery images.
+Four applications share one Serve instance: ``open`` at ``/`` (no auth; layout auto, which
+colocates a gallery this small), ``split`` at ``/split`` (the same gallery in the split
+layout), ``secured`` at ``/secured`` (a bearer token from the replicas' environment, URI
+fetching allowed under one prefix, and a queue of 2 so that it sheds load) and ``towers`` at
+``/towers`` (a towers-family gallery). Rankings are checked against the eval code's offline
+ranking for the same checkpoint and gallery images.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,14 +43,18 @@ def service(retriever_gallery, towers_gallery, tmp_path_factory):
     port = free_port()
     path = write_serve_file(tmp_path_factory.mktemp("serve") / "serve.yaml", port, [
         ("open", "/", app_args(g["gallery_dir"])),
+        ("split", "/split", app_args(g["gallery_dir"], layout="split")),
         ("secured", "/secured", app_args(
             g["gallery_dir"], auth={"token_env": SERVE_TOKEN_ENV},
-            url_fetch={"enabled": True, "allowed_prefixes": [images_dir]})),
+            url_fetch={"enabled": True, "allowed_prefixes": [images_dir]},
+            colocated={"num_cpus": 0, "torch_threads": 1, "max_batch_size": 2,
+                       "max_ongoing_requests": 2, "max_queued_requests": 2,
+                       "retry_after_s": 3})),
         ("towers", "/towers", app_args(towers_gallery["gallery_dir"])),
     ])
     urls = deploy(path)
-    assert urls == [f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}/secured/",
-                    f"http://127.0.0.1:{port}/towers/"]
+    assert urls == [f"http://127.0.0.1:{port}{p}" for p in ("/", "/split/", "/secured/",
+                                                            "/towers/")]
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=120) as client:
         yield {"base": base, "client": client, **g}
@@ -110,13 +117,22 @@ def test_a_gallery_image_queried_by_itself_comes_back_first(service, offline):
         assert body["hits"][0]["caption"].startswith("a ")
 
 
-@pytest.mark.parametrize("family", ["clip", "towers"])
+def test_auto_layout_colocates_a_small_gallery():
+    from ray import serve
+
+    deployments = {name: sorted(app.deployments)
+                   for name, app in serve.status().applications.items()}
+    assert deployments["open"] == ["Colocated"]
+    assert deployments["split"] == ["GallerySearch", "Ingress", "QueryEncoder"]
+
+
+@pytest.mark.parametrize("app", ["colocated", "split", "towers"])
 @pytest.mark.parametrize("kind", ["composed", "image", "text"])
 def test_served_ranking_equals_the_offline_eval_ranking(service, offline, offline_towers, kind,
-                                                        family):
-    if family == "towers":
+                                                        app):
+    if app == "towers":
         offline = offline_towers
-    prefix = "/towers" if family == "towers" else ""
+    prefix = {"colocated": "", "split": "/split", "towers": "/towers"}[app]
     c, emb = service["client"], offline["embedder"]
     ref = offline["paths"][7]
     text = "make it purple and brighter"
@@ -146,7 +162,8 @@ def test_served_ranking_equals_the_offline_eval_ranking(service, offline, offlin
         assert got == exp or abs(offline_score[got] - offline_score[exp]) < 1e-4, (i, served, want)
 
 
-def test_concurrent_mixed_queries_each_get_their_own_answer(service, offline):
+@pytest.mark.parametrize("prefix", ["", "/split"])
+def test_concurrent_mixed_queries_each_get_their_own_answer(service, offline, prefix):
     """Composed, image-only and text-only queries with different top_k, sent at once so they
     share batches: each answer equals the one the same query gets alone."""
     c = service["client"]
@@ -160,15 +177,16 @@ def test_concurrent_mixed_queries_each_get_their_own_answer(service, offline):
         if text is not None or "image_base64" not in body:
             body["text"] = text or f"query number {i}"
         queries.append(body)
-    alone = [_hit_ids(c.post("/search", json=q)) for q in queries]
+    alone = [_hit_ids(c.post(f"{prefix}/search", json=q)) for q in queries]
     with ThreadPoolExecutor(18) as pool:
-        together = list(pool.map(lambda q: c.post("/search", json=q), queries))
+        together = list(pool.map(lambda q: c.post(f"{prefix}/search", json=q), queries))
     for q, a, t in zip(queries, alone, together):
         assert len(a) == q["top_k"]
         assert _hit_ids(t) == a
 
 
-def test_a_malformed_image_in_a_batch_fails_only_its_own_request(service, offline):
+@pytest.mark.parametrize("prefix", ["", "/split"])
+def test_a_malformed_image_in_a_batch_fails_only_its_own_request(service, offline, prefix):
     c = service["client"]
     good = [{"image_base64": _b64(Path(p).read_bytes()), "top_k": 2}
             for p in offline["paths"][:10]]
@@ -176,7 +194,7 @@ def test_a_malformed_image_in_a_batch_fails_only_its_own_request(service, offlin
     bad = [{"image_base64": _b64(truncated[: len(truncated) // 2]), "top_k": 2},
            {"image_base64": _b64(b"GIF89a but not really a gif" * 3)}]
     with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(lambda q: c.post("/search", json=q), good + bad))
+        answers = list(pool.map(lambda q: c.post(f"{prefix}/search", json=q), good + bad))
     for path, r in zip(offline["paths"][:10], answers[:10]):
         assert _hit_ids(r)[0] == offline["id_of"][path]
     _assert_error(answers[10], 422, "image_corrupt_image")
@@ -184,21 +202,29 @@ def test_a_malformed_image_in_a_batch_fails_only_its_own_request(service, offlin
     assert c.get("/healthz").status_code == 200
 
 
-def test_the_encoder_answers_an_undecodable_image_on_its_own(retriever_gallery):
+def test_the_engine_answers_an_undecodable_image_on_its_own(retriever_gallery):
     """Past the ingress's header checks, an image that still fails to decode must not fail the
-    batch it shares: the deployment answers that query alone."""
-    from megapairs_ray.models.retriever import RetrieverEncoder
-    from megapairs_ray.serve.api import ApiError, Query
-    from megapairs_ray.serve.app import QueryEncoder
+    batch it shares: that query is answered alone, in both layouts' batched calls."""
+    from megapairs_ray.serve import engine
+    from megapairs_ray.serve.api import ApiError, Query, SearchCall
+    from megapairs_ray.serve.search import GallerySearcher
 
-    deployment = object.__new__(QueryEncoder.func_or_class)
-    deployment.encoder = RetrieverEncoder(retriever_gallery["checkpoint"])
+    encoder = RetrieverEncoder(retriever_gallery["checkpoint"])
+    searcher = GallerySearcher(retriever_gallery["gallery_dir"])
     good = Path(retriever_gallery["images"][0]).read_bytes()
-    out = deployment._encode([Query(good, "x"), Query(b"\xff\xd8\xff garbage", None),
-                              Query(None, "text only")])
+    queries = [Query(good, "x"), Query(b"\xff\xd8\xff garbage", None), Query(None, "text only")]
+    out = engine.encode_queries(encoder, queries)
     assert isinstance(out[1], ApiError) and out[1].status == 422
-    assert np.allclose(out[0], deployment.encoder.queries([good], ["x"])[0], atol=1e-5)
-    assert np.allclose(out[2], deployment.encoder.queries([None], ["text only"])[0], atol=1e-5)
+    assert np.allclose(out[0], encoder.queries([good], ["x"])[0], atol=1e-5)
+    assert np.allclose(out[2], encoder.queries([None], ["text only"])[0], atol=1e-5)
+    vector = encoder.queries([None], ["a vector query"])[0]
+    calls = [SearchCall(q, 3 + i) for i, q in enumerate(queries)] + [SearchCall(vector, 2)]
+    answers = engine.answer(encoder, searcher, calls)
+    assert isinstance(answers[1], ApiError)
+    for call, got in zip(calls[::2] + calls[3:], answers[::2] + answers[3:]):
+        want = call.what if isinstance(call.what, np.ndarray) else \
+            encoder.queries([call.what.image], [call.what.text])[0]
+        assert [h["id"] for h in got] == [h["id"] for h in searcher.search(want[None], call.k)[0]]
 
 
 def test_limits_are_4xx_naming_the_problem(service, offline):
@@ -218,6 +244,15 @@ def test_limits_are_4xx_naming_the_problem(service, offline):
         (c.post("/search", json={"text": "x", "top_k": 21}), 422, "top_k_out_of_range"),
         (c.post("/search", json={"text": "x", "top_k": 0}), 422, "invalid_request"),
         (c.post("/search", json={"text": "x", "top_k": "many"}), 422, "invalid_request"),
+        (c.post("/search", json={"text": "x", "top_k": "5"}), 422, "invalid_request"),
+        (c.post("/search", json={"text": "x", "top_k": True}), 422, "invalid_request"),
+        (c.post("/search", json={"text": "x", "top_k": 5.0}), 422, "invalid_request"),
+        (c.post("/search", content=b"[" * 100_000, headers={"content-type": "application/json"}),
+         400, "bad_json"),
+        (c.post("/search", content=b'{"text": "\\ud800"}',
+                headers={"content-type": "application/json"}), 400, "bad_json"),
+        (c.post("/search", content=b'{"text": "caf\xe9"}',
+                headers={"content-type": "application/json"}), 400, "bad_json"),
         (c.post("/search", json={"text": 5}), 422, "invalid_request"),
         (c.post("/search", json={"image_base64": "not base64!"}), 422, "bad_base64"),
         (c.post("/search", json={"image_base64": _b64(b"plain text, no image")}), 422,
@@ -242,8 +277,12 @@ def test_limits_are_4xx_naming_the_problem(service, offline):
         (c.get("/images/not-a-number"), 422, "invalid_request"),
         (c.get("/images/99999999999999999999999"), 404, "not_found"),
         (c.get("/no-such-route"), 404, "not_found"),
-        (c.post("/knn-service", json={"text": "x", "use_safety_model": True}), 422,
+        (c.post("/knn-service", json={"text": "x", "use_mclip": True}), 422,
          "unsupported_option"),
+        (c.post("/knn-service", json={"text": "x", "modality": "text"}), 422,
+         "no_caption_index"),
+        (c.post("/knn-service", json={"text": "x", "num_images": "5"}), 422,
+         "invalid_request"),
         (c.post("/knn-service", json={"embedding_input": [0.0] * 32}), 422, "bad_embedding"),
     ]
     for i, (r, status, code) in enumerate(cases):
@@ -251,7 +290,33 @@ def test_limits_are_4xx_naming_the_problem(service, offline):
             _assert_error(r, status, code)
         except AssertionError as e:
             raise AssertionError(f"case {i}: {e}") from None
+    # A multipart text field that is not UTF-8 is read as Latin-1 (Starlette's form parser
+    # falls back to it), not refused: answered, not a crash.
+    form = c.post("/search", content=b'--b\r\nContent-Disposition: form-data; name="text"\r\n'
+                  b'\r\n\xff\xfe\r\n--b--\r\n',
+                  headers={"content-type": "multipart/form-data; boundary=b"})
+    assert form.status_code == 200 and form.json()["kind"] == "text"
+    # A surrogate pair is a character, not an error.
+    emoji = c.post("/search", content=b'{"text": "a red \\ud83d\\ude00", "top_k": 2}',
+                   headers={"content-type": "application/json"})
+    assert len(_hit_ids(emoji)) == 2
     assert c.get("/healthz").json()["status"] == "ok"  # no replica died
+
+
+def test_overload_is_refused_with_503_and_retry_after(service):
+    """The secured app holds 2 requests and queues 2: a burst of 16 gets 200s and 503s with
+    Retry-After, never a 500, and the app answers again afterwards."""
+    c = service["client"]
+    auth = {"Authorization": f"Bearer {SERVE_TOKEN}"}
+    body = {"text": "a purple picture", "top_k": 3}
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: c.post("/secured/search", json=body, headers=auth),
+                                range(16)))
+    statuses = sorted(r.status_code for r in answers)
+    assert set(statuses) == {200, 503}, statuses
+    refused = [r for r in answers if r.status_code == 503]
+    assert all(r.headers.get("retry-after") == "3" for r in refused)
+    assert len(_hit_ids(c.post("/secured/search", json=body, headers=auth))) == 3
 
 
 def test_auth_on_and_off(service, offline):
@@ -306,6 +371,62 @@ def test_thumbnails_embed_and_health(service, offline):
     np.testing.assert_allclose(body["embedding"], want, atol=1e-5)
     health = c.get("/healthz").json()
     assert health == {"status": "ok", "images": 36, "dim": 32, "probe_hits": 1}
+
+
+def _clip_client_module():
+    """clip-retrieval's own client (the PyPI package, installed without its server's
+    dependencies: its ``__init__`` imports the Flask server, so the module loads by path)."""
+    spec = importlib.util.find_spec("clip_retrieval")
+    assert spec is not None and spec.submodule_search_locations, "clip-retrieval not installed"
+    path = Path(next(iter(spec.submodule_search_locations))) / "clip_client.py"
+    module_spec = importlib.util.spec_from_file_location("clip_retrieval_client", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("prefix", ["", "/split"])
+def test_clip_retrieval_client_works_with_its_defaults(service, offline, prefix):
+    cc = _clip_client_module()
+    client = cc.ClipClient(url=f"{service['base']}{prefix}/knn-service", indice_name="megapairs")
+    assert client.deduplicate and client.use_safety_model and client.use_violence_detector
+    ref = offline["paths"][4]
+    by_image = client.query(image=ref)
+    assert by_image[0]["id"] == offline["id_of"][ref]
+    assert all(-1.0 <= h["similarity"] <= 1.0 for h in by_image)
+    by_text = client.query(text="a yellow picture")
+    assert by_text and {"id", "caption", "url", "similarity"} <= set(by_text[0])
+    # Deduplicated as clip back does: of each group of hits linked (transitively) above its
+    # threshold, the best-ranked stays. The oracle: components by breadth-first search over
+    # the vectors the index stores for the undeduplicated answer.
+    from megapairs_ray.serve.search import DEDUP_THRESHOLD, GallerySearcher
+
+    full = [str(h["id"]) for h in service["client"].post(f"{prefix}/knn-service", json={
+        "text": "a yellow picture", "num_images": 40}).json()]
+    stored: dict[int, np.ndarray] = {}
+    for shard in GallerySearcher(service["gallery_dir"]).shards:
+        stored.update(shard.reconstruct([int(i) for i in full]))
+    vec = np.stack([stored[int(i)] for i in full])
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    sims = vec @ vec.T
+    seen: set[int] = set()
+    want = []
+    for start in range(len(full)):
+        if start in seen:
+            continue
+        want.append(full[start])
+        todo = [start]
+        while todo:
+            i = todo.pop()
+            seen.add(i)
+            todo += [j for j in np.nonzero(sims[i] > DEDUP_THRESHOLD)[0] if j not in seen]
+    assert [str(h["id"]) for h in by_text] == want
+    assert len(by_text) < len(full)  # a random tiny CLIP puts many images close together
+    # The filters it has no model for are accepted and named as not applied.
+    r = service["client"].post(f"{prefix}/knn-service", json={
+        "text": "x", "use_safety_model": True, "use_violence_detector": True, "num_images": 2})
+    assert r.status_code == 200
+    assert r.headers["x-megapairs-not-applied"] == "use_safety_model, use_violence_detector"
 
 
 def test_clip_retrieval_facade_takes_composed_queries(service, offline):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 import logging
 import os
 import posixpath
@@ -53,6 +52,17 @@ class Query:
         return "image" if self.image is not None else "text"
 
 
+@dataclass(frozen=True)
+class SearchCall:
+    """One search as the backend takes it: a query to encode, or a unit vector already in the
+    gallery's space (``embedding_input``); its ``k``; whether to collapse near-duplicate hits.
+    One positional object, for the same reason as ``Query``."""
+
+    what: Query | np.ndarray
+    k: int
+    deduplicate: bool = False
+
+
 class Backend(Protocol):
     """What the routes need; the Serve ingress implements it with deployment handles."""
 
@@ -60,7 +70,7 @@ class Backend(Protocol):
 
     async def embed(self, query: Query) -> np.ndarray: ...
 
-    async def search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]: ...
+    async def search(self, call: SearchCall) -> list[dict[str, Any]]: ...
 
     async def thumbnail(self, image_id: int) -> bytes | None: ...
 
@@ -82,7 +92,8 @@ class ApiError(Exception):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: "5" or true is not a top_k, 1 is not a flag.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class SearchRequest(_Body):
@@ -132,14 +143,16 @@ class ErrorResponse(BaseModel):
 
 class KnnRequest(_Body):
     """clip-retrieval's ``/knn-service`` request; ``text`` + ``image`` together is a composed
-    query. Flags this service has no model for (safety, violence, aesthetics, multilingual
-    CLIP, deduplication) are accepted and must be off or absent."""
+    query. ``deduplicate`` collapses near-duplicate hits as clip back does. The filters this
+    service has no model for (safety, violence, aesthetics) are accepted and reported as not
+    applied (``X-Megapairs-Not-Applied``); multilingual CLIP must be off."""
 
     text: str | None = None
     image: str | None = Field(default=None, description="base64")
     image_url: str | None = None
     embedding_input: list[float] | None = None
-    modality: Literal["image"] = "image"
+    modality: Literal["image", "text"] = Field(default="image", description="What to "
+                                              "search: the gallery's images, or its captions.")
     num_images: int = Field(default=40, ge=1)
     num_result_ids: int | None = Field(default=None, ge=1)
     indice_name: str | None = None
@@ -149,6 +162,11 @@ class KnnRequest(_Body):
     use_violence_detector: bool = False
     aesthetic_score: str | int | None = None
     aesthetic_weight: str | float | None = None
+
+
+# The knn-service filters this service accepts but has no model for: (field, applies when set).
+NOT_APPLIED_HEADER = "X-Megapairs-Not-Applied"
+_KNN_FILTERS_NOT_APPLIED = ("use_safety_model", "use_violence_detector", "aesthetic_score")
 
 
 class KnnHit(BaseModel):
@@ -213,14 +231,17 @@ class RequestReader:
         if not body.strip():
             raise ApiError(422, "empty_body", "the request body is empty: send a JSON object "
                            "with an image, a text, or both")
+        # pydantic's own JSON parser: invalid UTF-8, lone surrogates and nesting past its
+        # recursion limit are JSON errors here, not crashes further on.
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, "bad_json", f"the body is not valid JSON: {e}") from None
-        try:
-            return model.model_validate(doc).model_dump()
+            return model.model_validate_json(body).model_dump()
         except ValidationError as e:
-            raise ApiError(422, "invalid_request", _validation_message(e.errors())) from None
+            errors = e.errors()
+            bad = [x for x in errors if x["type"] == "json_invalid"]
+            if bad:
+                raise ApiError(400, "bad_json", "the body is not valid JSON: "
+                               f"{bad[0]['msg'].removeprefix('Invalid JSON: ')}") from None
+            raise ApiError(422, "invalid_request", _validation_message(errors)) from None
 
     async def _form(self, request: Request, with_top_k: bool) -> dict[str, Any]:
         allowed = {"image", "text", "top_k"} if with_top_k else {"image", "text"}
@@ -278,6 +299,8 @@ class RequestReader:
         """Check an image and a text against the limits; the ``Query`` to encode."""
         if text is not None:
             text = text.strip() or None
+        if text is not None and not _encodes(text):
+            raise ApiError(422, "bad_text", "text is not valid Unicode (a lone surrogate)")
         if text is not None and len(text) > self.limits.max_text_chars:
             raise ApiError(422, "text_too_long",
                            f"text is {len(text)} characters; at most "
@@ -302,6 +325,19 @@ class RequestReader:
             raise ApiError(422, "top_k_out_of_range",
                            f"top_k is {k}; it must be between 1 and {self.limits.max_top_k}")
         return k
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _similarity(score: float) -> float:
+    """An inner product of unit vectors, clamped to [-1, 1] (float rounding reaches 1.00003)."""
+    return min(1.0, max(-1.0, score))
 
 
 def _b64(value: str, field: str) -> bytes:
@@ -410,10 +446,6 @@ def create_api(cfg: ServeAppConfig, backend: Backend) -> FastAPI:
     def image_url(request: Request, image_id: int) -> str:
         return f"{request.scope.get('root_path', '')}/images/{image_id}"
 
-    async def run_search(request: Request, query: Query, k: int) -> list[dict[str, Any]]:
-        vector = await backend.embed(query)
-        return await backend.search(vector, k)
-
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index_page(request: Request) -> HTMLResponse:
         base = request.scope.get("root_path", "").rstrip("/") + "/"
@@ -426,9 +458,10 @@ def create_api(cfg: ServeAppConfig, backend: Backend) -> FastAPI:
         t0 = time.perf_counter()
         query, requested = await reader.read(request, SearchRequest)
         k = reader.top_k(requested)
-        hits = await run_search(request, query, k)
+        hits = await backend.search(SearchCall(query, k))
         return SearchResponse(kind=query.kind, top_k=k, took_ms=(time.perf_counter() - t0) * 1e3,
-                              hits=[Hit(id=str(h["id"]), score=h["score"], caption=h["caption"],
+                              hits=[Hit(id=str(h["id"]), score=_similarity(h["score"]),
+                                        caption=h["caption"],
                                         image_url=image_url(request, h["id"])) for h in hits])
 
     @app.post("/embed", response_model=EmbedResponse, responses=ERRORS,
@@ -467,15 +500,24 @@ def create_api(cfg: ServeAppConfig, backend: Backend) -> FastAPI:
 
     @app.post("/knn-service", response_model=list[KnnHit], responses=ERRORS,
               openapi_extra=_body_doc(KnnRequest, multipart=False))
-    async def knn_service(request: Request) -> list[KnnHit]:
+    async def knn_service(request: Request, response: Response) -> list[KnnHit]:
         """clip-retrieval's knn-service: text, image (base64), image_url or embedding_input;
-        text + image is a composed query."""
+        text + image is a composed query. ``deduplicate`` collapses near-duplicate hits; the
+        safety, violence and aesthetic options are accepted and named in the
+        ``X-Megapairs-Not-Applied`` response header (no model for them here)."""
         req = KnnRequest.model_validate(reader.parse_json(await request.body(), KnnRequest))
-        off = [f for f in ("use_mclip", "use_safety_model", "use_violence_detector",
-                           "deduplicate") if getattr(req, f)]
-        if off:
-            raise ApiError(422, "unsupported_option", f"{off}: this service has no model for "
-                           "that; leave it off")
+        if req.use_mclip:
+            raise ApiError(422, "unsupported_option", "use_mclip: this service has no "
+                           "multilingual CLIP; leave it off")
+        if req.modality == "text":
+            raise ApiError(422, "no_caption_index", "modality text searches caption "
+                           "embeddings, and this gallery has none (a gallery embeds its "
+                           "images only): search with modality image; a text query then "
+                           "finds images")
+        not_applied = [f for f in _KNN_FILTERS_NOT_APPLIED
+                       if getattr(req, f) not in (None, False)]
+        if not_applied:
+            response.headers[NOT_APPLIED_HEADER] = ", ".join(not_applied)
         # clip-retrieval's clients ask for 40 by default: clamped to this service's limit
         # rather than refused, so they work unchanged.
         k = reader.top_k(min(req.num_result_ids or req.num_images, cfg.limits.max_top_k))
@@ -485,13 +527,14 @@ def create_api(cfg: ServeAppConfig, backend: Backend) -> FastAPI:
                     not np.linalg.norm(vector):
                 raise ApiError(422, "bad_embedding", f"embedding_input must be {backend.dim} "
                                "finite numbers, not all 0")
-            hits = await backend.search(vector / np.linalg.norm(vector), k)
+            what: Query | np.ndarray = vector / np.linalg.norm(vector)
         else:
             image = _b64(req.image, "image") if req.image is not None else None
             if req.image_url is not None:
                 image = reader._fetch(req.image_url)
-            hits = await run_search(request, reader.query(image, req.text), k)
-        return [KnnHit(id=str(h["id"]), caption=h["caption"], similarity=h["score"],
+            what = reader.query(image, req.text)
+        hits = await backend.search(SearchCall(what, k, deduplicate=req.deduplicate))
+        return [KnnHit(id=str(h["id"]), caption=h["caption"], similarity=_similarity(h["score"]),
                        url=image_url(request, h["id"])) for h in hits]
 
     return app

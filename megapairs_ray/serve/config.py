@@ -102,6 +102,11 @@ class DeploymentSection(Strict):
 
     autoscaling: AutoscalingSection = AutoscalingSection()
     max_ongoing_requests: int = Field(default=16, ge=1)
+    # Load shedding: requests a caller (the proxy; the replica itself under direct ingress)
+    # holds beyond max_ongoing_requests. Past that a request is refused at once with 503 and
+    # Retry-After instead of queueing without bound; -1 queues without bound (Ray's default).
+    max_queued_requests: int = Field(default=-1, ge=-1)
+    retry_after_s: float = Field(default=1.0, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     health_check_period_s: float = Field(default=10.0, gt=0)
@@ -110,6 +115,9 @@ class DeploymentSection(Strict):
         """Keyword arguments of ``Deployment.options``."""
         return {"autoscaling_config": self.autoscaling.model_dump(exclude_none=True),
                 "max_ongoing_requests": self.max_ongoing_requests,
+                "max_queued_requests": self.max_queued_requests,
+                "backpressure_config": {"status_code": 503,
+                                        "retry_after_s": self.retry_after_s},
                 "health_check_period_s": self.health_check_period_s,
                 "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
 
@@ -142,6 +150,25 @@ class QueryEncoderSection(BatchedSection):
         if self.device == "cuda" and self.num_gpus == 0:
             raise ValueError("query_encoder.device=cuda needs query_encoder.num_gpus > 0")
         return self
+
+
+class ColocatedSection(QueryEncoderSection):
+    """The colocated layout's one deployment: the HTTP routes, the query encoder and the whole
+    gallery index in each replica, one ``@serve.batch`` that encodes and searches. The index's
+    search settings are ``search``'s (nprobe, hnsw_ef_search, faiss_threads, mmap)."""
+
+    max_queued_requests: int = Field(default=64, ge=-1)
+    # The memory one replica may use. Set, it is reserved (Ray's `memory` resource, so a
+    # replica is only placed where it fits) and `layout: auto` colocates when the model and
+    # the index take at most half of it; unset, auto compares with half of the memory of the
+    # machine that builds the application.
+    memory_gib: float | None = Field(default=None, gt=0)
+
+    def options(self) -> dict[str, Any]:
+        out = super().options()
+        if self.memory_gib is not None:
+            out["ray_actor_options"]["memory"] = int(self.memory_gib * 1024**3)
+        return out
 
 
 class SearchSection(BatchedSection):
@@ -210,7 +237,14 @@ class ServeAppConfig(Strict):
     # that folder has moved: queries must be embedded by the gallery's own model.
     checkpoint: str | None = None
     title: str = "megapairs-ray retriever"
-    ingress: DeploymentSection = DeploymentSection(num_cpus=0.25)
+    # colocated: one deployment holds the routes, the encoder and the whole index (no hop
+    # between replicas: the faster layout, measured in benchmarks/serve_load.py); split: an
+    # ingress, a query-encoder and a search deployment, for an index too large for one
+    # replica. auto: colocated when the model and the index fit (colocated.memory_gib).
+    layout: Literal["auto", "colocated", "split"] = "auto"
+    colocated: ColocatedSection = ColocatedSection()
+    # The split layout's deployments.
+    ingress: DeploymentSection = DeploymentSection(num_cpus=0.25, max_queued_requests=64)
     query_encoder: QueryEncoderSection = QueryEncoderSection()
     search: SearchSection = SearchSection(num_cpus=0.5)
     limits: LimitsSection = LimitsSection()

@@ -111,3 +111,19 @@ class GalleryEncoder:
             vectors[good] = self.encoder.candidates(pixels)
         return {"image_id": batch["image_id"], "shard": batch["shard"], SPACE: vectors,
                 "status": status, "detail": detail}
+
+
+def footprint_bytes(gallery_dir: str, checkpoint: str) -> int:
+    """What one replica holding the whole gallery loads: its index shards and the model's
+    weights (the files' sizes; the metadata table is small beside them)."""
+    from megapairs_ray.stages.index import read_meta, shard_uri
+
+    idx = index_dir(gallery_dir)
+    total = 0
+    for shard in range(int(read_meta(idx)["shards"])):
+        fs, path = storage.filesystem(shard_uri(idx, shard))
+        total += int(fs.size(path) or 0)
+    for uri in storage.list_files(checkpoint, suffix=".safetensors"):
+        fs, path = storage.filesystem(uri)
+        total += int(fs.size(path) or 0)
+    return total

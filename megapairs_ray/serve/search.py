@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,9 @@ from megapairs_ray.serve.gallery import META_COLUMNS, GalleryError, index_dir, r
 from megapairs_ray.stages.index import IndexShard, merge_topk, read_meta
 
 log = logging.getLogger(__name__)
+
+# clip-retrieval's clip back links two hits as duplicates above this inner product.
+DEDUP_THRESHOLD = 0.94
 
 class GallerySearcher:
     def __init__(self, gallery_dir: str, nprobe: int | None = None,
@@ -81,6 +85,10 @@ class GallerySearcher:
                         for s, i in zip(row_s[keep], row_i[keep])])
         return out
 
+    def deduplicate(self, hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``hits`` without near-duplicates (``deduplicate``)."""
+        return deduplicate(hits, self.shards)
+
     def _row(self, image_id: int) -> int | None:
         at = int(np.searchsorted(self.ids, image_id))
         return at if at < len(self.ids) and self.ids[at] == image_id else None
@@ -111,6 +119,33 @@ class GallerySearcher:
         hits = self.search(q, 1)
         if not hits[0]:
             raise GalleryError("the gallery index returned no hit")
+
+
+def deduplicate(hits: list[dict[str, Any]], shards: Sequence[IndexShard],
+                threshold: float = DEDUP_THRESHOLD) -> list[dict[str, Any]]:
+    """``hits`` (best first) without near-duplicates, as clip-retrieval's ``clip back`` does it:
+    hits whose stored vectors have an inner product above ``threshold`` are linked, and of each
+    connected group only the best-ranked hit stays."""
+    if len(hits) < 2:
+        return hits
+    ids = [int(h["id"]) for h in hits]
+    found: dict[int, np.ndarray] = {}
+    for shard in shards:
+        found.update(shard.reconstruct([i for i in ids if i not in found]))
+    vecs = np.stack([found[i] for i in ids]).astype(np.float32)
+    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    group = list(range(len(hits)))  # union-find; a group's root is its best-ranked hit
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for a, b in zip(*np.nonzero(np.triu(vecs @ vecs.T > threshold, 1))):
+        ra, rb = root(int(a)), root(int(b))
+        group[max(ra, rb)] = min(ra, rb)
+    return [h for i, h in enumerate(hits) if root(i) == i]
 
 
 def thumbnail_jpeg(data: bytes, size: int, quality: int = 85) -> bytes:

@@ -31,7 +31,7 @@ itself is moved to the GPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -226,6 +226,24 @@ class IndexShard:
         self._gpu = (torch.from_numpy(vectors).to(device, torch.float16),
                      torch.from_numpy(ids).to(device))
         self._gpu_norm = float(np.linalg.norm(vectors, axis=1).max()) if self.count else 0.0
+
+    def reconstruct(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """The stored vectors of those of ``ids`` this shard holds (an IVF-PQ shard's are its
+        decoded codes). The IVF direct map is built on first use."""
+        import faiss
+
+        out: dict[int, np.ndarray] = {}
+        for i in map(int, ids):
+            try:
+                out[i] = self.index.reconstruct(i)
+            except RuntimeError as e:
+                if "not found" in str(e):  # IndexIDMap2: the id lives in another shard
+                    continue
+                if "direct map not initialized" not in str(e):
+                    raise
+                faiss.extract_index_ivf(faiss.downcast_index(self.index.index)).make_direct_map()
+                out[i] = self.index.reconstruct(i)
+        return out
 
     def shape(self) -> tuple[int, int]:
         """(dimension, vectors): checked against the index metadata when the actor starts."""

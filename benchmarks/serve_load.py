@@ -265,7 +265,8 @@ def latency_summary(ms: list[float]) -> dict[str, float]:
 
 
 def floor(checkpoint: str, gallery: str, queries: list[dict[str, Any]], batches: list[int],
-          threads: int, duration: float, max_queries: int) -> dict[str, Any]:
+          threads: int, duration: float, max_queries: int, precision: str = "fp32",
+          ) -> dict[str, Any]:
     """Encoder + search called directly, one batch after another, in this process."""
     import torch
 
@@ -274,9 +275,9 @@ def floor(checkpoint: str, gallery: str, queries: list[dict[str, Any]], batches:
 
     torch.set_num_threads(threads)
     # As the QueryEncoder deployment builds it (decode pool of 4 threads).
-    enc = RetrieverEncoder(checkpoint, batch_size=max(batches), threads=4)
+    enc = RetrieverEncoder(checkpoint, batch_size=max(batches), threads=4, precision=precision)
     searcher = GallerySearcher(gallery)
-    out: dict[str, Any] = {"torch_threads": threads}
+    out: dict[str, Any] = {"torch_threads": threads, "precision": enc.precision}
     for b in batches:
         groups = [queries[i : i + b] for i in range(0, len(queries) - b + 1, b)]
         for g in groups[:3]:  # warm-up

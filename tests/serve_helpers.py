@@ -81,12 +81,15 @@ def gallery_config(gallery_dir: Path | str, checkpoint: str, **sections: Any) ->
 
 def app_args(gallery_dir: str, **over: Any) -> dict[str, Any]:
     """Application args for tests: no CPU reservations (the session's 2-CPU Ray is shared with
-    the other tests), batches that fill under concurrent load."""
+    the other tests), batches that fill under concurrent load, fp32 queries (rankings are
+    compared with the eval code's fp32 ones to 1e-4)."""
+    encoder = {"num_cpus": 0, "torch_threads": 1, "max_batch_size": 8,
+               "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 64, "precision": "fp32"}
     args: dict[str, Any] = {
         "gallery_dir": gallery_dir,
+        "colocated": encoder,
         "ingress": {"num_cpus": 0, "max_ongoing_requests": 128},
-        "query_encoder": {"num_cpus": 0, "torch_threads": 1, "max_batch_size": 8,
-                          "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 64},
+        "query_encoder": encoder,
         "search": {"num_cpus": 0, "max_batch_size": 8, "batch_wait_timeout_s": 0.02,
                    "max_ongoing_requests": 64},
         "limits": {"max_request_bytes": 2_000_000, "max_image_pixels": 4_000_000,

@@ -49,7 +49,7 @@ def service(retriever_gallery, towers_gallery, tmp_path_factory):
             url_fetch={"enabled": True, "allowed_prefixes": [images_dir]},
             colocated={"num_cpus": 0, "torch_threads": 1, "max_batch_size": 2,
                        "max_ongoing_requests": 2, "max_queued_requests": 2,
-                       "retry_after_s": 3})),
+                       "retry_after_s": 3, "precision": "fp32"})),
         ("towers", "/towers", app_args(towers_gallery["gallery_dir"])),
     ])
     urls = deploy(path)

@@ -128,3 +128,30 @@ def test_commands_answer_mistakes_in_one_line(tmp_path):
     bad.write_text("profile: x\nrun_dir: g\ncheckpoint: c\n")
     out = runner.invoke(app, ["gallery", "-c", str(bad)])
     assert out.exit_code == 2 and "exactly one gallery source" in out.output
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
+    from megapairs_ray.models.retriever import resolve_precision
+
+    assert resolve_precision("auto", "cpu", {"avx2", "avx512f", "avx512_bf16"}) == "bf16"
+    assert resolve_precision("auto", "cpu", {"amx_bf16", "amx_tile"}) == "bf16"
+    assert resolve_precision("auto", "cpu", {"avx2", "avx512f"}) == "fp32"
+    assert resolve_precision("fp32", "cpu", {"avx512_bf16"}) == "fp32"
+    assert resolve_precision("bf16", "cpu", set()) == "bf16"
+
+
+def test_bf16_queries_stay_within_the_ranking_tolerance_of_fp32(tmp_path):
+    """The serving default on AVX-512 BF16 CPUs: query embeddings at cosine >= 0.999 to fp32."""
+    import numpy as np
+
+    from megapairs_ray.models.retriever import RetrieverEncoder
+
+    from .helpers import jpeg
+    from .serve_helpers import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    images = [jpeg(i, (80, 64)) for i in range(4)] + [None, None]
+    texts = ["more red", None, "darker", None, "a cat", "two dogs"]
+    fp32 = RetrieverEncoder(ckpt, precision="fp32").queries(images, texts)
+    bf16 = RetrieverEncoder(ckpt, precision="bf16").queries(images, texts)
+    assert ((fp32 * bf16).sum(axis=1) >= 0.999).all()

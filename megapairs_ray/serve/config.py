@@ -141,7 +141,9 @@ class BatchedSection(DeploymentSection):
 
 class QueryEncoderSection(BatchedSection):
     device: Literal["cpu", "cuda"] = "cpu"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 where the replica's hardware computes it natively, else fp32
+    # (models/retriever.py resolve_precision); the gallery's own vectors stay as built.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # torch intra-op threads (Ray sets OMP threads to the actor's num_cpus; this wins).
     torch_threads: int | None = Field(default=None, ge=1)
 

@@ -128,7 +128,10 @@ def run_locust(args: argparse.Namespace) -> dict:
                     r.success()
                 else:
                     r.failure(f"status {status}")
+                retry_after = r.headers.get("retry-after") if r.headers else None
             rec.add(start, latency, p["kind"], status)
+            if args.honour_retry_after and status == 503 and retry_after:
+                gevent.sleep(float(retry_after))  # as HTTP asks of a client told to come back
 
     env = Environment(user_classes=[Client], events=events)
     runner = env.create_local_runner()
@@ -198,6 +201,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--max-requests", type=int, default=2000)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--honour-retry-after", action="store_true",
+                    help="locust: a user told 503 + Retry-After waits that long before its "
+                         "next request (without it, refused users retry at once)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if urlparse(args.host).hostname not in LOOPBACK:

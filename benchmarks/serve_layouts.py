@@ -54,15 +54,18 @@ REQUEST_TIMEOUT_S = 30.0
 
 
 def app_args(gallery: str, checkpoint: str, layout: str, batch: int, wait_s: float,
-             threads: int, queued: int) -> dict[str, Any]:
+             threads: int, queued: int, replicas: int = 1) -> dict[str, Any]:
     """configs/serve-tiny.yaml's settings, in the given layout."""
     args = serve_load.serve_args(gallery, checkpoint, batch, threads, wait_s, ongoing=64,
                                  ingress_ongoing=64)
     args["layout"] = layout
     args["ingress"]["max_queued_requests"] = queued
-    args["colocated"] = {"num_cpus": 1, "torch_threads": threads, "max_batch_size": batch,
+    # the model's replicas, in either layout
+    args["query_encoder"]["autoscaling"] = {"min_replicas": replicas, "max_replicas": replicas}
+    args["colocated"] = {"num_cpus": 0.5, "torch_threads": threads, "max_batch_size": batch,
                          "batch_wait_timeout_s": wait_s, "max_ongoing_requests": 64,
-                         "max_queued_requests": queued}
+                         "max_queued_requests": queued,
+                         "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}
     return args
 
 
@@ -96,6 +99,8 @@ def overload(host: str, payloads: str, args: argparse.Namespace, workdir: Path, 
            host, "--payloads", payloads, "--users", str(args.overload_users), "--warmup", "0",
            "--duration", str(args.overload_duration), "--max-requests", "1000000",
            "--timeout", str(REQUEST_TIMEOUT_S), "--out", str(raw)]
+    if args.honour_retry_after:
+        cmd.append("--honour-retry-after")
     subprocess.run(cmd, check=True, timeout=args.overload_duration + REQUEST_TIMEOUT_S + 120)
     rows = json.loads(raw.read_text())["rows"]
     by_status: dict[str, int] = {}
@@ -105,6 +110,7 @@ def overload(host: str, payloads: str, args: argparse.Namespace, workdir: Path, 
         slowest[str(status)] = round(max(slowest.get(str(status), 0.0), ms), 1)
     bad = {s: n for s, n in by_status.items() if s not in ("200", "503")}
     out = {"users": args.overload_users, "duration_s": args.overload_duration,
+           "clients_honour_retry_after": args.honour_retry_after,
            "request_timeout_s": REQUEST_TIMEOUT_S, "answers": len(rows),
            "by_status": by_status, "slowest_ms_by_status": slowest,
            "ok": not bad and max(slowest.values(), default=0) <= REQUEST_TIMEOUT_S * 1e3}
@@ -135,7 +141,7 @@ def worker(args: argparse.Namespace) -> None:
     for layout in args.layouts.split(","):
         tag = f"{args.worker}-{layout}"
         app = app_args(gallery, checkpoint, layout, args.batch, args.batch_wait_s,
-                       args.torch_threads, args.queued)
+                       args.torch_threads, args.queued, args.replicas)
         port = serve_load.free_port()
         cfg_file = workdir / f"serve-{tag}.yaml"
         cfg_file.write_text(yaml.safe_dump({
@@ -244,10 +250,14 @@ def main() -> None:
     ap.add_argument("--layouts", default="colocated,split")
     ap.add_argument("--levels", default="1,8,32,64", help="/search mix levels")
     ap.add_argument("--knn-levels", default="32,64", help="/knn-service levels")
-    ap.add_argument("--batch", type=int, default=16, help="max_batch_size")
-    ap.add_argument("--batch-wait-s", type=float, default=0.005)
+    ap.add_argument("--batch", type=int, default=16, help="max_batch_size (serve-tiny's)")
+    ap.add_argument("--batch-wait-s", type=float, default=0.0,
+                    help="batch_wait_timeout_s of every batched deployment (serve-tiny's 0)")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--queued", type=int, default=64, help="max_queued_requests (load shedding)")
+    ap.add_argument("--replicas", type=int, default=2,
+                    help="replicas of the model: the colocated deployment, or the split "
+                         "layout's query encoder (serve-tiny's 2)")
     ap.add_argument("--queries", type=int, default=48)
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--duration", type=float, default=15.0)
@@ -255,6 +265,8 @@ def main() -> None:
     ap.add_argument("--floor-duration", type=float, default=15.0)
     ap.add_argument("--overload-users", type=int, default=256, help="0: skip")
     ap.add_argument("--overload-duration", type=float, default=60.0)
+    ap.add_argument("--no-honour-retry-after", dest="honour_retry_after", action="store_false",
+                    help="overload clients retry a 503 at once instead of after Retry-After")
     ap.add_argument("--client", choices=["locust", "httpx"], default="locust")
     ap.add_argument("--no-clipback", dest="clipback", action="store_false")
     ap.add_argument("--clipback-venv", default=str(ROOT / "data" / "bench" / "clipback-venv"))

@@ -401,9 +401,26 @@ def serve_cmd(
     port: Annotated[int | None, typer.Option(help="Override http_options.port.")] = None,
     detach: Annotated[bool, typer.Option(help="Return once deployed (on a cluster, Serve "
                                          "keeps running).")] = False,
+    fast_path: Annotated[str, typer.Option(
+        help="Ray Serve's fast path for the Ray this command starts: haproxy (the default: "
+             "HAProxy ingress + direct ingress, measured fastest), throughput (direct ingress "
+             "alone) or off. A running cluster keeps its own (its containers' environment).",
+    )] = "haproxy",
 ) -> None:
     """Serve the retriever: the search page, /search, /embed, /images, /healthz."""
+    import os
     import time
+
+    from megapairs_ray.serve.deploy import use_fast_path
+
+    # First: Serve reads the switches when it is imported (the config check imports it).
+    use_fast_path(fast_path)
+    if os.environ.get("RAY_ADDRESS"):
+        console.print("joining the cluster at RAY_ADDRESS: its own fast-path settings apply")
+    elif fast_path == "haproxy":
+        console.print("fast path haproxy: the replicas' HTTP ports (30000-31000) and HAProxy's "
+                      "stats and metrics listen on every interface (docs/serving.md); "
+                      "--fast-path off binds only http_options.host")
 
     from megapairs_ray.config import RayConfig
     from megapairs_ray.pipeline.runtime import init_ray

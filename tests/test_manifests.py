@@ -48,6 +48,7 @@ RAYJOB = KUBERAY_DIR / "rayjob-pipeline.yaml"
 RAYCLUSTER = KUBERAY_DIR / "raycluster.yaml"
 RAYJOB_TRAIN = KUBERAY_DIR / "rayjob-train.yaml"
 RAYSERVICE = KUBERAY_DIR / "rayservice.yaml"
+NETWORK_POLICY = KUBERAY_DIR / "networkpolicy.yaml"
 SERVE_CONFIG = REPO / "configs" / "serve-paper.yaml"
 # The config schema each entrypoint script takes (a new script needs its line here).
 ENTRYPOINT_SCHEMAS: dict[str, type] = {"jobs/run_pipeline.py": RunConfig,
@@ -69,7 +70,7 @@ def _load(path: Path) -> dict[str, Any]:
 def _kind(path: Path) -> str:
     """What a manifest is: its KubeRay kind, or anyscale-job / -service / -compute."""
     doc = _load(path)
-    if doc.get("apiVersion") == "ray.io/v1":
+    if doc.get("apiVersion") in ("ray.io/v1", "networking.k8s.io/v1"):
         return str(doc.get("kind"))
     if path.parent == ANYSCALE_DIR:
         if path.name.startswith("compute-"):
@@ -183,6 +184,7 @@ def test_every_manifest_is_checked() -> None:
     unknown = [str(p.relative_to(REPO)) for p in MANIFESTS if _kind(p) == "unknown"]
     assert not unknown, f"manifests no test checks: {unknown}"
     assert {RAYJOB, RAYCLUSTER, RAYJOB_TRAIN, RAYSERVICE} <= set(KUBERAY_MANIFESTS)
+    assert _of_kind("NetworkPolicy") == [NETWORK_POLICY]
     assert {ANYSCALE_JOB, ANYSCALE_DIR / "job-train.yaml"} <= set(ANYSCALE_JOBS)
     assert ANYSCALE_SERVICES == [ANYSCALE_SERVICE]
     assert len(ANYSCALE_COMPUTE) >= 3
@@ -808,3 +810,47 @@ def test_anyscale_service_carries_the_serve_config_file(serve_app: ServeAppConfi
     # One bearer token per request: the application's, or Anyscale's, never both.
     assert service["query_auth_token_enabled"] is (serve_app.auth.token_env is None)
     assert serve_app.auth.token_env not in service.get("env_vars", {}), "a secret in the file"
+
+
+# --- the service's network exposure ------------------------------------------------------------
+
+
+FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def _rayservice_pods() -> list[dict[str, Any]]:
+    spec = _load(RAYSERVICE)["spec"]["rayClusterConfig"]
+    return [spec["headGroupSpec"]["template"]] + [g["template"]
+                                                  for g in spec["workerGroupSpecs"]]
+
+
+def test_every_ray_container_runs_the_fast_path() -> None:
+    """Serve reads the switches in every Ray process: head and workers alike."""
+    for pod in _rayservice_pods():
+        for c in pod["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert {k: env.get(k) for k in FAST_PATH_ENV} == FAST_PATH_ENV, c["name"]
+    assert {k: _load(ANYSCALE_SERVICE)["env_vars"].get(k) for k in FAST_PATH_ENV} == \
+        FAST_PATH_ENV
+
+
+def test_network_policy_admits_only_the_serve_port_from_outside_the_ray_cluster() -> None:
+    policy = _load(NETWORK_POLICY)
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    for pod in _rayservice_pods():  # it selects every pod of the RayService
+        assert selected.items() <= pod["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    serve_port = yaml.safe_load(_load(RAYSERVICE)["spec"]["serveConfigV2"])["http_options"]["port"]
+    for rule in policy["spec"]["ingress"]:
+        peers = rule.get("from", [])
+        inside = peers and all(p.get("podSelector", {}).get("matchLabels") == selected
+                               and "namespaceSelector" not in p for p in peers)
+        if inside:
+            assert "ports" not in rule  # Ray needs every port between its own pods
+            continue
+        ports = {p["port"] for p in rule.get("ports", [])}
+        assert ports, f"a rule open on every port to {peers or 'anyone'}"
+        # the replicas' direct-ingress ports, HAProxy's stats and metrics: never from outside
+        assert not ports & {8404, 9101} and not any(30000 <= p <= 31000 for p in ports)
+        if not peers:
+            assert ports == {serve_port}

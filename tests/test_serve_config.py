@@ -4,6 +4,7 @@ through silently, and the commands turn every mistake into one line naming it.""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -114,14 +115,16 @@ def test_deployment_overrides_belong_in_args(tmp_path):
 
 def test_commands_answer_mistakes_in_one_line(tmp_path):
     runner = CliRunner()
-    missing = runner.invoke(app, ["serve", "-c", str(tmp_path / "nope.yaml")])
+    # --fast-path off: the command sets Ray Serve's switches in this (the test's) process.
+    missing = runner.invoke(app, ["serve", "-c", str(tmp_path / "nope.yaml"), "--fast-path", "off"])
     assert missing.exit_code == 2 and "serve config not found" in missing.output
     assert "Traceback" not in missing.output
     doc = _doc()
     doc["applications"][0]["args"]["gallery_dir"] = str(tmp_path / "no-gallery")
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(doc))
-    no_gallery = runner.invoke(app, ["serve", "-c", str(path), "--detach"])
+    no_gallery = runner.invoke(app, ["serve", "-c", str(path), "--detach", "--fast-path", "off"])
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in os.environ
     assert no_gallery.exit_code == 1, no_gallery.output
     assert "no finished gallery" in no_gallery.output and "Traceback" not in no_gallery.output
     bad = tmp_path / "gallery.yaml"
@@ -142,7 +145,6 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
 
 def test_bf16_queries_stay_within_the_ranking_tolerance_of_fp32(tmp_path):
     """The serving default on AVX-512 BF16 CPUs: query embeddings at cosine >= 0.999 to fp32."""
-    import numpy as np
 
     from megapairs_ray.models.retriever import RetrieverEncoder
 

@@ -160,6 +160,10 @@ class ColocatedSection(QueryEncoderSection):
     search settings are ``search``'s (nprobe, hnsw_ef_search, faiss_threads, mmap)."""
 
     max_queued_requests: int = Field(default=64, ge=-1)
+    # No wait for a batch to fill: one batch runs at a time, so requests that arrive meanwhile
+    # form the next one; a wait would only add latency at low load (measured in
+    # benchmarks/serve_layouts.py).
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     # The memory one replica may use. Set, it is reserved (Ray's `memory` resource, so a
     # replica is only placed where it fits) and `layout: auto` colocates when the model and
     # the index take at most half of it; unset, auto compares with half of the memory of the

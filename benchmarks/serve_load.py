@@ -525,13 +525,27 @@ def noop_runs(queries: list[dict[str, Any]], args: argparse.Namespace, workdir: 
     return out
 
 
+def write_serve_config(path: Path, port: int, app: dict[str, Any],
+                       request_timeout_s: float | None = None) -> None:
+    """A Ray Serve config file with the one megapairs application on 127.0.0.1:``port``."""
+    import yaml
+
+    http: dict[str, Any] = {"host": "127.0.0.1", "port": port}
+    if request_timeout_s is not None:
+        http["request_timeout_s"] = request_timeout_s
+    path.write_text(yaml.safe_dump({
+        "proxy_location": "HeadOnly", "http_options": http,
+        "applications": [{"name": "megapairs", "route_prefix": "/",
+                          "import_path": "megapairs_ray.serve.app:build_app",
+                          "args": app}]}, sort_keys=False))
+
+
 def serve_runs(checkpoint: str, gallery: str, queries: list[dict[str, Any]],
                args: argparse.Namespace, workdir: Path, batches: list[int] | None = None,
                levels: list[int] | None = None, ongoing: int | None = None,
                extras: bool = True) -> dict[str, Any]:
     """Each batch size deployed in turn, every level run on it; with ``extras`` also the client
     check (first deployment) and the /knn-service facade levels."""
-    import yaml
     from ray import serve
 
     from megapairs_ray.serve.deploy import deploy
@@ -550,11 +564,7 @@ def serve_runs(checkpoint: str, gallery: str, queries: list[dict[str, Any]],
                          ongoing, args.ingress_ongoing)
         cfg_file = workdir / f"serve-{tag}.yaml"
         port = free_port()
-        cfg_file.write_text(yaml.safe_dump({
-            "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-            "applications": [{"name": "megapairs", "route_prefix": "/",
-                              "import_path": "megapairs_ray.serve.app:build_app",
-                              "args": app}]}, sort_keys=False))
+        write_serve_config(cfg_file, port, app)
         print(f"deploying {cfg_file} (max_batch_size {batch}) on 127.0.0.1:{port}", flush=True)
         t0 = time.perf_counter()
         (url,) = deploy(cfg_file, "127.0.0.1", port)

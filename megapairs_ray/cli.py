@@ -418,9 +418,9 @@ def serve_cmd(
     if os.environ.get("RAY_ADDRESS"):
         console.print("joining the cluster at RAY_ADDRESS: its own fast-path settings apply")
     elif fast_path == "haproxy":
-        console.print("fast path haproxy: the replicas' HTTP ports (30000-31000) and HAProxy's "
-                      "stats and metrics listen on every interface (docs/serving.md); "
-                      "--fast-path off binds only http_options.host")
+        console.print("fast path haproxy: HAProxy's stats (8404) and metrics (9101) listen on "
+                      "every interface (docs/serving.md); --fast-path off binds only "
+                      "http_options.host")
 
     from megapairs_ray.config import RayConfig
     from megapairs_ray.pipeline.runtime import init_ray

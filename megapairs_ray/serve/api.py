@@ -64,7 +64,8 @@ class SearchCall:
 
 
 class Backend(Protocol):
-    """What the routes need; the Serve ingress implements it with deployment handles."""
+    """What the routes need: the colocated deployment implements it in process, the split
+    layout's ingress with deployment handles (``serve/app.py``)."""
 
     dim: int  # the gallery's embedding dimension
 
@@ -151,8 +152,9 @@ class KnnRequest(_Body):
     image: str | None = Field(default=None, description="base64")
     image_url: str | None = None
     embedding_input: list[float] | None = None
-    modality: Literal["image", "text"] = Field(default="image", description="What to "
-                                              "search: the gallery's images, or its captions.")
+    modality: Literal["image", "text"] = Field(
+        default="image", description="What to search: image, the gallery's images. text (clip "
+        "back's caption index) is refused: a gallery embeds its images only.")
     num_images: int = Field(default=40, ge=1)
     num_result_ids: int | None = Field(default=None, ge=1)
     indice_name: str | None = None
@@ -164,7 +166,8 @@ class KnnRequest(_Body):
     aesthetic_weight: str | float | None = None
 
 
-# The knn-service filters this service accepts but has no model for: (field, applies when set).
+# The knn-service options this service accepts but has no model for; any that a request sets is
+# named in the NOT_APPLIED_HEADER of its answer.
 NOT_APPLIED_HEADER = "X-Megapairs-Not-Applied"
 _KNN_FILTERS_NOT_APPLIED = ("use_safety_model", "use_violence_detector", "aesthetic_score")
 

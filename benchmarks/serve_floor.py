@@ -85,13 +85,10 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1)
     args = ap.parse_args()
 
-    import ray
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    checkpoint, gallery = serve_load.prepare(Path(args.cache).resolve())
-    ray.shutdown()
+    checkpoint, gallery = serve_load.prepare_once(Path(args.cache).resolve())
     queries = serve_load.make_queries(args.queries)
     results: dict[str, Any] = {
         "benchmark": "serve_floor", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -270,16 +270,12 @@ def main() -> None:
         worker(args)
         return
 
-    import ray
     import serve_clipback
 
     cache = Path(args.cache).resolve()
     workdir = cache / "work"
     workdir.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
-             log_to_driver=False)
-    checkpoint, gallery = serve_load.prepare(cache)  # built once, with Ray; reused after
-    ray.shutdown()
+    checkpoint, gallery = serve_load.prepare_once(cache)  # built once; reused after
     queries = serve_load.make_queries(args.queries)
     results: dict[str, Any] = {
         "benchmark": "serve_layouts", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

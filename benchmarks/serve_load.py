@@ -139,6 +139,19 @@ def corpus_images(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
     return rng.sample(found, n)
 
 
+def prepare_once(cache: Path) -> tuple[str, str]:
+    """``prepare`` on a Ray started for it and stopped after: for benchmarks that measure
+    without Ray in this process (or in subprocesses of their own)."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        return prepare(cache)
+    finally:
+        ray.shutdown()
+
+
 def prepare(cache: Path) -> tuple[str, str]:
     """(checkpoint, gallery) folders, made once and reused. Needs an initialised Ray."""
     ckpt, gallery = cache / "ckpt", cache / "gallery"

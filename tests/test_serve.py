@@ -127,6 +127,25 @@ def test_auto_layout_colocates_a_small_gallery():
     assert deployments["split"] == ["GallerySearch", "Ingress", "QueryEncoder"]
 
 
+def test_auto_layout_follows_the_configured_replica_memory(retriever_gallery):
+    """The decision reads colocated.memory_gib, never the memory of the machine building the
+    app; the memory is reserved from Ray only when asked."""
+    from megapairs_ray.serve.app import choose_layout
+    from megapairs_ray.serve.config import app_config
+    from megapairs_ray.serve.gallery import footprint_bytes
+
+    g, ckpt = retriever_gallery["gallery_dir"], retriever_gallery["checkpoint"]
+    need_gib = footprint_bytes(g, ckpt) / 1024**3
+    fits = app_config({"gallery_dir": g, "colocated": {"memory_gib": 2.1 * need_gib}})
+    too_small = app_config({"gallery_dir": g, "colocated": {"memory_gib": 1.9 * need_gib}})
+    assert choose_layout(fits, ckpt) == "colocated"
+    assert choose_layout(too_small, ckpt) == "split"
+    assert "memory" not in fits.colocated.options()["ray_actor_options"]
+    reserved = app_config({"gallery_dir": g, "colocated": {"memory_gib": 3,
+                                                           "reserve_memory": True}})
+    assert reserved.colocated.options()["ray_actor_options"]["memory"] == 3 * 1024**3
+
+
 @pytest.mark.parametrize("app", ["colocated", "split", "towers"])
 @pytest.mark.parametrize("kind", ["composed", "image", "text"])
 def test_served_ranking_equals_the_offline_eval_ranking(service, offline, offline_towers, kind,

@@ -59,8 +59,10 @@ def resolve_precision(precision: str, device: str, cpu_flags: set[str] | None = 
     to it), fp32 elsewhere, where bf16 would be emulated and slower. Anything else as given."""
     if precision != "auto":
         return precision
+    # Runs where the model is loaded (a replica), about that process's own device: the device
+    # itself comes from the config.
     if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if cpu_flags is None:
         try:
             with open("/proc/cpuinfo") as f:

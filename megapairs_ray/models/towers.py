@@ -167,7 +167,6 @@ class MMRetTowers(Retriever):
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.image_projection(pooled)
 
-
     def text_features(self, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:

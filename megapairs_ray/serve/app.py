@@ -30,7 +30,6 @@ import logging
 from typing import Any
 
 import numpy as np
-import psutil
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -186,12 +185,11 @@ class Ingress:
 
 def choose_layout(cfg: ServeAppConfig, checkpoint: str) -> str:
     """``cfg.layout``, with auto resolved: colocated when the model and the index take at most
-    half of a colocated replica's memory."""
+    half of a colocated replica's memory (``colocated.memory_gib``)."""
     if cfg.layout != "auto":
         return cfg.layout
     need = footprint_bytes(cfg.gallery_dir, checkpoint)
-    memory = (cfg.colocated.memory_gib * 1024**3 if cfg.colocated.memory_gib is not None
-              else psutil.virtual_memory().total)
+    memory = cfg.colocated.memory_gib * 1024**3
     layout = "colocated" if need <= memory / 2 else "split"
     log.info("layout auto: %s (model + index %.2f GiB, replica memory %.1f GiB)", layout,
              need / 1024**3, memory / 1024**3)

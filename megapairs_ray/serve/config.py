@@ -164,15 +164,16 @@ class ColocatedSection(QueryEncoderSection):
     # form the next one; a wait would only add latency at low load (measured in
     # benchmarks/serve_layouts.py).
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
-    # The memory one replica may use. Set, it is reserved (Ray's `memory` resource, so a
-    # replica is only placed where it fits) and `layout: auto` colocates when the model and
-    # the index take at most half of it; unset, auto compares with half of the memory of the
-    # machine that builds the application.
-    memory_gib: float | None = Field(default=None, gt=0)
+    # The memory one replica may use: `layout: auto` colocates when the model and the index
+    # take at most half of it. From the config, never from the machine that builds the app
+    # (on a cluster that is the head, not where replicas run).
+    memory_gib: float = Field(default=4.0, gt=0)
+    # Reserve memory_gib as Ray's `memory` resource, so a replica is placed only where it fits.
+    reserve_memory: bool = False
 
     def options(self) -> dict[str, Any]:
         out = super().options()
-        if self.memory_gib is not None:
+        if self.reserve_memory:
             out["ray_actor_options"]["memory"] = int(self.memory_gib * 1024**3)
         return out
 

@@ -85,7 +85,6 @@ class MMRetCLIP(Retriever):
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.clip.visual_projection(pooled)
 
-
     def text_features(self, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)

@@ -119,8 +119,8 @@ def test_the_shuffled_control_keeps_the_targets_but_not_their_queries(tmp_path):
     again = TrainConfig.model_validate(_doc(tmp_path / "store", "plain",
                                             {**data, "num_hard_negatives": 1}, TOWERS))
     assert prepare_data(again)[1]["usable"] == len(rows[0])
-    assert json.loads((tmp_path / "store/plain/prepared/_counts.json").read_text())[
-        "settings"]["num_hard_negatives"] == 1
+    assert json.loads((tmp_path / "store/plain/_state/prepare.json").read_text())[
+        "settings"]["data.num_hard_negatives"] == 1
 
 
 def test_a_split_that_leaves_no_held_out_triplet_is_one_line(tmp_path):

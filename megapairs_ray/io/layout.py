@@ -14,6 +14,16 @@
     RUN/descriptions/, RUN/instructions/   the usable answers of every try
     RUN/triplets/                    export: the released MegaPairs form
 
+A ``megapairs train`` run has a folder of its own, TRAIN = ``checkpoint.storage_path/name``,
+where Ray Train keeps its checkpoints; its books are kept the same way:
+
+    TRAIN/_state/prepare.json        the data settings and input files the prepared rows came from
+    TRAIN/_state/prepare/rows.json   the prepared rows' counts, written once they are complete
+    TRAIN/prepared/                  the checked training rows, a reason on each rejected one
+    TRAIN/metrics.jsonl              every report's metrics
+    TRAIN/summary.json               the finished run: its last checkpoint, metrics, counts
+    TRAIN/checkpoint_manager_snapshot.json   Ray Train's: a relaunch resumes from its newest
+
 Only ``io/stepstate.py`` reads and writes ``_state``: the books are kept one way for every
 stage.
 """
@@ -115,3 +125,26 @@ def instructions_dir(run_dir: str) -> str:
 
 def triplets_dir(run_dir: str) -> str:
     return storage.join(run_dir, "triplets")
+
+# ------------------------------------------------------------------------------ a training run
+
+
+def train_run_dir(storage_path: str, name: str) -> str:
+    return storage.join(storage_path, name)
+
+
+def prepared_dir(train_run: str) -> str:
+    return storage.join(train_run, "prepared")
+
+
+def train_metrics_file(train_run: str) -> str:
+    return storage.join(train_run, "metrics.jsonl")
+
+
+def train_summary_file(train_run: str) -> str:
+    return storage.join(train_run, "summary.json")
+
+
+def train_checkpoint_snapshot(train_run: str) -> str:
+    """Ray Train's record of the run's checkpoints (Train V2): a relaunch resumes from it."""
+    return storage.join(train_run, "checkpoint_manager_snapshot.json")

@@ -5,7 +5,8 @@ ingest found it).
 Two steps. ``prepare_data`` reads the annotations once (JSON lines parsed row by row, so one
 broken line is one reject, not a failed file), checks every record and that every image it names
 exists, and writes the result as parquet beside the run's checkpoints with a reason on each
-rejected row; a relaunch reuses it. ``training_dataset`` then streams the good rows through
+rejected row; a relaunch reuses it while the data settings and the input files are the same
+(books kept by ``io/stepstate``). ``training_dataset`` then streams the good rows through
 ``TripletLoader`` actors, which draw one instruction and the hard negatives per row afresh on
 every pass, read the images (grouped by tar), decode and resize them to the model's input size.
 Pixels leave the loaders as uint8 — a quarter of the bytes of floats — and are normalised on the
@@ -32,8 +33,9 @@ import ray
 import torch
 
 from megapairs_ray.ids import held_out, id_of_path, image_ids
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import LOCATION_COLUMNS, fetch_bytes_tolerant
+from megapairs_ray.io.stepstate import StepState, stored_fingerprint
 from megapairs_ray.models.encoders import ImageSpec
 from megapairs_ray.pipeline.shardlist import ingested_images
 from megapairs_ray.stages.pixels import decode_cpu, to_model_input
@@ -158,6 +160,10 @@ class CheckTriplets:
         return pa.table(cols, schema=PREPARED_SCHEMA)
 
 
+PREPARE_STAGE = "prepare"  # the books of the prepared rows, in the training run's own folder
+PREPARED_UNIT = "rows"  # its one unit: the marker, written last, holds the counts
+
+
 def _data_settings(data: TrainDataConfig) -> dict[str, Any]:
     """What the prepared rows depend on: a relaunch with other data prepares them again."""
     fields = {"annotations", "captions_from", "image_root", "num_hard_negatives",
@@ -167,19 +173,74 @@ def _data_settings(data: TrainDataConfig) -> dict[str, Any]:
     return data.model_dump(mode="json", include=fields)
 
 
+def _file_identity(info: dict[str, Any]) -> str:
+    """A file's size and version as its filesystem reports them: the ETag where there is one
+    (object stores), else the modification time. Rewriting the file changes it."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"{info.get('size')} bytes, etag {str(etag).strip(chr(34))}"
+    stamp = (info.get("mtime") or info.get("LastModified") or info.get("updated")
+             or info.get("last_modified") or "")
+    return f"{info.get('size')} bytes, modified {stamp}"
+
+
+def annotation_identity(files: list[str]) -> dict[str, str]:
+    """Each annotation file's uri -> its size and version (``_file_identity``)."""
+    def one(uri: str) -> str:
+        fs, path = storage.filesystem(uri)
+        return _file_identity(fs.info(path))
+
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(files, pool.map(one, files)))
+
+
+def prepare_state(cfg: TrainConfig) -> StepState:
+    """The prepared rows' books, in the training run's folder. Their fingerprint covers what
+    the rows are made from: the data settings, and the input itself: each annotation file's
+    uri, size and version (the folders listed as ``annotation_files`` lists them), or, for an
+    alignment run, the fingerprint of the ``captions_from`` run's ingest output."""
+    run = layout.train_run_dir(cfg.checkpoint.storage_path, cfg.checkpoint.name)
+    settings = {f"data.{k}": v for k, v in _data_settings(cfg.data).items()}
+    upstream: dict[str, str] = {}
+    if cfg.data.captions_from:
+        upstream["ingest"] = stored_fingerprint(str(cfg.data.captions_from), "ingest")
+    else:
+        files = annotation_identity(annotation_files(cfg.data.annotations))
+        settings.update({f"annotation file {uri}": ident for uri, ident in files.items()})
+    return StepState(run, PREPARE_STAGE, settings, upstream)
+
+
 def prepare_data(cfg: TrainConfig) -> tuple[str, dict[str, int]]:
-    """Checked training rows as parquet under the run's storage (reused on relaunch while the
-    data settings are the same); returns the folder and the counts: ``rows``, ``usable`` and
-    one ``reject:<reason>`` per reason. Triplets, or an alignment run's captioned images."""
-    out = storage.join(cfg.checkpoint.storage_path, cfg.checkpoint.name, "prepared")
-    marker = storage.join(out, "_counts.json")
-    settings = _data_settings(cfg.data)
-    if storage.exists(marker):
-        counts = storage.read_json(marker)
-        if counts.pop("settings", None) == settings:
-            return out, counts
-        log.warning("the data settings changed since %s was prepared: preparing again", out)
-    storage.remove(out, recursive=True)  # a half-written earlier attempt, or other data
+    """Checked training rows as parquet in the run's folder; returns the folder and the
+    counts: ``rows``, ``usable`` and one ``reject:<reason>`` per reason. Triplets, or an
+    alignment run's captioned images.
+
+    A relaunch reuses the rows while their books (``prepare_state``) match: the same data
+    settings and the same input files. Anything else — a setting, an annotation file
+    rewritten, added or removed, the captions run ingested again — and they are prepared
+    again, with a one-line warning naming what changed; so are rows prepared by an earlier
+    version that kept no books (a ``prepared/_counts.json``), and rows a killed attempt left
+    half-written (no marker).
+
+    If the run already has checkpoints, they were trained on the earlier rows, and Ray Train
+    resumes from the newest of them (same ``checkpoint.storage_path`` and ``name``) on the new
+    rows. That is left to the user, with a warning: continuing a run on corrected or extended
+    data can be what is wanted; a fresh start is another ``checkpoint.name``."""
+    state = prepare_state(cfg)
+    out = layout.prepared_dir(state.run_dir)
+    had_rows = storage.exists(out)
+    changed = state.reconcile([out])  # logs what changed, if anything did
+    removed = had_rows and not storage.exists(out)
+    if removed and not changed:
+        log.warning("%s was prepared by an earlier version that kept no record of its input: "
+                    "preparing it again", out)
+    if removed and storage.exists(layout.train_checkpoint_snapshot(state.run_dir)):
+        log.warning("%s has checkpoints trained on the earlier rows: the training resumes from "
+                    "the newest on the new rows (for a fresh start, use another "
+                    "checkpoint.name)", state.run_dir)
+    if PREPARED_UNIT in state.done_units():
+        return out, dict(state.read_markers([PREPARED_UNIT])[0]["counts"])
+    storage.remove(out, recursive=True)  # what a killed attempt left half-written
     checked = _check_captions(cfg) if cfg.data.captions_from else _check_triplets(cfg)
     checked.write_parquet(out)
     if cfg.data.shuffle_targets:
@@ -188,7 +249,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, dict[str, int]]:
     tally = Counter(reasons.column("reject_reason").to_pylist()) if reasons else Counter()
     counts = {"rows": sum(tally.values()), "usable": tally.pop("", 0)}
     counts.update({f"reject:{r}": n for r, n in sorted(tally.items())})
-    storage.write_json(marker, {**counts, "settings": settings})
+    state.mark_done(PREPARED_UNIT, counts)
     return out, counts
 
 

@@ -12,7 +12,9 @@ step, and ``FailureConfig`` restarts a failed worker group the same way.
 
 On resume the optimiser state and the step are exact; the data stream starts a fresh pass (Ray
 Data's streaming split has no replayable position), which for an open-domain corpus sampled
-afresh every pass changes nothing that matters.
+afresh every pass changes nothing that matters. A relaunch whose data changed (settings or
+input files) prepares the rows again and still resumes from the checkpoint, with a warning
+(``data.prepare_data``); a fresh start is another ``checkpoint.name``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from megapairs_ray.errors import MegapairsError
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.models.encoders import resolve_model_path
 from megapairs_ray.models.family import checkpoint_family, load_retriever
 from megapairs_ray.models.fusion import FeatureCache
@@ -259,7 +261,7 @@ def read_metrics(uri: str) -> list[dict[str, Any]]:
 
 
 def run_dir(cfg: TrainConfig) -> str:
-    return storage.join(cfg.checkpoint.storage_path, cfg.checkpoint.name)
+    return layout.train_run_dir(cfg.checkpoint.storage_path, cfg.checkpoint.name)
 
 
 def _with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -312,7 +314,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             name=cfg.checkpoint.name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            callbacks=[MetricsLog(storage.join(run_dir(cfg), "metrics.jsonl"))]),
+            callbacks=[MetricsLog(layout.train_metrics_file(run_dir(cfg)))]),
         datasets={"train": ds},
     )
     result = trainer.fit()
@@ -327,7 +329,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "dropped_while_loading": dropped,
         "seconds": time.perf_counter() - t0,
     }
-    storage.write_json(storage.join(run_dir(cfg), "summary.json"), summary)
+    storage.write_json(layout.train_summary_file(run_dir(cfg)), summary)
     return summary
 
 

@@ -201,7 +201,7 @@ Num = Annotated[str | None, typer.Option(help="A number.")]
 @app.command("plan")
 def plan_cmd(
     images: Annotated[str | None, typer.Option(help="Images in the corpus: 1e9, 500M, 2B.")] = None,
-    gpu: Annotated[str, typer.Option(help="GPU with measured results in benchmarks/results/.")
+    gpu: Annotated[str, typer.Option(help="GPU with measured results (a folder of --results).")
                    ] = "h200",
     nodes: Num = None, gpus_per_node: Num = None, cpus_per_node: Num = None,
     memory_per_node_gib: Num = None, cpu_nodes: Num = None, cpus_per_cpu_node: Num = None,
@@ -217,7 +217,9 @@ def plan_cmd(
     train_config: Annotated[str, typer.Option(
         help="Training config YAML, or 'none' to leave training out.")
     ] = "configs/train-paper.yaml",
-    results: Annotated[Path | None, typer.Option(help="Measured results folder.")] = None,
+    results: Annotated[Path | None, typer.Option(
+        help="Measured results folder (<machine>/<file>, as benchmarks/results/); default: the "
+             "results shipped in the package.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Plan a run: GPU- and core-hours, nodes and wall time per stage, index memory, object
@@ -248,8 +250,7 @@ def plan_cmd(
     cfg = _load(config, set_)
     train = None if train_config.lower() == "none" else load_config(train_config,
                                                                     schema=TrainConfig)
-    result = plan.make_plan(inputs, cfg, train, results or plan.RESULTS_DIR, str(config),
-                            train_config)
+    result = plan.make_plan(inputs, cfg, train, results, str(config), train_config)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=1))
     else:

@@ -2,10 +2,14 @@
 
 A plan is arithmetic on three kinds of figure, and each figure says which kind it is:
 
-- **measured**: a value read from a result file under ``benchmarks/results/`` (the file and key
-  are named): the embed stage's images/s per GPU, JPEG decodes per CPU core, the CPU's
-  inner-product and PQ-scan rates (calibrated on the index benchmark's measured queries/s), the
-  GPU's exact-search rate, the training step's triplets/s per GPU, the card's memory;
+- **measured**: a value read from a result file (the file and key are named): the embed stage's
+  images/s per GPU, JPEG decodes per CPU core, the CPU's inner-product and PQ-scan rates
+  (calibrated on the index benchmark's measured queries/s), the GPU's exact-search rate, the
+  training step's triplets/s per GPU, the card's memory. By default the files shipped in the
+  package, ``megapairs_ray/plan_sources/<machine>/``: the few files of ``benchmarks/results/``
+  a plan reads, copied as they are (``tests/test_plan.py`` fails while a copy differs from its
+  benchmark result), so an installed ``megapairs plan`` needs no repository; or those of
+  ``--results DIR``, laid out the same way;
 - **config** or **input**: a setting of the run config (``--config``) or a command-line value;
 - **assumption**: anything not measured here, said so with the reason (the vLLM steps' pairs/s
   per GPU, bytes per source image, text lengths, FAISS's k-means iterations, cluster shapes
@@ -18,21 +22,27 @@ network, so a plan takes well under a second and a test can recompute any figure
 
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
 import json
 import math
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from megapairs_ray.config import ConfigError, RunConfig
 from megapairs_ray.train.config import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
+if TYPE_CHECKING:
+    from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11
+
+# The measured results shipped with the package (package data): copies of the files of
+# benchmarks/results/ a plan reads. Values read from them are labelled with this path.
+PACKAGED_RESULTS = "megapairs_ray/plan_sources"
 CPU_RESULTS = "cpu-2core"  # the calibration of the CPU rates (index kinds, measured there)
 HOUR = 3600.0
 GB = 1e9
@@ -170,24 +180,35 @@ def plan_inputs(values: dict[str, Any]) -> PlanInputs:
 # --- measured results ---------------------------------------------------------------------------
 
 
+def packaged_results() -> Traversable:
+    """The folder of measured results shipped in the package."""
+    return importlib.resources.files("megapairs_ray").joinpath("plan_sources")
+
+
 class Results:
-    """The result files under ``benchmarks/results/``; every value read names its file."""
+    """Measured result files, ``<machine>/<file>``: the package's own (``root`` None) or a
+    folder's; every value read names its file."""
 
-    def __init__(self, root: Path = RESULTS_DIR) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root: Traversable | Path = packaged_results() if root is None else Path(root)
+        self.name = PACKAGED_RESULTS if root is None else str(root)
         if not self.root.is_dir():
-            raise ConfigError(f"no measured results at {self.root}: pass --results DIR")
+            raise ConfigError(f"no measured results at {self.name}: pass --results DIR")
 
-    def label(self, path: Path) -> str:
-        try:
-            return str(path.resolve().relative_to(REPO))
-        except ValueError:
-            return str(path)
+    def label(self, rel: str = "") -> str:
+        """How a figure names the file ``rel`` (the folder itself without ``rel``)."""
+        return posixpath.join(self.name, rel) if rel else self.name
+
+    def file(self, rel: str) -> Traversable | Path:
+        node = self.root
+        for part in rel.split("/"):
+            node = node.joinpath(part)
+        return node
 
     def doc(self, rel: str) -> dict[str, Any]:
-        path = self.root / rel
+        path = self.file(rel)
         if not path.is_file():
-            raise ConfigError(f"measured result {self.label(path)} is missing")
+            raise ConfigError(f"measured result {self.label(rel)} is missing")
         return json.loads(path.read_text())
 
     def value(self, rel: str, key: str, unit: str, scale: float = 1.0) -> Figure:
@@ -195,18 +216,19 @@ class Results:
         node: Any = self.doc(rel)
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"{self.label(self.root / rel)} has no {key!r}")
+                raise ConfigError(f"{self.label(rel)} has no {key!r}")
             node = node[part]
         return Figure(float(node) * scale, unit,
-                      (f"measured: {self.label(self.root / rel)} ({key})",))
+                      (f"measured: {self.label(rel)} ({key})",))
 
     def gpus(self) -> list[str]:
         """GPU names that have measured embed results (the folders' names)."""
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and any(p.glob("embed_gpu_*.json")))
+                      if p.is_dir() and self.embed_files(p.name))
 
     def embed_files(self, gpu: str) -> list[str]:
-        return sorted(f"{gpu}/{p.name}" for p in (self.root / gpu).glob("embed_gpu_*.json")
+        folder = self.file(gpu)
+        return sorted(f"{gpu}/{p.name}" for p in (folder.iterdir() if folder.is_dir() else [])
                       if re.fullmatch(r"embed_gpu_[a-z0-9-]+\.json", p.name))
 
 
@@ -218,7 +240,7 @@ _DINO_WIDTHS = {"small": 384, "base": 768, "large": 1024, "giant": 1536}
 
 def _open_clip_config(name: str) -> dict[str, Any]:
     """An open_clip model config, read from the package's JSON files without importing it."""
-    folders = [REPO / "megapairs_ray" / "models" / "open_clip_configs"]
+    folders = [Path(__file__).resolve().parent / "models" / "open_clip_configs"]
     spec = importlib.util.find_spec("open_clip")
     if spec and spec.submodule_search_locations:
         folders.append(Path(next(iter(spec.submodule_search_locations))) / "model_configs")
@@ -419,7 +441,7 @@ def _cpu_rates(res: Results) -> dict[str, Figure]:
     doc = res.doc(rel)
     cores = float(re.search(r"(\d+) cores?", doc["machine"]).group(1))  # type: ignore[union-attr]
     n, d, shards, k = doc["n"], doc["dim"], doc["shards"], doc["k"]
-    core_count = Figure(cores, "cores", (f"measured: {res.label(res.root / rel)} (machine)",))
+    core_count = Figure(cores, "cores", (f"measured: {res.label(rel)} (machine)",))
     flat = res.value(rel, "kinds.flat.queries_per_s", "queries/s")
     flops = derive(flat.value / cores * 2 * n * d, "flop/s/core",
                    "flat queries/s / cores × 2·n·d", flat, core_count)
@@ -581,13 +603,13 @@ TWO_DECODES = assumed(2, "", "decode + resize + JPEG re-encode ≈ 2 decodes")
 
 
 def make_plan(p: PlanInputs, cfg: RunConfig, train: TrainConfig | None = None,
-              results: Path = RESULTS_DIR, config_label: str = "configs/paper.yaml",
+              results: Path | str | None = None, config_label: str = "configs/paper.yaml",
               train_label: str = "configs/train-paper.yaml") -> Plan:
     """The plan for ``p.images`` images on ``p.gpu`` GPUs under the run config ``cfg``."""
     res = Results(results)
     known = res.gpus()
     if p.gpu not in known:
-        raise ConfigError(f"unknown GPU {p.gpu!r}; known (measured under {res.label(res.root)}"
+        raise ConfigError(f"unknown GPU {p.gpu!r}; known (measured under {res.label()}"
                           f"): {', '.join(known) or 'none'}")
     warnings: list[str] = []
     i = _inputs(p, cfg, config_label)
@@ -616,7 +638,7 @@ def _rates(res: Results, gpu: str, cfg: RunConfig, i: dict[str, Figure],
                                              "(Pillow decode + resize)", decode_all, threads),
              **_cpu_rates(res)}
     gpu_index = f"{gpu}/index_gpu_1shards.json"
-    if (res.root / gpu_index).is_file():
+    if res.file(gpu_index).is_file():
         g = res.doc(gpu_index)
         qps = res.value(gpu_index, "stage_qps", "queries/s")
         rates["gpu_search_flops"] = derive(qps.value * 2 * g["n"] * g["dim"], "flop/s",
@@ -871,7 +893,7 @@ def _train_stage(res: Results, gpu: str, t: TrainConfig, label: str, cl: _Cluste
 
 def _gpu_memory_gib(res: Results, gpu: str) -> float | None:
     """The card's memory from ``<gpu>/gpu.txt`` (nvidia-smi: name, MiB, driver)."""
-    path = res.root / gpu / "gpu.txt"
+    path = res.file(f"{gpu}/gpu.txt")
     m = re.search(r"(\d+)\s*MiB", path.read_text()) if path.is_file() else None
     return int(m.group(1)) / 1024 if m else None
 

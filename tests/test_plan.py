@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +22,12 @@ from typer.testing import CliRunner
 from megapairs_ray.cli import app
 from megapairs_ray.config import ConfigError, RunConfig, load_config
 from megapairs_ray.plan import (
+    CPU_RESULTS,
+    PACKAGED_RESULTS,
     SHORT_STRINGS,
     Figure,
     Plan,
+    Results,
     make_plan,
     plan_inputs,
 )
@@ -29,6 +35,7 @@ from megapairs_ray.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+SHIPPED = ROOT / PACKAGED_RESULTS  # the copies plan reads by default (package data)
 PAPER = ROOT / "configs" / "paper.yaml"
 TRAIN = ROOT / "configs" / "train-paper.yaml"
 runner = CliRunner()
@@ -66,7 +73,7 @@ def test_embed_gpu_hours_are_images_over_the_measured_rate(billion: Plan) -> Non
     embed = billion.stage("embed")
     assert embed.gpu_hours.value == pytest.approx(1e9 / rate / 3600)
     assert 240 < embed.gpu_hours.value < 250
-    assert "measured: benchmarks/results/h200/embed_gpu_vit-l.json (stage_img_per_s)" in \
+    assert f"measured: {PACKAGED_RESULTS}/h200/embed_gpu_vit-l.json (stage_img_per_s)" in \
         embed.gpu_hours.sources
     # EVA02-L-14 was not the model measured: the plan says it assumes the same cost.
     assert any(s.startswith("assumption: EVA02-L-14 costs what the measured ViT-L-14")
@@ -422,3 +429,68 @@ def test_cli_bad_inputs_are_one_line_exit_2(args: list[str], needles: list[str])
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for needle in needles:
         assert needle in lines[0], result.output
+
+
+# --- the measured sources travel with the package -------------------------------------------
+
+
+def _shipped() -> set[str]:
+    return {p.relative_to(SHIPPED).as_posix() for p in SHIPPED.rglob("*")
+            if p.is_file() and p.name != "README.md"}
+
+
+def test_the_shipped_results_are_the_benchmark_results_plan_reads() -> None:
+    """Each copy equals its benchmark result (a rerun that forgets to refresh the copy fails
+    here), and the copies are exactly the files a plan can read from benchmarks/results."""
+    for rel in sorted(_shipped()):
+        assert (SHIPPED / rel).read_bytes() == (RESULTS / rel).read_bytes(), (
+            f"{PACKAGED_RESULTS}/{rel} differs from benchmarks/results/{rel}: "
+            f"cp benchmarks/results/{rel} {PACKAGED_RESULTS}/{rel}")
+    bench = Results(RESULTS)
+    readable = {f"{CPU_RESULTS}/index_recall.json"}
+    for gpu in bench.gpus():
+        readable |= set(bench.embed_files(gpu))
+        readable |= {f"{gpu}/{name}" for name in ("gpu.txt", "index_gpu_1shards.json",
+                                                  "train_gpu_b16.json", "train_gpu_l14.json")
+                     if (RESULTS / gpu / name).is_file()}
+    assert _shipped() == readable
+
+
+def test_the_shipped_results_are_package_data() -> None:
+    """pyproject's package data takes every shipped file into a wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["megapairs_ray"]
+    package = ROOT / "megapairs_ray"
+    declared = {p.relative_to(SHIPPED).as_posix() for pattern in patterns
+                for p in package.glob(pattern) if p.is_relative_to(SHIPPED)}
+    assert _shipped() <= declared, _shipped() - declared
+
+
+def test_the_installed_command_finds_its_sources_from_any_folder(tmp_path: Path) -> None:
+    megapairs = Path(sys.executable).parent / "megapairs"
+    args = [str(megapairs), "plan", "--images", "1e9", "--config", str(PAPER),
+            "--train-config", str(TRAIN), "--json"]
+    run = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    embed = json.loads(run.stdout)["stages"][1]
+    rate = _result("h200/embed_gpu_vit-l.json")["stage_img_per_s"]
+    assert embed["gpu_hours"]["value"] == pytest.approx(1e9 / rate / 3600)
+    assert (f"measured: {PACKAGED_RESULTS}/h200/embed_gpu_vit-l.json (stage_img_per_s)"
+            in embed["gpu_hours"]["sources"])
+
+
+def test_results_from_a_folder_replace_the_shipped_ones(tmp_path: Path) -> None:
+    mine = tmp_path / "measured"
+    shutil.copytree(SHIPPED, mine)
+    doc = _result("h200/embed_gpu_vit-l.json")
+    (mine / "h200" / "embed_gpu_vit-l.json").write_text(
+        json.dumps({**doc, "stage_img_per_s": doc["stage_img_per_s"] / 2}))
+    result = _cli("--images", "1e9", "--results", str(mine), "--json")
+    assert result.exit_code == 0, result.output
+    embed = json.loads(result.output)["stages"][1]
+    assert embed["gpu_hours"]["value"] == pytest.approx(2e9 / doc["stage_img_per_s"] / 3600)
+    assert f"measured: {mine}/h200/embed_gpu_vit-l.json (stage_img_per_s)" in \
+        embed["gpu_hours"]["sources"]
+    empty = _cli("--images", "1e9", "--results", str(tmp_path / "none"))
+    assert empty.exit_code == 2 and "no measured results at" in empty.output

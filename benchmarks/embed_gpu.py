@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megapairs_ray import pixels
 from megapairs_ray.config import EmbedConfig
 from megapairs_ray.models.encoders import ImageEncoder
-from megapairs_ray.stages import pixels
 from megapairs_ray.stages.embed import EmbedStage
 
 DINO_ARCH = {

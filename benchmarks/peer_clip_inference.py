@@ -277,8 +277,8 @@ def breakdown(venv: Path, weights: Path, shard: Path, cfg_path: Path, batch: int
     the peers venv), single-process on the same JPEGs, decode and preprocess on one thread."""
     import torch
 
+    from megapairs_ray import pixels
     from megapairs_ray.config import load_config
-    from megapairs_ray.stages import pixels
     from megapairs_ray.stages.embed import EmbedStage
 
     stage = EmbedStage(load_config(cfg_path, ["embed.decode_threads=1"]).embed)

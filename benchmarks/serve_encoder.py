@@ -27,9 +27,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megapairs_ray.models.mmret import MMRetCLIP
 from megapairs_ray.models.retriever import RetrieverEncoder
-from megapairs_ray.train.model import MMRetCLIP
-from megapairs_ray.train.tokenizer import load_tokenizer
+from megapairs_ray.models.tokenizer import load_tokenizer
 
 VIT_B16 = {"projection_dim": 512,
            "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,

@@ -158,8 +158,8 @@ def prepare(cache: Path) -> tuple[str, str]:
     if not (ckpt / "config.json").exists():
         import torch
 
-        from megapairs_ray.train.model import MMRetCLIP
-        from megapairs_ray.train.tokenizer import load_tokenizer
+        from megapairs_ray.models.mmret import MMRetCLIP
+        from megapairs_ray.models.tokenizer import load_tokenizer
 
         print(f"making the random CLIP checkpoint {ckpt}", flush=True)
         torch.manual_seed(0)

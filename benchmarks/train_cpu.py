@@ -30,9 +30,9 @@ import numpy as np
 import ray
 import torch
 
+from megapairs_ray.models.mmret import MMRetCLIP
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.data import TripletLoader
-from megapairs_ray.train.model import MMRetCLIP
 from megapairs_ray.train.step import TrainStep
 from megapairs_ray.train.toy_triplets import write_toy_dataset
 from megapairs_ray.train.trainer import model_input_for, read_metrics, run_training

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megapairs_ray.models.inputs import ModelInput
+from megapairs_ray.models.mmret import MMRetCLIP
 from megapairs_ray.train.config import OptimConfig
-from megapairs_ray.train.model import MMRetCLIP
-from megapairs_ray.train.step import ModelInput, TrainStep
+from megapairs_ray.train.step import TrainStep
 
 MODELS = {
     "b16": {"projection_dim": 512,

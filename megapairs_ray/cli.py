@@ -111,8 +111,8 @@ def _run_stages(cfg: RunConfig, stages: list[str]) -> None:
     from megapairs_ray.pipeline.index import run_index
     from megapairs_ray.pipeline.ingest import run_ingest
     from megapairs_ray.pipeline.mine import run_mine
-    from megapairs_ray.pipeline.runtime import init_ray
     from megapairs_ray.pipeline.synth import run_describe, run_instruct_stage
+    from megapairs_ray.runtime import init_ray
 
     _preflight(cfg, stages)
     runners = {"ingest": run_ingest, "embed": run_embed, "index": run_index, "mine": run_mine,
@@ -358,7 +358,7 @@ def evaluate(
         import ray
 
         from megapairs_ray.config import RayConfig
-        from megapairs_ray.pipeline.runtime import init_ray
+        from megapairs_ray.runtime import init_ray
 
         init_ray(RayConfig())
         task = ray.remote(num_gpus=gpus, num_cpus=cpus or 1)(run_eval)
@@ -381,7 +381,7 @@ def evaluate(
 def gallery(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Embed a gallery with a retriever checkpoint and index it, for `megapairs serve`."""
     from megapairs_ray.pipeline.gallery import run_gallery
-    from megapairs_ray.pipeline.runtime import init_ray
+    from megapairs_ray.runtime import init_ray
     from megapairs_ray.serve.config import GalleryConfig
 
     cfg = _load(config, set_, GalleryConfig)
@@ -424,7 +424,7 @@ def serve_cmd(
                       "http_options.host")
 
     from megapairs_ray.config import RayConfig
-    from megapairs_ray.pipeline.runtime import init_ray
+    from megapairs_ray.runtime import init_ray
     from megapairs_ray.serve.config import load_serve_file
     from megapairs_ray.serve.deploy import deploy
     from megapairs_ray.serve.gallery import read_gallery

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from megapairs_ray.config import config_from_dict
+from megapairs_ray.models.mmret import MMRetCLIP
+from megapairs_ray.models.tokenizer import load_tokenizer
 from megapairs_ray.serve.config import GalleryConfig
-from megapairs_ray.train.model import MMRetCLIP
-from megapairs_ray.train.tokenizer import load_tokenizer
 
 from .helpers import jpeg
 from .train_helpers import TINY_CLIP

@@ -238,7 +238,7 @@ def test_decoding_a_batch_of_palette_bombs_stays_within_the_budget(tmp_path):
         import io, sys
         from concurrent.futures import ThreadPoolExecutor
         from PIL import Image
-        from megapairs_ray.stages import pixels
+        from megapairs_ray import pixels
         im = Image.new("P", (6000, 6000))
         im.putpalette([i % 256 for i in range(768)])
         buf = io.BytesIO(); im.save(buf, "PNG"); data = buf.getvalue()
@@ -268,7 +268,7 @@ def test_decode_budget_holds_at_most_its_bytes():
     import threading
     import time
 
-    from megapairs_ray.stages.pixels import DecodeBudget
+    from megapairs_ray.pixels import DecodeBudget
 
     budget, held, peak, lock = DecodeBudget(100), [0], [0], threading.Lock()
 

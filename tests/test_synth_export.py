@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from megapairs_ray.config import DescribeConfig, InputConfig
+from megapairs_ray.io.triplets import TRIPLET_FIELDS, ImageStore
 from megapairs_ray.synth.describe import (
     FetchPairImages,
     describe_problem,
@@ -30,7 +31,6 @@ from megapairs_ray.synth.export import (
 )
 from megapairs_ray.synth.prompts import word_num
 from megapairs_ray.synth.report import gallery_html
-from megapairs_ray.train.triplets import TRIPLET_FIELDS, ImageStore
 from tests.helpers import encode, good_samples, photo, tar_locations
 from tests.helpers import write_tar as write_shard
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from megapairs_ray.io.triplets import ImageStore, triplet_problem
+from megapairs_ray.models.tokenizer import CLIP_VOCAB_SIZE, load_tokenizer
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.data import ModelInput, TripletLoader
-from megapairs_ray.train.tokenizer import CLIP_VOCAB_SIZE, load_tokenizer
 from megapairs_ray.train.toy_triplets import shape_image, write_triplet_set
-from megapairs_ray.train.triplets import ImageStore, triplet_problem
 
 from .train_helpers import train_config
 

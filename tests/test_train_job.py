@@ -112,8 +112,8 @@ def test_two_workers_learn_checkpoint_and_survive_a_worker_failure(tmp_path, buc
     fs.get(ckpt.removeprefix("s3://"), str(local), recursive=True)
     assert {"config.json", "model.safetensors", "trainer_state.pt"} <= {
         p.name for p in local.iterdir()}
-    from megapairs_ray.train.model import MMRetCLIP
-    from megapairs_ray.train.tokenizer import load_tokenizer
+    from megapairs_ray.models.mmret import MMRetCLIP
+    from megapairs_ray.models.tokenizer import load_tokenizer
 
     MMRetCLIP.from_pretrained(local)
     assert len(load_tokenizer(str(local))) == 49408

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megapairs_ray.models.mmret import MMRetCLIP
 from megapairs_ray.train.loss import mmret_loss
-from megapairs_ray.train.model import MMRetCLIP
 
 TINY = {
     "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

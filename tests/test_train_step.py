@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
+from megapairs_ray.models.inputs import ModelInput
+from megapairs_ray.models.mmret import MMRetCLIP
 from megapairs_ray.train.config import OptimConfig
-from megapairs_ray.train.model import MMRetCLIP
-from megapairs_ray.train.step import ModelInput, TrainStep, linear_schedule
+from megapairs_ray.train.step import TrainStep, linear_schedule
 
 from .train_helpers import TINY_CLIP
 

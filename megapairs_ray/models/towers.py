@@ -181,7 +181,7 @@ class MMRetTowers(Retriever):
 
 def towers_model_input(config: dict[str, Any]) -> Any:
     """Square pixels at the image tower's size and statistics; the text tower's length."""
-    from megapairs_ray.train.step import ModelInput
+    from megapairs_ray.models.inputs import ModelInput
 
     return ModelInput(image_size=int(config["image_size"]),
                       max_text_len=int(config["max_text_len"]),

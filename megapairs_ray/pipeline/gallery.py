@@ -22,12 +22,13 @@ import ray
 from megapairs_ray import manifest
 from megapairs_ray.config import InputConfig, output_settings
 from megapairs_ray.io import layout, storage
+from megapairs_ray.io.runs import ingested_images, ingested_tables
 from megapairs_ray.io.stepstate import StepState, stored_fingerprint
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.pipeline.embed import clear_partial, count_until_done
 from megapairs_ray.pipeline.index import build_space
 from megapairs_ray.pipeline.ingest import run_ingest
-from megapairs_ray.pipeline.shardlist import ingested_images, ingested_tables, run_shards
+from megapairs_ray.pipeline.shardlist import run_shards
 from megapairs_ray.serve.config import SPACE, GalleryConfig
 from megapairs_ray.serve.gallery import (
     GalleryEncoder,

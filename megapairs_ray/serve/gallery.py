@@ -30,8 +30,8 @@ from megapairs_ray.imaging import Reason
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import fetch_bytes_tolerant
 from megapairs_ray.models.retriever import RetrieverEncoder
+from megapairs_ray.pixels import set_decode_budget
 from megapairs_ray.serve.config import SPACE
-from megapairs_ray.stages.pixels import set_decode_budget
 
 # What the service needs of each image: its id, its caption and where its bytes live.
 META_COLUMNS = ["image_id", "key", "caption", "format_kind", "file_uri", "offset", "length",

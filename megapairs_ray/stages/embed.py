@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from megapairs_ray import pixels
 from megapairs_ray.config import EmbedConfig
 from megapairs_ray.imaging import Reason
 from megapairs_ray.models.encoders import (
     DTYPES,
     ImageEncoder,
-    ImageSpec,
     TextEncoder,
     build_encoders,
 )
-from megapairs_ray.stages import pixels
+from megapairs_ray.pixels import ImageSpec
 
 BASE_COLUMNS = ("image_id", "shard", "status", "detail", "has_text")
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from megapairs_ray.config import InputConfig
 from megapairs_ray.io import storage
+from megapairs_ray.io.triplets import TRIPLET_FIELDS, image_path
 from megapairs_ray.synth.images import fetch_resized, square_jpeg
-from megapairs_ray.train.triplets import TRIPLET_FIELDS, image_path
 
 UNREADABLE = "unreadable_image"
 TOO_FEW_NEGATIVES = "too_few_hard_negatives"

@@ -21,7 +21,7 @@ from PIL import Image
 from megapairs_ray import manifest
 from megapairs_ray.config import RunConfig
 from megapairs_ray.io import storage
-from megapairs_ray.train.triplets import ImageStore
+from megapairs_ray.io.triplets import ImageStore
 
 STAGE_ORDER = ("ingest", "embed", "index", "mine", "describe", "instruct", "export")
 THUMB = 160

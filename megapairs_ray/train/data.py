@@ -34,14 +34,13 @@ import torch
 
 from megapairs_ray.ids import held_out, id_of_path, image_ids
 from megapairs_ray.io import layout, storage
+from megapairs_ray.io.runs import ingested_images
 from megapairs_ray.io.shards import LOCATION_COLUMNS, fetch_bytes_tolerant
 from megapairs_ray.io.stepstate import StepState, stored_fingerprint
-from megapairs_ray.models.encoders import ImageSpec
-from megapairs_ray.pipeline.shardlist import ingested_images
-from megapairs_ray.stages.pixels import decode_cpu, to_model_input
+from megapairs_ray.io.triplets import ImageStore, triplet_problem
+from megapairs_ray.models.inputs import ModelInput
+from megapairs_ray.pixels import ImageSpec, decode_cpu, to_model_input
 from megapairs_ray.train.config import HeldOutSplit, TrainConfig, TrainDataConfig
-from megapairs_ray.train.step import ModelInput
-from megapairs_ray.train.triplets import ImageStore, triplet_problem
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +351,7 @@ class TripletLoader:
 
     def __init__(self, data: TrainDataConfig, model_input: ModelInput, tokenizer_path: str | None,
                  tally: str | None = None) -> None:
-        from megapairs_ray.train.tokenizer import load_tokenizer
+        from megapairs_ray.models.tokenizer import load_tokenizer
 
         torch.set_num_threads(max(1, math.floor(data.loader_num_cpus)))
         self.data = data
@@ -428,7 +427,7 @@ class CaptionLoader:
 
     def __init__(self, data: TrainDataConfig, model_input: ModelInput, tokenizer_path: str | None,
                  tally: str | None = None) -> None:
-        from megapairs_ray.train.tokenizer import load_tokenizer
+        from megapairs_ray.models.tokenizer import load_tokenizer
 
         torch.set_num_threads(max(1, math.floor(data.loader_num_cpus)))
         _, self.input_cfg = ingested_images(str(data.captions_from), "data.captions_from")

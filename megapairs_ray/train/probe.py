@@ -35,9 +35,9 @@ from megapairs_ray.config import RayConfig, Strict, config_from_dict, load_confi
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.ids import held_out, id_of_path
 from megapairs_ray.io import layout, storage
+from megapairs_ray.io.triplets import ImageStore
 from megapairs_ray.train import metrics
 from megapairs_ray.train.config import TrainConfig
-from megapairs_ray.train.triplets import ImageStore
 
 VARIANTS = ("untrained", "aligned", "aligned+mmret", "shuffled-control")
 

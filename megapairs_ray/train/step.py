@@ -11,27 +11,14 @@ calls it clips, steps AdamW and the linear warm-up/decay schedule.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from megapairs_ray.models.inputs import ModelInput
 from megapairs_ray.train.config import OptimConfig
 from megapairs_ray.train.loss import mmret_loss
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """What the loaders must produce for one model: square pixels and token ids."""
-
-    image_size: int
-    max_text_len: int
-    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    std: tuple[float, float, float] = OPENAI_CLIP_STD
 
 
 def linear_schedule(warmup_steps: int, max_steps: int) -> Any:

@@ -38,6 +38,8 @@ from megapairs_ray.io import layout, storage
 from megapairs_ray.models.encoders import resolve_model_path
 from megapairs_ray.models.family import checkpoint_family, load_retriever
 from megapairs_ray.models.fusion import FeatureCache
+from megapairs_ray.models.inputs import ModelInput
+from megapairs_ray.models.mmret import MMRetCLIP, clip_mean_std
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.models.towers import MMRetTowers, image_statistics, towers_model_input
 from megapairs_ray.train.config import TrainConfig
@@ -47,8 +49,7 @@ from megapairs_ray.train.data import (
     tally_name,
     training_dataset,
 )
-from megapairs_ray.train.model import MMRetCLIP, clip_mean_std
-from megapairs_ray.train.step import ModelInput, TrainStep
+from megapairs_ray.train.step import TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train.torch import get_device, prepare_model
 
-    from megapairs_ray.train.tokenizer import load_tokenizer
+    from megapairs_ray.models.tokenizer import load_tokenizer
 
     cfg = TrainConfig.model_validate(loop_config["cfg"])
     model_input = ModelInput(**loop_config["model_input"])
@@ -276,7 +277,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` names; returns and stores its summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    from megapairs_ray.pipeline.runtime import init_ray
+    from megapairs_ray.runtime import init_ray
 
     cfg = _with_absolute_paths(cfg)
     init_ray(cfg.ray)

@@ -19,13 +19,33 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from megapairs_ray.imaging import decode_rgb
-from megapairs_ray.models.encoders import ImageSpec
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How one image model wants its pixels, as torchvision's eval transforms define it:
+    ``shortest`` resizes the short side to ``size / crop_fraction`` and centre-crops
+    ``size`` x ``size``; ``squash`` resizes straight to ``size`` x ``size``. Then normalised with
+    ``mean``/``std`` (in [0, 1] units)."""
+
+    size: int
+    crop_fraction: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+
+    @property
+    def min_source_side(self) -> int:
+        """The short side a decoded image needs so that resizing only ever shrinks."""
+        return round(self.size / self.crop_fraction)
 
 
 class DecodeBudget:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from megapairs_ray.models.fusion import Retriever
-from megapairs_ray.train.step import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ModelInput
+from megapairs_ray.models.inputs import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ModelInput
 
 
 class MMRetCLIP(Retriever):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,6 +53,19 @@ def ray_cluster(s3_endpoint: str) -> Iterator[None]:
     ctx.enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_synth_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny profile's synthesis models (``configs/tiny.yaml``: the LLaVA that describes, the
+    Llama that writes instructions), built once per session from the current builders (a
+    folder cached from an earlier checkout could be stale), for every test that runs or reads
+    them."""
+    from megapairs_ray.synth import tiny_models
+
+    root = tmp_path_factory.mktemp("tiny-synth-models")
+    return {"describe": tiny_models.build_tiny_vlm(root / "llava"),
+            "instruct": tiny_models.build_tiny_llm(root / "llama")}
 
 
 @pytest.fixture()

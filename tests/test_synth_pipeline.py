@@ -26,10 +26,10 @@ from megapairs_ray.cli import app
 from megapairs_ray.config import InputConfig, config_from_dict, load_config
 from megapairs_ray.corpus import OPENCLIPART
 from megapairs_ray.io.shards import fetch_bytes
-from megapairs_ray.io.triplets import TRIPLET_FIELDS, ImageStore
 from megapairs_ray.pipeline.mine import PAIRS_SCHEMA
 from megapairs_ray.synth.export import path_of
 from megapairs_ray.train.config import TrainConfig
+from megapairs_ray.train.triplets import TRIPLET_FIELDS, ImageStore
 from tests.helpers import chromium
 from tests.train_helpers import train_config
 
@@ -62,13 +62,15 @@ def _damage(run_dir: Path, image_id: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def synth_run(tmp_path_factory, ray_cluster):
+def synth_run(tmp_path_factory, ray_cluster, tiny_synth_models):
     tmp = tmp_path_factory.mktemp("synth")
     corpus, run_dir = tmp / "corpus", tmp / "run"
     _cli("corpus", "build", "--out", str(corpus), "--n-images", "30", "--shard-size", "15")
     common = ["-c", str(ROOT / "configs" / "tiny.yaml"), "-s", f"run_dir={run_dir}",
               "-s", f"input.uris=[{corpus}]", "-s", "embed.num_cpus=0.5",
               "-s", "ingest.num_cpus=0.25",
+              "-s", f"describe.tiny_model_dir={tiny_synth_models['describe']}",
+              "-s", f"instruct.tiny_model_dir={tiny_synth_models['instruct']}",
               # Every image a query: 30 images give the demo's real spaces about 20 pairs.
               "-s", "mine.query_fraction=1.0"]
     _cli("run", *common, "--stages", "ingest,embed,index,mine")

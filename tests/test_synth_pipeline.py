@@ -26,10 +26,10 @@ from megapairs_ray.cli import app
 from megapairs_ray.config import InputConfig, config_from_dict, load_config
 from megapairs_ray.corpus import OPENCLIPART
 from megapairs_ray.io.shards import fetch_bytes
+from megapairs_ray.io.triplets import TRIPLET_FIELDS, ImageStore
 from megapairs_ray.pipeline.mine import PAIRS_SCHEMA
 from megapairs_ray.synth.export import path_of
 from megapairs_ray.train.config import TrainConfig
-from megapairs_ray.train.triplets import TRIPLET_FIELDS, ImageStore
 from tests.helpers import chromium
 from tests.train_helpers import train_config
 

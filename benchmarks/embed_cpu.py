@@ -33,7 +33,8 @@ from megapairs_ray.config import load_config
 from megapairs_ray.corpus import build_corpus
 from megapairs_ray.io.shards import list_shards
 from megapairs_ray.pipeline.embed import build_embed_dataset
-from megapairs_ray.pipeline.ingest import run_ingest
+from megapairs_ray.pipeline.engine import run_stage
+from megapairs_ray.pipeline.ingest import INGEST
 from megapairs_ray.stages.embed import EmbedStage
 from megapairs_ray.stages.embed_io import read_accepted_images, write_embeddings
 
@@ -97,7 +98,7 @@ def main() -> None:
              include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     shutil.rmtree(run_dir, ignore_errors=True)
-    run_ingest(cfg)
+    run_stage(INGEST, cfg)
 
     def clear_embeddings() -> None:
         shutil.rmtree(run_dir / "embeddings", ignore_errors=True)

@@ -28,6 +28,7 @@ from typer.core import TyperGroup
 
 from megapairs_ray.config import ConfigT, RunConfig, load_config
 from megapairs_ray.errors import MegapairsError
+from megapairs_ray.pipeline.stages import STAGES, stage
 
 console = Console(stderr=True)
 
@@ -77,8 +78,6 @@ app = typer.Typer(cls=UserErrors, no_args_is_help=True, add_completion=False,
 corpus_app = typer.Typer(cls=UserErrors, no_args_is_help=True,
                          help="The bundled default corpus.")
 app.add_typer(corpus_app, name="corpus")
-STAGES = ("ingest", "embed", "index", "mine", "describe", "instruct", "export")
-SYNTH_STAGES = ("describe", "instruct", "export")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (configs/).")]
 SetOpt = Annotated[list[str] | None, typer.Option(
@@ -104,24 +103,18 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> None:
         check_models(cfg.embed.spaces)
 
 
-def _run_stages(cfg: RunConfig, stages: list[str]) -> None:
+def _run_stages(cfg: RunConfig, names: list[str]) -> None:
     from megapairs_ray.io.stepstate import run_lock
-    from megapairs_ray.pipeline.embed import run_embed
-    from megapairs_ray.pipeline.export import run_export
-    from megapairs_ray.pipeline.index import run_index
-    from megapairs_ray.pipeline.ingest import run_ingest
-    from megapairs_ray.pipeline.mine import run_mine
-    from megapairs_ray.pipeline.synth import run_describe, run_instruct_stage
+    from megapairs_ray.pipeline.engine import run_stage
     from megapairs_ray.runtime import init_ray
 
-    _preflight(cfg, stages)
-    runners = {"ingest": run_ingest, "embed": run_embed, "index": run_index, "mine": run_mine,
-               "describe": run_describe, "instruct": run_instruct_stage, "export": run_export}
+    chosen = [stage(n) for n in names]
+    _preflight(cfg, names)
     with run_lock(cfg.run_dir):  # one driver per run directory; a second one refuses
         init_ray(cfg.ray)
-        for name in stages:
-            console.print(f"[bold]{name}[/bold] → {escape(cfg.run_dir)}")
-            record = runners[name](cfg)
+        for st in chosen:
+            console.print(f"[bold]{st.name}[/bold] → {escape(cfg.run_dir)}")
+            record = run_stage(st, cfg)
             if record.inputs.get("changed"):
                 console.print(f"  settings changed since the last run "
                               f"({escape(', '.join(record.inputs['changed']))}): recomputed")
@@ -141,58 +134,24 @@ def run(config: ConfigOpt, set_: SetOpt = None,
     cfg = _load(config, set_)
     if stages is None:
         synth = cfg.describe is not None and cfg.instruct is not None
-        chosen = [s for s in STAGES if synth or s not in SYNTH_STAGES]
+        chosen = [s.name for s in STAGES if synth or s.section is None]
     else:
-        chosen = [s.strip() for s in stages.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in STAGES]
-    if unknown:
-        console.print(f"[red]unknown stage(s) {escape(str(unknown))}; known: "
-                      f"{escape(str(list(STAGES)))}[/red]")
-        raise typer.Exit(2)
+        chosen = [stage(s.strip()).name for s in stages.split(",") if s.strip()]
     _run_stages(cfg, chosen)
     show_manifest(cfg.run_dir)
 
 
-@app.command()
-def ingest(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Read shards, gate every record, write the images table and the rejects."""
-    _run_stages(_load(config, set_), ["ingest"])
+def _stage_command(name: str) -> Any:
+    """``megapairs <stage>``: one command per stage of the registry."""
+
+    def command(config: ConfigOpt, set_: SetOpt = None) -> None:
+        _run_stages(_load(config, set_), [name])
+
+    return command
 
 
-@app.command()
-def embed(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Embed accepted images three ways (CLIP image, DINO image, CLIP text on captions)."""
-    _run_stages(_load(config, set_), ["embed"])
-
-
-@app.command()
-def index(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Build the sharded FAISS index of each embedding space."""
-    _run_stages(_load(config, set_), ["index"])
-
-
-@app.command()
-def mine(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Mine (query, target) pairs with hard negatives from the indexes."""
-    _run_stages(_load(config, set_), ["mine"])
-
-
-@app.command()
-def describe(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Describe each mined pair's two images with the vision-language model."""
-    _run_stages(_load(config, set_), ["describe"])
-
-
-@app.command()
-def instruct(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Turn each description into retrieval instructions with the LLM."""
-    _run_stages(_load(config, set_), ["instruct"])
-
-
-@app.command()
-def export(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Write the triplets in the released MegaPairs form, with a dataset card and gallery."""
-    _run_stages(_load(config, set_), ["export"])
+for _stage in STAGES:
+    app.command(_stage.name, help=_stage.help)(_stage_command(_stage.name))
 
 
 Num = Annotated[str | None, typer.Option(help="A number.")]

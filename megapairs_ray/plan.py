@@ -617,13 +617,26 @@ def make_plan(p: PlanInputs, cfg: RunConfig, train: TrainConfig | None = None,
     c = _Ctx(cfg, i, _cluster(i), _rates(res, p.gpu, cfg, i, warnings), _counts(i), dims,
              {s: _index_space(cfg, i["images"], d) for s, d in dims.items()}, warnings,
              _gpu_memory_gib(res, p.gpu))
-    stages = [_ingest(c), _embed(c), _index_build(c), _mine(c), *_synth(c)]
+    stages = _pipeline_stages(c)
     if train is not None:
         stages.append(_train_stage(res, p.gpu, train, train_label, c.cl, warnings))
     storage = _storage(cfg, i, c.counts, dims, c.index)
     _check_memory(c)
     return Plan(i, c.rates, c.counts, stages, c.index, _object_store(cfg, i), storage,
                 _totals(stages, storage), list(dict.fromkeys(warnings)))
+
+
+def _pipeline_stages(c: _Ctx) -> list[StagePlan]:
+    """One estimate per stage of the pipeline's registry, in its order."""
+    from megapairs_ray.pipeline.stages import stage_names
+
+    estimates = {s.stage: s for s in [_ingest(c), _embed(c), _index_build(c), _mine(c),
+                                      *_synth(c)]}
+    missing = [n for n in stage_names() if n not in estimates]
+    if missing:
+        raise RuntimeError(f"plan has no estimate for the stage(s) {missing} of "
+                           "pipeline/stages.py: internal error, add one to plan.py")
+    return [estimates[n] for n in stage_names()]
 
 
 def _rates(res: Results, gpu: str, cfg: RunConfig, i: dict[str, Figure],

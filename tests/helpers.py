@@ -146,3 +146,22 @@ def write_json(path: Path, data: object) -> None:
     """A benchmark annotation file, with its folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
+
+
+def pair_rejects(path: Path) -> list[dict[str, Any]]:
+    """A synthesis or export step's rejects (the one shape, ``io/rejects.py``) as rows keyed by
+    pair: ``pair_id``, ``reject_reason`` (the step's full reason) and the step's payload."""
+    from megapairs_ray.io.rejects import REJECTS_SCHEMA, detail_of
+    from megapairs_ray.io.storage import read_parquet_dir
+
+    table = read_parquet_dir(str(path)) if path.exists() else None
+    if table is None:
+        return []
+    assert table.schema.equals(REJECTS_SCHEMA), table.schema
+    out = []
+    for r in table.to_pylist():
+        detail = detail_of(r)
+        [pair_id] = r["ids"]
+        out.append({**detail, "pair_id": pair_id, "reason": r["reason"],
+                    "reject_reason": detail.pop("message")})
+    return out

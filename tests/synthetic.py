@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from megapairs_ray.config import RunConfig
-from megapairs_ray.io import layout
-from megapairs_ray.pipeline.embed import embed_state
+from megapairs_ray.io import layout, storage
+from megapairs_ray.pipeline.embed import EMBED
+from megapairs_ray.pipeline.ingest import INGEST
 from megapairs_ray.stages.embed_io import embedding_table
-from megapairs_ray.stages.ingest import ingest_state, storage
 
 
 def clustered(n: int, dim: int, clusters: int, spread: float, seed: int) -> np.ndarray:
@@ -38,8 +38,8 @@ def write_space(run_dir: Path | str, space: str, ids: np.ndarray, vectors: np.nd
 def mark_embedded(cfg: RunConfig, slugs: list[str]) -> None:
     """The books of finished ingest and embed stages, as they keep them (index and mine read
     them before trusting the embeddings)."""
-    ingest_state(cfg.run_dir, cfg.input, cfg.ingest).reconcile([])
-    state = embed_state(cfg)
+    INGEST.state(cfg).reconcile([])
+    state = EMBED.state(cfg)
     state.reconcile([])
     for slug in slugs:
         state.mark_done(slug, {})

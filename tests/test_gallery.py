@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megapairs_ray.io import layout, storage
+from megapairs_ray.io.rejects import REJECTS_SCHEMA, detail_of
 from megapairs_ray.pipeline.gallery import run_gallery
 from megapairs_ray.serve.config import SPACE
 from megapairs_ray.serve.gallery import GalleryError, read_gallery
@@ -77,9 +78,10 @@ def test_bad_images_are_counted_rejects_and_a_new_checkpoint_resets(retriever_ga
     assert record.counts["embedded"] == len(images) - 2
     rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, "gallery"))
     ids = _ids_by_path(g["gallery_dir"])
-    assert sorted(rejects.column("image_id").to_pylist()) == sorted(
+    assert rejects.schema.equals(REJECTS_SCHEMA)
+    assert sorted(i for r in rejects.column("ids").to_pylist() for i in r) == sorted(
         [ids[str(victim)], ids[str(gone)]])
-    assert all(d for d in rejects.column("detail").to_pylist())
+    assert all(detail_of(r)["message"] for r in rejects.to_pylist())
     searcher = GallerySearcher(cfg.run_dir)
     assert searcher.count == len(images) - 2
     assert searcher.caption(ids[str(images[2])]) is not None  # metadata: the source's tables

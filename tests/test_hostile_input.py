@@ -22,6 +22,7 @@ import pytest
 
 from megapairs_ray.config import IngestConfig, InputConfig, config_from_dict
 from megapairs_ray.io import layout, storage
+from megapairs_ray.io.rejects import detail_of
 from megapairs_ray.io.shards import list_shards, read_shard
 from megapairs_ray.stages.ingest import IngestShard
 
@@ -133,15 +134,15 @@ def test_every_bad_record_is_a_counted_reject_with_its_reason(tmp_path):
     rejects = storage.read_parquet_dir(layout.rejects_dir(run_dir, "ingest")).to_pylist()
     assert set(images.column("key").to_pylist()) == GOOD_KEYS
     assert len(set(images.column("image_id").to_pylist())) == len(GOOD_KEYS)
-    record = Counter(r["reason"] for r in rejects if r["key"] is not None)
-    shard_level = Counter(r["reason"] for r in rejects if r["key"] is None)
+    record = Counter(r["reason"] for r in rejects if detail_of(r)["key"] is not None)
+    shard_level = Counter(r["reason"] for r in rejects if detail_of(r)["key"] is None)
     # plain2's caption file is a FIFO: never opened, so the image has no caption.
     assert record == {"undecodable_name": 2, "duplicate_member": 1, "too_many_bytes": 1,
                       "missing_caption": 1}
     assert shard_level == {"undecodable_name": 1, "compressed_tar": 2, "not_a_tar": 1}
-    assert all(r["detail"] for r in rejects)
+    assert all(detail_of(r)["message"] for r in rejects)
     huge = next(r for r in rejects if r["reason"] == "too_many_bytes")
-    assert huge["key"] == "huge" and "not read" in huge["detail"]
+    assert detail_of(huge)["key"] == "huge" and "not read" in detail_of(huge)["message"]
 
 
 # The peak RSS of the measuring process's own address space. Not getrusage's ru_maxrss: Linux
@@ -167,7 +168,7 @@ def test_a_gigabyte_member_is_refused_from_its_header_not_read(tmp_path):
         rows = list(read_accepted_images({{k: [v] for k, v in shard.to_row().items()}},
                                          {str(tmp_path / "run")!r}, cfg,
                                          max_member_bytes=IngestConfig().max_bytes))
-        print(out["images"], sum(len(r["image_id"]) for r in rows),
+        print(out["counts"]["images"], sum(len(r["image_id"]) for r in rows),
               peak_rss_mib() - base)
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -215,15 +216,16 @@ def test_readers_never_raise_on_hostile_shards(tmp_path):
 def test_the_job_finishes_on_the_hostile_corpus(ray_cluster, tmp_path):
     """Ingest and embed through Ray on the whole corpus: both finish, the good images are
     embedded, nothing is written outside the run directory."""
-    from megapairs_ray.pipeline.embed import run_embed
-    from megapairs_ray.pipeline.ingest import run_ingest
+    from megapairs_ray.pipeline.embed import EMBED
+    from megapairs_ray.pipeline.engine import run_stage
+    from megapairs_ray.pipeline.ingest import INGEST
 
     hostile_corpus(tmp_path / "in")
     before = sorted(p.name for p in (tmp_path / "in").rglob("*"))
     cfg = config_from_dict(tiny_config(tmp_path / "run", [str(tmp_path / "in")],
                                        ingest={"max_bytes": 1 << 20}))
-    ingest = run_ingest(cfg)
-    embed = run_embed(cfg)
+    ingest = run_stage(INGEST, cfg)
+    embed = run_stage(EMBED, cfg)
     assert ingest.counts["images"] == embed.counts["embedded"] == len(GOOD_KEYS)
     assert sum(ingest.rejects.values()) == 5
     assert ingest.counts["shard_problems"] == 4

@@ -10,8 +10,9 @@ from megapairs_ray.io import storage
 from megapairs_ray.io.layout import index_dir
 from megapairs_ray.io.shards import list_shards
 from megapairs_ray.io.stepstate import StageInputError
-from megapairs_ray.pipeline.index import build_space, run_index
-from megapairs_ray.pipeline.mine import run_mine
+from megapairs_ray.pipeline.engine import run_stage
+from megapairs_ray.pipeline.index import INDEX, build_space
+from megapairs_ray.pipeline.mine import MINE
 from megapairs_ray.stages.index import IndexStageError, merge_topk
 from megapairs_ray.stages.mine import mine_batch
 from tests.helpers import good_samples, tiny_config, write_tar
@@ -37,17 +38,17 @@ def test_index_and_mine_on_ray_equal_one_exact_index(tmp_path, ray_cluster):
     for s in SPACES:
         write_space(cfg.run_dir, s, ids, vecs[s], slugs)
     with pytest.raises(StageInputError, match="run `megapairs ingest` first"):
-        run_index(cfg)  # embeddings without the books of ingest and embed are not trusted
+        run_stage(INDEX, cfg)  # embeddings without the books of ingest and embed are not trusted
     mark_embedded(cfg, slugs)
 
-    rec = run_index(cfg)
+    rec = run_stage(INDEX, cfg)
     assert rec.counts["clip_image_vectors"] == n
     assert rec.counts["clip_text_vectors"] == n - 1
     assert rec.rejects["non_finite_vector"] == 1
     meta = storage.read_json(storage.join(index_dir(cfg.run_dir, "clip_image"), "index.json"))
     assert meta["shards"] == 3 and sum(meta["per_shard"]) == n and min(meta["per_shard"]) > 100
 
-    mined = run_mine(cfg)
+    mined = run_stage(MINE, cfg)
     pairs = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs")).to_pylist()
     assert mined.counts["pairs"] == len(pairs) > 200
 
@@ -73,20 +74,20 @@ def test_index_and_mine_on_ray_equal_one_exact_index(tmp_path, ray_cluster):
     assert [p["spaces"] for p in got] == [p["spaces"] for p in want]
 
     # Reruns do nothing; search-time settings need no rebuild; other mining rules re-mine.
-    assert run_index(cfg).counts["spaces_skipped_done"] == 3
-    assert run_mine(cfg).counts["shards_skipped_done"] == 3
+    assert run_stage(INDEX, cfg).counts["spaces_skipped_done"] == 3
+    assert run_stage(MINE, cfg).counts["shards_skipped_done"] == 3
     searched = cfg.model_copy(update={"index": cfg.index.model_copy(update={"nprobe": 7})})
-    assert run_index(searched).counts["spaces_skipped_done"] == 3
+    assert run_stage(INDEX, searched).counts["spaces_skipped_done"] == 3
     stricter = cfg.model_copy(update={"mine": cfg.mine.model_copy(
         update={"min_hard_negatives": 5})})
-    again = run_mine(stricter)
+    again = run_stage(MINE, stricter)
     assert again.inputs["changed"] == ["mine.min_hard_negatives"]
     assert again.counts["shards_mined"] == 3
     # A missing shard file is a clear error, not a wrong answer.
     storage.remove(storage.join(cfg.run_dir, "pairs"), recursive=True)
     storage.remove(storage.join(index_dir(cfg.run_dir, "dino_image"), "shard-0001.faiss"))
     with pytest.raises(Exception, match="index shard missing"):
-        run_mine(cfg)
+        run_stage(MINE, cfg)
 
 
 def test_index_refuses_empty_or_inconsistent_spaces(tmp_path, ray_cluster):
@@ -95,7 +96,7 @@ def test_index_refuses_empty_or_inconsistent_spaces(tmp_path, ray_cluster):
     slugs = [s.slug for s in list_shards(cfg.input)]
     mark_embedded(cfg, slugs)
     with pytest.raises(IndexStageError, match="no embeddings"):
-        run_index(cfg)
+        run_stage(INDEX, cfg)
     write_space(cfg.run_dir, "clip_image", np.zeros(0, np.int64), np.zeros((0, 8)), slugs)
     with pytest.raises(IndexStageError, match="is empty"):
         build_space(cfg, "clip_image")
@@ -131,8 +132,8 @@ def test_index_and_mine_with_the_run_dir_on_s3(tmp_path, bucket, ray_cluster):
     for i, s in enumerate(SPACES):
         write_space(cfg.run_dir, s, ids, clustered(120, 8, 4, 0.3, seed=i), slugs)
     mark_embedded(cfg, slugs)
-    assert run_index(cfg).counts["dino_image_vectors"] == 120
+    assert run_stage(INDEX, cfg).counts["dino_image_vectors"] == 120
     assert storage.exists(storage.join(index_dir(cfg.run_dir, "dino_image"), "shard-0001.faiss"))
-    rec = run_mine(cfg)
+    rec = run_stage(MINE, cfg)
     pairs = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs"))
     assert rec.counts["pairs"] == pairs.num_rows > 0

@@ -1,8 +1,10 @@
+import json
 import tarfile
 from collections import Counter
 
 from megapairs_ray.config import IngestConfig, InputConfig
 from megapairs_ray.io import layout, storage
+from megapairs_ray.io.rejects import REJECTS_SCHEMA, detail_of
 from megapairs_ray.io.shards import fetch_bytes, list_shards
 from megapairs_ray.stages.ingest import IngestShard
 from tests.helpers import awkward_images, bad_images, good_samples, write_tar
@@ -37,10 +39,10 @@ def test_every_record_is_accepted_or_rejected_with_a_reason(tmp_path):
     stage = IngestShard(run_dir, input_cfg, IngestConfig(min_side=16))
     summary = stage({k: [v] for k, v in shard.to_row().items()})
     assert summary["shard"] == [shard.slug]
+    marker = {"counts": json.loads(summary["counts"][0])}  # what the pipeline's marker holds
 
     images = storage.read_parquet(layout.images_file(run_dir, shard.slug))
     rejects = storage.read_parquet(layout.rejects_file(run_dir, "ingest", shard.slug))
-    marker = storage.read_json(layout.marker(run_dir, "ingest", shard.slug))
 
     reasons = Counter(rejects.column("reason").to_pylist())
     expected = Counter(reason for _, reason in bad_images().values())
@@ -53,11 +55,17 @@ def test_every_record_is_accepted_or_rejected_with_a_reason(tmp_path):
     # Record rejects and shard-level problems are counted apart: the cut sample is a record
     # reject, the cut itself the shard's problem (one row in the table without a key).
     assert marker["counts"]["rejects"] == rejects.num_rows - 1
-    assert marker["shard_problems"] == {"tar_truncated": 1}
-    assert marker["rejects"] == dict(reasons - Counter({"tar_truncated": 1}))
-    assert [r["key"] for r in rejects.to_pylist() if r["reason"] == "tar_truncated"][1] is None
+    assert {k: n for k, n in marker["counts"].items() if k.startswith("shard_problem:")} == {
+        "shard_problem:tar_truncated": 1}
+    assert {k[7:]: n for k, n in marker["counts"].items() if k.startswith("reject:")} == dict(
+        reasons - Counter({"tar_truncated": 1}))
+    # The one reject shape: a record's id and key; the shard's own problem has neither.
+    assert rejects.schema.equals(REJECTS_SCHEMA)
+    cut = [r for r in rejects.to_pylist() if r["reason"] == "tar_truncated"]
+    assert [detail_of(r)["key"] for r in cut][1] is None and cut[1]["ids"] == []
+    assert len(cut[0]["ids"]) == 1 and {r["stage"] for r in cut} == {"ingest"}
     assert marker["counts"]["converted_from_CMYK"] == 1
-    assert all(d for d in rejects.column("detail").to_pylist())
+    assert all(detail_of(r)["message"] for r in rejects.to_pylist())
 
     # Every accepted row points at its bytes: fetched back, they are the bytes written.
     rows = images.to_pylist()

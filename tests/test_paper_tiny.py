@@ -34,6 +34,7 @@ from megapairs_ray.io.shards import fetch_bytes
 from megapairs_ray.synth import describe, instruct, llm, tiny_models
 from megapairs_ray.synth.images import shrink_jpeg
 from megapairs_ray.synth.prompts import describe_text, instruct_prompt
+from tests.helpers import pair_rejects
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "configs" / "paper-tiny.yaml"
@@ -164,7 +165,7 @@ def test_describe_sends_both_images_in_order_with_the_papers_prompt(paper_run, t
     pairs = pq.read_table(run_dir / "pairs").to_pylist()
     assert len(pairs) >= 3
     described = _rows(run_dir / "descriptions")
-    rejects = _rows(run_dir / "rejects" / "describe")
+    rejects = pair_rejects(run_dir / "rejects" / "describe")
     assert sorted(r["pair_id"] for r in described + rejects) == sorted(
         p["pair_id"] for p in pairs)  # each exactly once
     assert described, "no description passed the paper's checks"
@@ -213,7 +214,7 @@ def test_instruct_sends_llama3s_chat_form_and_every_pair_comes_out_once(paper_ru
     run_dir, cfg = paper_run
     described = _rows(run_dir / "descriptions")
     instructed = _rows(run_dir / "instructions")
-    rejects = _rows(run_dir / "rejects" / "instruct")
+    rejects = pair_rejects(run_dir / "rejects" / "instruct")
     assert sorted(r["pair_id"] for r in instructed + rejects) == sorted(
         r["pair_id"] for r in described)  # each exactly once
     assert instructed, "no pair got its instructions"

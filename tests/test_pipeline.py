@@ -11,8 +11,9 @@ from megapairs_ray import manifest
 from megapairs_ray.config import config_from_dict
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import fetch_bytes, list_shards
-from megapairs_ray.pipeline.embed import run_embed
-from megapairs_ray.pipeline.ingest import run_ingest
+from megapairs_ray.pipeline.embed import EMBED
+from megapairs_ray.pipeline.engine import run_stage
+from megapairs_ray.pipeline.ingest import INGEST
 from megapairs_ray.pipeline.shardlist import InputChangedError
 from megapairs_ray.stages.embed import EmbedStage
 from megapairs_ray.stages.embed_io import load_space
@@ -44,8 +45,8 @@ def local_run(tmp_path_factory, ray_cluster):
     cfg = config_from_dict(tiny_config(
         root / "run", [str(root / "corpus" / "a"), str(root / "corpus" / "b"),
                        str(root / "corpus" / "c.parquet")]))
-    ingest_rec = run_ingest(cfg)
-    embed_rec = run_embed(cfg)
+    ingest_rec = run_stage(INGEST, cfg)
+    embed_rec = run_stage(EMBED, cfg)
     return cfg, ingest_rec, embed_rec
 
 
@@ -97,11 +98,11 @@ def test_embeddings_equal_the_stage_called_directly(local_run):
 def test_rerun_does_nothing_and_interrupted_shard_is_redone(local_run):
     cfg, _, _ = local_run
     before = _files(cfg.run_dir)
-    again = run_embed(cfg)
+    again = run_stage(EMBED, cfg)
     assert again.counts["shards_skipped_done"] == 3
     assert again.counts.get("shards_embedded", 0) == 0
     assert _files(cfg.run_dir) == before
-    assert run_ingest(cfg).counts["shards_skipped_done"] == 3
+    assert run_stage(INGEST, cfg).counts["shards_skipped_done"] == 3
 
     # Interrupt one shard: no markers, half its output, plus a stray part from the dead run.
     shard = next(s for s in list_shards(cfg.input) if s.name == "good.tar")
@@ -113,7 +114,7 @@ def test_rerun_does_nothing_and_interrupted_shard_is_redone(local_run):
     storage.write_parquet(storage.join(shard_dir, "part-stray.parquet"), stray)
     other = {p: s for p, s in before.items() if shard.slug not in p}
 
-    rerun = run_embed(cfg)
+    rerun = run_stage(EMBED, cfg)
     assert rerun.counts["shards_embedded"] == 1
     assert rerun.counts["shards_skipped_done"] == 2
     after = _files(cfg.run_dir)
@@ -128,7 +129,7 @@ def test_embed_refuses_before_ingest(tmp_path, ray_cluster):
     write_tar(tmp_path / "c" / "s.tar", good_samples(2))
     cfg = config_from_dict(tiny_config(tmp_path / "run", [str(tmp_path / "c")]))
     with pytest.raises(RuntimeError, match="ingest has not run"):
-        run_embed(cfg)
+        run_stage(EMBED, cfg)
 
 
 def test_s3_corpus_and_s3_run_dir(tmp_path, bucket, ray_cluster):
@@ -140,13 +141,13 @@ def test_s3_corpus_and_s3_run_dir(tmp_path, bucket, ray_cluster):
     fs.put(str(tmp_path / "s0.tar"), f"{bucket}/corpus/s0.tar")
     fs.put(str(tmp_path / "s1.tar"), f"{bucket}/corpus/s1.tar")
     cfg = config_from_dict(tiny_config(f"s3://{bucket}/runs/r1", [f"s3://{bucket}/corpus"]))
-    assert run_ingest(cfg).counts["images"] == 16
-    rec = run_embed(cfg)
+    assert run_stage(INGEST, cfg).counts["images"] == 16
+    rec = run_stage(EMBED, cfg)
     assert rec.counts["embedded"] == 16
     t = storage.read_parquet_dir(layout.embeddings_dir(cfg.run_dir, "dino_image"))
     assert t.num_rows == 16
     assert fs.exists(f"{bucket}/runs/r1/manifest.json")
-    assert run_embed(cfg).counts["shards_skipped_done"] == 2
+    assert run_stage(EMBED, cfg).counts["shards_skipped_done"] == 2
 
 
 def test_changed_source_is_a_counted_reject_and_a_changed_input_is_refused(tmp_path,
@@ -154,17 +155,17 @@ def test_changed_source_is_a_counted_reject_and_a_changed_input_is_refused(tmp_p
     samples = good_samples(6)
     write_tar(tmp_path / "c" / "s.tar", samples)
     cfg = config_from_dict(tiny_config(tmp_path / "run", [str(tmp_path / "c")]))
-    assert run_ingest(cfg).counts["images"] == 6
+    assert run_stage(INGEST, cfg).counts["images"] == 6
     # The shard is rewritten after ingest: one image's bytes are no longer what was checked.
     samples[2]["jpg"] = jpeg(77, (120, 90))
     write_tar(tmp_path / "c" / "s.tar", samples)
-    rec = run_embed(cfg)
+    rec = run_stage(EMBED, cfg)
     assert rec.counts["embedded"] == 5
     assert rec.rejects == {"source_changed": 1}
     # A new shard under the same run: refused with a clear message, not half-processed.
     write_tar(tmp_path / "c" / "t.tar", good_samples(2, prefix="t"))
     with pytest.raises(InputChangedError, match=r"added \['t.tar'\]"):
-        run_ingest(cfg)
+        run_stage(INGEST, cfg)
 
 
 def test_an_added_space_is_computed_alone_and_a_changed_one_recomputed_alone(tmp_path,
@@ -173,8 +174,8 @@ def test_an_added_space_is_computed_alone_and_a_changed_one_recomputed_alone(tmp
         write_tar(tmp_path / "c" / f"s{i}.tar", good_samples(5, prefix=f"s{i}"))
     doc = tiny_config(tmp_path / "run", [str(tmp_path / "c")])
     cfg = config_from_dict(doc)
-    run_ingest(cfg)
-    run_embed(cfg)
+    run_stage(INGEST, cfg)
+    run_stage(EMBED, cfg)
     before = _files(cfg.run_dir)
 
     def with_spaces(spaces):
@@ -189,7 +190,7 @@ def test_an_added_space_is_computed_alone_and_a_changed_one_recomputed_alone(tmp
     spaces = [dict(s) for s in doc["embed"]["spaces"]]
     spaces[2] = {**spaces[2], "batch_size": 3}
     spaces.append({"name": "dino_mean", "encoder": {**spaces[1]["encoder"], "pooling": "mean"}})
-    rec = run_embed(with_spaces(spaces))
+    rec = run_stage(EMBED, with_spaces(spaces))
     assert rec.counts["shards_embedded"] == 2 and "changed" not in rec.inputs
     after = _files(cfg.run_dir)
     same_files(before, after, ("clip_image", "dino_image", "clip_text"))
@@ -201,7 +202,7 @@ def test_an_added_space_is_computed_alone_and_a_changed_one_recomputed_alone(tmp
         **enc["config_overrides"], "image_size": 42}}}
     moved = with_spaces(spaces)
     old = dict(zip(*load_space(cfg.run_dir, "dino_image")))
-    rec = run_embed(moved)
+    rec = run_stage(EMBED, moved)
     assert rec.inputs["changed"] == ["embed.spaces.dino_image.encoder.config_overrides",
                                      "embed.spaces.dino_image.encoder.image_size"]
     assert rec.counts["shards_embedded"] == 2
@@ -209,4 +210,4 @@ def test_an_added_space_is_computed_alone_and_a_changed_one_recomputed_alone(tmp
     ids, vecs = load_space(cfg.run_dir, "dino_image")
     assert len(ids) == len(set(ids.tolist())) == 10  # nothing mixed, nothing twice
     assert all(not np.allclose(v, old[i]) for i, v in zip(ids.tolist(), vecs))
-    assert run_embed(moved).counts["shards_skipped_done"] == 2
+    assert run_stage(EMBED, moved).counts["shards_skipped_done"] == 2

@@ -65,6 +65,12 @@ def billion(paper: RunConfig, train_cfg: TrainConfig) -> Plan:
     return _plan(paper, train_cfg)
 
 
+def test_the_plan_has_a_stage_for_each_of_the_registry_and_training(billion: Plan) -> None:
+    from megapairs_ray.pipeline.stages import stage_names
+
+    assert [s.stage for s in billion.stages] == [*stage_names(), "train"]
+
+
 # --- figures follow from their sources ----------------------------------------------------------
 
 

@@ -155,19 +155,20 @@ def test_the_cli_refuses_a_second_driver_in_one_line(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_changed_embed_settings_recompute_embed_and_everything_after_it(tmp_path, ray_cluster):
-    from megapairs_ray.pipeline.embed import run_embed
-    from megapairs_ray.pipeline.index import run_index
-    from megapairs_ray.pipeline.ingest import run_ingest
-    from megapairs_ray.pipeline.mine import run_mine
+    from megapairs_ray.pipeline.embed import EMBED
+    from megapairs_ray.pipeline.engine import run_stage
+    from megapairs_ray.pipeline.index import INDEX
+    from megapairs_ray.pipeline.ingest import INGEST
+    from megapairs_ray.pipeline.mine import MINE
     from megapairs_ray.stages.embed_io import load_space
 
     for i in range(2):
         write_tar(tmp_path / "corpus" / f"s{i}.tar", good_samples(6, prefix=f"s{i}"))
     cfg = _cfg(tmp_path, index={"shard_num_cpus": 0.1}, mine={"num_cpus": 0.25})
-    run_ingest(cfg)
-    run_embed(cfg)
-    run_index(cfg)
-    run_mine(cfg)
+    run_stage(INGEST, cfg)
+    run_stage(EMBED, cfg)
+    run_stage(INDEX, cfg)
+    run_stage(MINE, cfg)
     seed0 = {s: load_space(cfg.run_dir, s) for s in cfg.embed.space_names}
 
     # An interrupted embed (one shard's marker gone), resumed with another seed: every shard
@@ -176,8 +177,8 @@ def test_changed_embed_settings_recompute_embed_and_everything_after_it(tmp_path
     storage.remove(layout.marker(cfg.run_dir, "embed", slug))
     reseeded = cfg.model_copy(update={"embed": cfg.embed.model_copy(update={"seed": 1})})
     with pytest.raises(StageInputError, match=r"embed\.seed"):
-        run_index(reseeded)  # embed's output is not this config's yet
-    rec = run_embed(reseeded)
+        run_stage(INDEX, reseeded)  # embed's output is not this config's yet
+    rec = run_stage(EMBED, reseeded)
     assert rec.inputs["changed"] == ["embed.seed"]
     assert rec.counts["shards_embedded"] == 2
     for space in cfg.embed.space_names:
@@ -186,11 +187,11 @@ def test_changed_embed_settings_recompute_embed_and_everything_after_it(tmp_path
         old = dict(zip(seed0[space][0].tolist(), seed0[space][1]))
         assert all(not np.allclose(v, old[i]) for i, v in zip(ids.tolist(), vecs)), space
     # The stages after it follow: the index is rebuilt and the pairs mined again.
-    index_rec = run_index(reseeded)
+    index_rec = run_stage(INDEX, reseeded)
     assert index_rec.counts["spaces_skipped_done"] == 0
     assert index_rec.inputs["changed"] == ["embed (its output)"]
-    assert run_mine(reseeded).inputs["changed"] == ["index (its output)"]
-    assert run_mine(reseeded).counts["shards_skipped_done"] == 2  # and then it is done
+    assert run_stage(MINE, reseeded).inputs["changed"] == ["index (its output)"]
+    assert run_stage(MINE, reseeded).counts["shards_skipped_done"] == 2  # and then it is done
 
 
 # ------------------------------------------------------ resume inside a synthesis try

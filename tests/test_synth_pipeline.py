@@ -30,7 +30,7 @@ from megapairs_ray.io.triplets import TRIPLET_FIELDS, ImageStore
 from megapairs_ray.pipeline.mine import PAIRS_SCHEMA
 from megapairs_ray.synth.export import path_of
 from megapairs_ray.train.config import TrainConfig
-from tests.helpers import chromium
+from tests.helpers import chromium, pair_rejects
 from tests.train_helpers import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_every_pair_is_a_triplet_or_a_reject_with_its_reason(synth_run):
     broken = {p["pair_id"] for p in pairs if damaged in (p["query_id"], p["target_id"])}
     assert broken
     described = pq.read_table(run_dir / "descriptions").to_pylist()
-    describe_rejects = pq.read_table(run_dir / "rejects" / "describe").to_pylist()
+    describe_rejects = pair_rejects(run_dir / "rejects" / "describe")
     ids = [r["pair_id"] for r in described + describe_rejects]
     assert sorted(ids) == sorted(p["pair_id"] for p in pairs)  # each exactly once
     reasons = {r["pair_id"]: r["reject_reason"] for r in describe_rejects}
@@ -120,8 +120,7 @@ def test_every_pair_is_a_triplet_or_a_reject_with_its_reason(synth_run):
             assert r["attempts"] == 1  # no second try can read a missing image
 
     instructed = pq.read_table(run_dir / "instructions").to_pylist()
-    instruct_rejects = (pq.read_table(run_dir / "rejects" / "instruct").to_pylist()
-                        if (run_dir / "rejects" / "instruct").exists() else [])
+    instruct_rejects = pair_rejects(run_dir / "rejects" / "instruct")
     assert sorted(r["pair_id"] for r in instructed + instruct_rejects) == sorted(
         r["pair_id"] for r in described)
     assert len(instructed) >= len(described) // 2
@@ -131,8 +130,7 @@ def test_every_pair_is_a_triplet_or_a_reject_with_its_reason(synth_run):
 
     triplets = [json.loads(line) for line in
                 (run_dir / "triplets" / "megapairs.jsonl").read_text().splitlines()]
-    export_rejects = (pq.read_table(run_dir / "rejects" / "export").to_pylist()
-                      if (run_dir / "rejects" / "export").exists() else [])
+    export_rejects = pair_rejects(run_dir / "rejects" / "export")
     assert sorted([t["pair_id"] for t in triplets] + [r["pair_id"] for r in export_rejects]) \
         == sorted(r["pair_id"] for r in instructed)
     assert st["export"]["counts"]["triplets"] == len(triplets) > 0

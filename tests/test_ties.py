@@ -129,11 +129,12 @@ def _mine(captions: dict, name: str, shards: int, order_seed: int | None) -> lis
         order = np.arange(len(ids)) if order_seed is None else rng.permutation(len(ids))
         write_space(cfg.run_dir, SPACE, ids[order], x[order], [slug])
     mark_embedded(cfg, slugs)
-    from megapairs_ray.pipeline.index import run_index
-    from megapairs_ray.pipeline.mine import run_mine
+    from megapairs_ray.pipeline.engine import run_stage
+    from megapairs_ray.pipeline.index import INDEX
+    from megapairs_ray.pipeline.mine import MINE as MINE_STAGE
 
-    run_index(cfg)
-    run_mine(cfg)
+    run_stage(INDEX, cfg)
+    run_stage(MINE_STAGE, cfg)
     table = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs"))
     return sorted((p["query_id"], p["target_id"], tuple(p["hard_negatives"]),
                    tuple(p["similarities"])) for p in table.to_pylist())

@@ -45,8 +45,8 @@ def _doc(storage_path: Path, name: str, data: dict, model: dict, steps: int = 12
 
 
 def _usable(prepared: str) -> list[dict]:
-    rows = storage.read_parquet_dir(prepared).to_pylist()
-    return [r for r in rows if not r["reject_reason"]]
+    """The prepared rows: the usable ones only (the rejects are beside, in the one shape)."""
+    return storage.read_parquet_dir(prepared).to_pylist()
 
 
 def _kill_then_resume(doc: dict, tmp_path: Path) -> dict:

@@ -91,8 +91,12 @@ def embeddings_shard_dir(run_dir: str, space: str, slug: str) -> str:
     return storage.join(embeddings_dir(run_dir, space), slug)
 
 
+def index_root(run_dir: str) -> str:
+    return storage.join(run_dir, "index")
+
+
 def index_dir(run_dir: str, space: str) -> str:
-    return storage.join(run_dir, "index", space)
+    return storage.join(index_root(run_dir), space)
 
 
 def index_meta_file(run_dir: str, space: str) -> str:
@@ -126,6 +130,11 @@ def instructions_dir(run_dir: str) -> str:
 def triplets_dir(run_dir: str) -> str:
     return storage.join(run_dir, "triplets")
 
+
+def triplet_parts_dir(run_dir: str) -> str:
+    return storage.join(triplets_dir(run_dir), "parts")
+
+
 # ------------------------------------------------------------------------------ a training run
 
 
@@ -135,6 +144,12 @@ def train_run_dir(storage_path: str, name: str) -> str:
 
 def prepared_dir(train_run: str) -> str:
     return storage.join(train_run, "prepared")
+
+
+def prepare_staging_dir(train_run: str) -> str:
+    """The checked rows, usable and not, before they are split into the prepared data and the
+    rejects (``RUN/rejects/prepare``)."""
+    return storage.join(train_run, "_checked")
 
 
 def train_metrics_file(train_run: str) -> str:

@@ -11,6 +11,9 @@ the run lock.
   marker, ``RUN/_state/<stage>/<unit>.json``, is written last, after everything the unit wrote,
   and carries the fingerprint and the unit's counts. Finished units are found with one listing
   (one request on s3, not one per unit); counts are summed by Ray tasks when there are many.
+- **Versions.** The state document records the version of the books' shape (``BOOKS``). A run
+  directory written with an older shape is brought up to date, once, by the stage engine before
+  the stage runs (``pipeline/engine.py`` ``upgrade_books``); a newer one is refused.
 - **The lock.** One driver at a time per run directory: ``RUN/_state/lock.json`` is created
   exclusively (an ``If-None-Match`` PUT on s3) and kept alive by a heartbeat. A second driver
   refuses with a message naming the holder. A holder that died (its process is gone from this
@@ -29,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +43,10 @@ from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import layout, storage
 
 log = logging.getLogger(__name__)
+
+# The shape of the books and of the reject tables: 1 (no field) had a reject table per stage
+# and reject reasons beside the counts; 2 has one reject shape and ``reject:<reason>`` counts.
+BOOKS = 2
 
 # Marker files read by the driver's threads up to this many; beyond, by Ray tasks in chunks.
 _LOCAL_READ_MAX = 2000
@@ -91,7 +98,7 @@ class StepState:
         with other settings (or by a version that kept no books), remove it and its markers.
         Returns the fields that changed (empty when nothing had to go)."""
         uri = layout.state_file(self.run_dir, self.stage)
-        current = {**self.doc, "fingerprint": self.fingerprint}
+        current = {**self.doc, "fingerprint": self.fingerprint, "books": BOOKS}
         old = storage.read_json(uri) if storage.exists(uri) else None
         if old is not None and old.get("fingerprint") == self.fingerprint:
             return []
@@ -300,3 +307,33 @@ def run_lock(run_dir: str, lease_s: float = LOCK_LEASE_S,
                 storage.remove(uri)
         except FileNotFoundError:
             pass
+
+
+class NewerBooksError(MegapairsError, RuntimeError):
+    """A run directory written by a newer version of the project."""
+
+
+def books_version(run_dir: str, stage: str) -> int | None:
+    """The books' shape of a stage's stored output (None: it has none yet)."""
+    uri = layout.state_file(run_dir, stage)
+    if not storage.exists(uri):
+        return None
+    version = int(storage.read_json(uri).get("books", 1))
+    if version > BOOKS:
+        raise NewerBooksError(f"{uri}: written by a newer megapairs-ray (books v{version}, this "
+                              f"one reads up to v{BOOKS}); upgrade megapairs-ray to run it")
+    return version
+
+
+def rewrite_markers(run_dir: str, stage: str,
+                    change: Callable[[str, dict[str, Any]], dict[str, Any]]) -> int:
+    """Rewrite every marker of ``stage`` through ``change(unit, doc)``, then record the current
+    books' version; returns how many markers there were."""
+    units = sorted(done_units(run_dir, stage))
+    docs = read_json_many([layout.marker(run_dir, stage, u) for u in units])
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda ud: storage.write_json(layout.marker(run_dir, stage, ud[0]),
+                                                    change(*ud)), zip(units, docs)))
+    uri = layout.state_file(run_dir, stage)
+    storage.write_json(uri, {**storage.read_json(uri), "books": BOOKS})
+    return len(units)

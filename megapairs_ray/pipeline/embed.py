@@ -16,22 +16,23 @@ nothing is ever written twice.
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ray
 
-from megapairs_ray import manifest
 from megapairs_ray.config import RunConfig, SpaceConfig, output_settings
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import Shard
 from megapairs_ray.io.stepstate import StepState, stored_fingerprint
-from megapairs_ray.pipeline.shardlist import run_shards
+from megapairs_ray.pipeline.engine import Stage, StageRun
+from megapairs_ray.pipeline.ingest import INGEST
+from megapairs_ray.pipeline.shardlist import recorded_shards, run_shards
 from megapairs_ray.stages.embed import EmbedStage
 from megapairs_ray.stages.embed_io import read_accepted_images, write_embeddings
-from megapairs_ray.stages.ingest import ingest_state
 
 
 class IncompleteEmbedError(MegapairsError, RuntimeError):
@@ -41,13 +42,6 @@ class IncompleteEmbedError(MegapairsError, RuntimeError):
 def _settings(cfg: RunConfig) -> dict[str, Any]:
     """What decides embed's vectors: every field but resources and the mining windows."""
     return output_settings(cfg.embed, exclude=("resource", "mine"), prefix="embed.")
-
-
-def embed_state(cfg: RunConfig) -> StepState:
-    """Embed's books as index and mine read them: every space's settings; a shard is done when
-    all its spaces are."""
-    return StepState(cfg.run_dir, "embed", _settings(cfg),
-                     {"ingest": stored_fingerprint(cfg.run_dir, "ingest")})
 
 
 def space_state(cfg: RunConfig, space: SpaceConfig) -> StepState:
@@ -124,47 +118,42 @@ def count_until_done(summaries: Iterable[dict[str, Any]], expected: dict[str, in
         t = tallies[summary["shard"]]
         for k in ("rows", "embedded", "texts", "rejected"):
             t[k] += int(summary[k])
+        t.update({f"reject:{r}": n for r, n in json.loads(summary["reasons"]).items()})
         if t["rows"] == expected[summary["shard"]]:
             mark_done(summary["shard"], t)
     return [slug for slug, t in tallies.items() if t["rows"] != expected[slug]]
 
 
 def _space_counts(space: SpaceConfig, tally: Counter[str]) -> dict[str, int]:
-    counts = {k: int(tally[k]) for k in ("rows", "embedded", "texts", "rejected")}
-    counts["vectors"] = counts["texts" if space.is_text else "embedded"]
+    counts = {k: int(n) for k, n in tally.items()}
+    counts["vectors"] = counts.get("texts" if space.is_text else "embedded", 0)
     return counts
 
 
-def run_embed(cfg: RunConfig) -> manifest.StageRecord:
-    record = manifest.StageRecord("embed").start()
-    shards = run_shards(cfg)
+def _run(ctx: StageRun[RunConfig], todo: list[str]) -> None:
+    """Embed the shards some space has not finished, then mark the stage's shards whose every
+    space is done (its counts are any space's)."""
+    cfg = ctx.cfg
+    shards = recorded_shards(cfg.run_dir)
     slugs = [s.slug for s in shards]
-    ingest = ingest_state(cfg.run_dir, cfg.input, cfg.ingest)
-    ingest.require_finished(slugs)
+    ingest = INGEST.state(cfg)
     expected = {slug: int(m["counts"].get("images", 0))
                 for slug, m in zip(slugs, ingest.read_markers(slugs))}
+    ctx.record.inputs.update({"images": sum(expected.values()),
+                              "spaces": cfg.embed.space_names})
     spaces = {s.name: s for s in cfg.embed.spaces}
     states = {name: space_state(cfg, s) for name, s in spaces.items()}
-    changed: list[str] = []
-    for name, st in states.items():  # a space made under other settings goes, alone
-        changed += st.reconcile([layout.embeddings_dir(cfg.run_dir, name)])
-    stage = embed_state(cfg)
-    # Its markers only: the vectors are the spaces' (reconciled above), the rejects are
-    # rewritten with every shard that runs again. What it finds changed beyond the spaces' own
-    # changes is a space added or dropped: nothing to recompute, so nothing to report.
-    stage.reconcile([])
-    if changed:
-        record.counts["recomputed_changed_settings"] = 1
-        record.inputs["changed"] = sorted(set(changed))
+    # A space made under other settings goes, alone. What the stage's own books found changed
+    # beyond the spaces' changes is a space added or dropped: nothing to recompute.
+    ctx.changed = [c for name, st in states.items()
+                   for c in st.reconcile([layout.embeddings_dir(cfg.run_dir, name)])]
     done = {name: st.done_units() for name, st in states.items()}
     missing: dict[frozenset[str], list[Shard]] = defaultdict(list)
     for s in shards:
         todo_spaces = frozenset(n for n in spaces if s.slug not in done[n])
         if todo_spaces:
             missing[todo_spaces].append(s)
-    record.inputs.update({"shards": len(slugs), "images": sum(expected.values()),
-                          "spaces": list(spaces)})
-    record.counts["shards_skipped_done"] = len(slugs) - sum(len(v) for v in missing.values())
+    ctx.record.counts["shards_skipped_done"] = len(slugs) - sum(map(len, missing.values()))
 
     for names, group in missing.items():
         ordered = [n for n in spaces if n in names]  # the config's order
@@ -179,7 +168,7 @@ def run_embed(cfg: RunConfig) -> manifest.StageRecord:
         def done_shard(slug: str, tally: Counter[str], ordered: list[str] = ordered) -> None:
             for n in ordered:
                 states[n].mark_done(slug, _space_counts(spaces[n], tally))
-            record.counts["shards_embedded"] += 1
+            ctx.count("shards_embedded")
 
         unfinished = count_until_done(build_embed_dataset(cfg, group, ordered).iter_rows(),
                                       {s.slug: expected[s.slug] for s in group}, done_shard)
@@ -187,17 +176,26 @@ def run_embed(cfg: RunConfig) -> manifest.StageRecord:
             raise IncompleteEmbedError(
                 f"{len(unfinished)} shard(s) ended with rows unaccounted for: {unfinished[:5]}")
 
-    # The stage's markers: a shard whose every space is done (its counts are any space's).
     first = states[next(iter(spaces))]
-    unmarked = sorted(set(slugs) - stage.done_units())
+    unmarked = sorted(set(slugs) - ctx.state.done_units())
     for slug, marker in zip(unmarked, first.read_markers(unmarked)):
-        stage.mark_done(slug, {k: v for k, v in marker["counts"].items() if k != "vectors"})
-    record.counts.update({k: v for k, v in stage.sum_counts(slugs).items() if k != "rows"})
-    rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, "embed"), ["reason"])
-    if rejects is not None:
-        record.rejects.update(Counter(rejects.column("reason").to_pylist()))
-    record.outputs = {space: layout.embeddings_dir(cfg.run_dir, space) for space in spaces}
-    record.outputs["rejects"] = layout.rejects_dir(cfg.run_dir, "embed")
-    record.finish()
-    manifest.record_stage(cfg.run_dir, record)
-    return record
+        ctx.state.mark_done(slug, {k: v for k, v in marker["counts"].items() if k != "vectors"})
+
+
+EMBED: Stage[RunConfig] = Stage(
+    name="embed",
+    help="Embed accepted images in every configured space (CLIP image, DINO image, CLIP text "
+         "on captions).",
+    needs=(INGEST,),
+    settings=_settings,
+    outputs=lambda cfg: {**{s: layout.embeddings_dir(cfg.run_dir, s)
+                            for s in cfg.embed.space_names},
+                         "rejects": layout.rejects_dir(cfg.run_dir, "embed")},
+    # Each space keeps books of its own (``space_state``) and removes only its own vectors.
+    removes=lambda cfg: [],
+    units=lambda cfg: [s.slug for s in run_shards(cfg)],
+    run=_run,
+    unit_noun="shards",
+    hidden_counts=("rows",),
+    inputs=lambda ctx: {"shards": len(ctx.units)},
+)

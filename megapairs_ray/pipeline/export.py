@@ -29,17 +29,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from megapairs_ray import manifest
 from megapairs_ray.config import InputConfig, RunConfig
 from megapairs_ray.io import layout, storage
+from megapairs_ray.io.rejects import reject_row, write_rejects
+from megapairs_ray.pipeline.engine import Stage, StageRun
 from megapairs_ray.pipeline.synth import (
+    INSTRUCT,
     PAIR_COLUMNS,
     image_locations,
     read_parquet_files,
-    require_gathered,
-    step_state,
+    step_settings,
 )
-from megapairs_ray.synth.export import ids_of_batch, tar_name, tar_of, triplet_record, write_tar
+from megapairs_ray.synth.export import (
+    REJECT_MESSAGES,
+    ids_of_batch,
+    tar_name,
+    tar_of,
+    triplet_record,
+    write_tar,
+)
 
 TRIPLET_SCHEMA = pa.schema([
     ("q_img", pa.string()), ("q_text", pa.list_(pa.string())), ("t_img", pa.string()),
@@ -49,8 +57,6 @@ TRIPLET_SCHEMA = pa.schema([
     ("similarities", pa.list_(pa.float32())), ("description", pa.string()),
     ("describe_model", pa.string()), ("instruct_model", pa.string()),
 ])
-EXPORT_REJECTS_SCHEMA = pa.schema([("pair_id", pa.int64()), ("reason", pa.string())])
-PARTS = "parts"
 DONE = "export"  # the unit: the whole export
 
 
@@ -78,42 +84,43 @@ class WriteTriplets:
     returns the block's counts. Part names come from the pair ids: a retried task rewrites the
     same part."""
 
-    def __init__(self, out_dir: str, rejects_dir: str, num_tars: int, failed: dict[int, str],
+    def __init__(self, parts_dir: str, rejects_dir: str, num_tars: int, failed: dict[int, str],
                  min_negatives: int, models: dict[str, str]) -> None:
-        self.out_dir, self.rejects_dir, self.num_tars = out_dir, rejects_dir, num_tars
+        self.parts_dir, self.rejects_dir, self.num_tars = parts_dir, rejects_dir, num_tars
         self.failed, self.min_negatives, self.models = set(failed), min_negatives, models
 
     def __call__(self, batch: pa.Table) -> dict[str, list[str]]:
+        ids = np.sort(batch.column("pair_id").to_numpy())
+        name = f"part-{hashlib.blake2b(ids.tobytes(), digest_size=12).hexdigest()}"
         records, rejects = [], []
         counts: Counter[str] = Counter()
         for row in batch.to_pylist():
             rec, reason = triplet_record(row, self.num_tars, self.failed, self.min_negatives,
                                          self.models)
             if rec is None:
-                rejects.append({"pair_id": int(row["pair_id"]), "reason": reason})
+                rejects.append(reject_row("export", name, [int(row["pair_id"])], reason,
+                                          REJECT_MESSAGES[reason]))
                 counts["reject:" + reason] += 1
             else:
                 records.append(rec)
-        ids = np.sort(batch.column("pair_id").to_numpy())
-        name = f"part-{hashlib.blake2b(ids.tobytes(), digest_size=12).hexdigest()}"
         if records:
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            with storage.open_atomic(storage.join(self.out_dir, PARTS, f"{name}.jsonl"),
+            with storage.open_atomic(storage.join(self.parts_dir, f"{name}.jsonl"),
                                      "wb") as f:
                 f.write(lines.encode())
-            storage.write_parquet(storage.join(self.out_dir, PARTS, f"{name}.parquet"),
+            storage.write_parquet(storage.join(self.parts_dir, f"{name}.parquet"),
                                   pa.Table.from_pylist(records, schema=TRIPLET_SCHEMA))
         if rejects:
-            storage.write_parquet(storage.join(self.rejects_dir, f"{name}.parquet"),
-                                  pa.Table.from_pylist(rejects, schema=EXPORT_REJECTS_SCHEMA))
+            write_rejects(storage.join(self.rejects_dir, f"{name}.parquet"), rejects)
         counts["triplets"] = len(records)
         return {"counts": [json.dumps(counts)]}
 
 
-def write_single_file_view(out_dir: str) -> None:
+def write_single_file_view(run_dir: str) -> None:
     """``megapairs.jsonl`` and ``megapairs.parquet``: the parts joined, in part order (a Ray
     task runs this, never the driver)."""
-    parts = storage.list_files(storage.join(out_dir, PARTS))
+    out_dir = layout.triplets_dir(run_dir)
+    parts = storage.list_files(layout.triplet_parts_dir(run_dir))
     with storage.open_atomic(storage.join(out_dir, "megapairs.jsonl"), "wb") as fj:
         for uri in [p for p in parts if p.endswith(".jsonl")]:
             fs, path = storage.filesystem(uri)
@@ -131,43 +138,40 @@ def _add_tar(batch: pa.Table, num_tars: int) -> pa.Table:
     return batch.append_column("tar", pa.array(tar_of(ids, num_tars), pa.int64()))
 
 
-def run_export(cfg: RunConfig) -> manifest.StageRecord:
+def _run(ctx: StageRun[RunConfig], todo: list[str]) -> None:
+    from megapairs_ray.pipeline.stages import STAGES
     from megapairs_ray.synth.report import write_card_and_gallery
 
-    record = manifest.StageRecord("export").start()
-    require_gathered(cfg.run_dir, "instruct")
-    state = step_state(cfg, "export")
-    e = cfg.export
+    if not todo:
+        return
+    cfg, e = ctx.cfg, ctx.cfg.export
     out = layout.triplets_dir(cfg.run_dir)
     rejects_dir = layout.rejects_dir(cfg.run_dir, "export")
-    changed = state.reconcile([out, rejects_dir])
-    if changed:
-        record.counts["recomputed_changed_settings"] = 1
-        record.inputs["changed"] = changed
-    if DONE not in state.done_units():
-        storage.remove(out, recursive=True)  # what an interrupted export left
-        storage.remove(rejects_dir, recursive=True)
-        counts = _export(cfg, out, rejects_dir)
-        if counts["triplets"] <= e.single_file_max_rows:
-            ray.get(ray.remote(num_cpus=e.num_cpus)(write_single_file_view).remote(out))
-        for key, n in counts.items():
-            (record.rejects if key.startswith("reject:") else record.counts)[
-                key.removeprefix("reject:")] += n
-        record.finish()
-        manifest.record_stage(cfg.run_dir, record)
-        write_card_and_gallery(cfg, out, int(counts["image_tars"]))
-        with storage.open_atomic(storage.join(out, "_SUCCESS"), "wb") as f:
-            f.write(b"")
-        state.mark_done(DONE, counts)
-    else:
-        for key, n in state.read_markers([DONE])[0]["counts"].items():
-            (record.rejects if key.startswith("reject:") else record.counts)[
-                key.removeprefix("reject:")] += n
-        record.counts["skipped_done"] = 1
-    record.outputs = {"triplets": out}
-    record.finish()
-    manifest.record_stage(cfg.run_dir, record)
-    return record
+    storage.remove(out, recursive=True)  # what an interrupted export left
+    storage.remove(rejects_dir, recursive=True)
+    counts = _export(cfg, out, rejects_dir)
+    if counts["triplets"] <= e.single_file_max_rows:
+        ray.get(ray.remote(num_cpus=e.num_cpus)(write_single_file_view).remote(cfg.run_dir))
+    # The card shows every stage's record, this one's included: the marker, last, vouches
+    # for the card, the gallery and _SUCCESS.
+    ctx.record_preview(counts)
+    write_card_and_gallery(cfg, out, int(counts["image_tars"]), [s.name for s in STAGES])
+    with storage.open_atomic(storage.join(out, "_SUCCESS"), "wb") as f:
+        f.write(b"")
+    ctx.state.mark_done(DONE, counts)
+
+
+EXPORT: Stage[RunConfig] = Stage(
+    name="export",
+    help="Write the triplets in the released MegaPairs form, with a dataset card and gallery.",
+    needs=(INSTRUCT,),
+    settings=step_settings("export"),
+    outputs=lambda cfg: {"triplets": layout.triplets_dir(cfg.run_dir),
+                         "rejects": layout.rejects_dir(cfg.run_dir, "export")},
+    units=lambda cfg: [DONE],
+    run=_run,
+    section="export",
+)
 
 
 def _export(cfg: RunConfig, out: str, rejects_dir: str) -> Counter[str]:
@@ -199,8 +203,8 @@ def _export(cfg: RunConfig, out: str, rejects_dir: str) -> Counter[str]:
         failed.update(zip((int(i) for i in row["failed_ids"]), row["failed_reasons"]))
     counts.update("reject:image_" + reason for reason in failed.values())
     triplets = src.map_batches(
-        WriteTriplets, fn_constructor_args=(out, rejects_dir, num_tars, failed,
-                                            e.min_hard_negatives, models),
+        WriteTriplets, fn_constructor_args=(layout.triplet_parts_dir(cfg.run_dir), rejects_dir,
+                                            num_tars, failed, e.min_hard_negatives, models),
         batch_size=None, batch_format="pyarrow", num_cpus=e.num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=parts))
     for row in triplets.iter_rows():

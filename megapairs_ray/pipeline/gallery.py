@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import ray
 
@@ -23,12 +24,13 @@ from megapairs_ray import manifest
 from megapairs_ray.config import InputConfig, output_settings
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.runs import ingested_images, ingested_tables
-from megapairs_ray.io.stepstate import StepState, stored_fingerprint
+from megapairs_ray.io.stepstate import stored_fingerprint
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.pipeline.embed import clear_partial, count_until_done
+from megapairs_ray.pipeline.engine import Stage, StageRun, run_stage
 from megapairs_ray.pipeline.index import build_space
-from megapairs_ray.pipeline.ingest import run_ingest
-from megapairs_ray.pipeline.shardlist import run_shards
+from megapairs_ray.pipeline.ingest import INGEST
+from megapairs_ray.pipeline.shardlist import recorded_shards
 from megapairs_ray.serve.config import SPACE, GalleryConfig
 from megapairs_ray.serve.gallery import (
     GalleryEncoder,
@@ -39,27 +41,28 @@ from megapairs_ray.serve.gallery import (
 )
 from megapairs_ray.stages.embed_io import write_embeddings
 
-STAGE = "gallery"
-INDEX_UNIT = "index"
+INDEX_UNIT = "index"  # the gallery's last unit: its index, built once every table is embedded
 
 
 def _sources(cfg: GalleryConfig) -> tuple[str, list[tuple[str, str, int]], InputConfig]:
     """(images root, [(shard slug, images table, accepted rows)], the input's reading config)."""
     if cfg.input is not None:
-        root, input_cfg = cfg.run_dir, cfg.input
-        return root, ingested_tables(root, run_shards(cfg), GalleryError), input_cfg  # type: ignore[arg-type]
+        root = cfg.run_dir
+        return root, ingested_tables(root, recorded_shards(root), GalleryError), cfg.input
     root = str(cfg.images_from)
     tables, input_cfg = ingested_images(root, "images_from", GalleryError)
     return root, tables, input_cfg
 
 
-def gallery_state(cfg: GalleryConfig, checkpoint: str, root: str) -> StepState:
+def _root(cfg: GalleryConfig) -> str:
+    return cfg.run_dir if cfg.input is not None else str(cfg.images_from)
+
+
+def _settings(cfg: GalleryConfig) -> dict[str, Any]:
     """What decides the vectors and the index: a change discards both."""
-    return StepState(cfg.run_dir, STAGE,
-                     {"checkpoint": checkpoint, "images": root,
-                      **output_settings(cfg.encoder, prefix="encoder."),
-                      **{f"index.{k}": v for k, v in cfg.index.build_fields().items()}},
-                     {"ingest": stored_fingerprint(root, "ingest")})
+    return {"checkpoint": resolve_checkpoint(cfg.checkpoint), "images": _root(cfg),
+            **output_settings(cfg.encoder, prefix="encoder."),
+            **{f"index.{k}": v for k, v in cfg.index.build_fields().items()}}
 
 
 def build_gallery_dataset(cfg: GalleryConfig, checkpoint: str,
@@ -84,62 +87,47 @@ def build_gallery_dataset(cfg: GalleryConfig, checkpoint: str,
     return ds.map_batches(
         write_embeddings,
         fn_kwargs={"run_dir": cfg.run_dir, "image_spaces": (SPACE,),
-                   "stage": STAGE},
+                   "stage": "gallery"},
         batch_size=e.writer_batch_rows, batch_format="numpy", num_cpus=e.writer_num_cpus)
 
 
-def run_gallery(cfg: GalleryConfig) -> manifest.StageRecord:
-    if cfg.input is not None:
-        run_ingest(cfg)  # type: ignore[arg-type]  # reads run_dir, input and ingest only
-    record = manifest.StageRecord(STAGE).start()
+def _run(ctx: StageRun[GalleryConfig], todo: list[str]) -> None:
+    cfg, state = ctx.cfg, ctx.state
     root, sources, input_cfg = _sources(cfg)
-    checkpoint = resolve_checkpoint(cfg.checkpoint)
-    state = gallery_state(cfg, checkpoint, root)
-    changed = state.reconcile([layout.embeddings_dir(cfg.run_dir, SPACE),
-                               storage.join(cfg.run_dir, "index"),
-                               layout.rejects_dir(cfg.run_dir, STAGE),
-                               gallery_json(cfg.run_dir)])
-    if changed:
-        record.counts["recomputed_changed_settings"] = 1
-        record.inputs["changed"] = changed
-    done = state.done_units()
-    todo = [s for s in sources if s[0] not in done]
-    record.inputs.update({"images": root, "tables": len(sources),
-                          "rows": sum(n for *_, n in sources), "checkpoint": checkpoint})
-    record.counts["tables_skipped_done"] = len(sources) - len(todo)
-    clear_partial(cfg.run_dir, STAGE, [SPACE], [slug for slug, *_ in todo])
-    for slug, _, n in todo:
+    checkpoint = state.settings["checkpoint"]
+    ctx.record.inputs.update({"images": root, "tables": len(sources),
+                              "rows": sum(n for *_, n in sources), "checkpoint": checkpoint})
+    tables = [s for s in sources if s[0] in set(todo)]
+    ctx.count("tables_skipped_done", len(sources) - len(tables))
+    clear_partial(cfg.run_dir, "gallery", [SPACE], [slug for slug, *_ in tables])
+    for slug, _, n in tables:
         if n == 0:
             state.mark_done(slug, Counter())
-    todo = [s for s in todo if s[2] > 0]
-    if todo:
+    tables = [s for s in tables if s[2] > 0]
+    if tables:
         state.unmark(INDEX_UNIT)  # new vectors: the index is rebuilt
 
         def finished(slug: str, tally: Counter[str]) -> None:
             state.mark_done(slug, tally)
-            record.counts["tables_embedded"] += 1
+            ctx.count("tables_embedded")
 
-        ds = build_gallery_dataset(cfg, checkpoint, todo, input_cfg)
-        unfinished = count_until_done(ds.iter_rows(),
-                                      {slug: n for slug, _, n in todo}, finished)
+        ds = build_gallery_dataset(cfg, checkpoint, tables, input_cfg)
+        unfinished = count_until_done(ds.iter_rows(), {slug: n for slug, _, n in tables},
+                                      finished)
         if unfinished:
             raise GalleryError(f"{len(unfinished)} images table(s) ended with rows unaccounted "
                                f"for: {unfinished[:5]}")
-    slugs = [slug for slug, *_ in sources]
-    record.counts.update({k: v for k, v in state.sum_counts(slugs).items()
-                          if k in ("embedded", "rejected")})
-    rejects = storage.read_parquet_dir(layout.rejects_dir(cfg.run_dir, STAGE), ["reason"])
-    if rejects is not None:
-        record.rejects.update(Counter(rejects.column("reason").to_pylist()))
-    if record.counts["embedded"] == 0:
-        raise GalleryError(f"no gallery image could be embedded (rejects: "
-                           f"{dict(record.rejects) or 'none'}; is the input empty?)")
-
     if INDEX_UNIT not in state.done_units():
-        meta = build_space(cfg, SPACE, state.fingerprint)  # type: ignore[arg-type]
-        state.mark_done(INDEX_UNIT, {"vectors": meta["count"]})
+        slugs = [slug for slug, *_ in sources]
+        tally = state.sum_counts(slugs)
+        if tally["embedded"] == 0:
+            rejects = {k[7:]: n for k, n in tally.items() if k.startswith("reject:")}
+            raise GalleryError(f"no gallery image could be embedded (rejects: "
+                               f"{rejects or 'none'}; is the input empty?)")
+        meta = build_space(cfg.run_dir, cfg.index, SPACE, state.fingerprint)
+        state.mark_done(INDEX_UNIT, {"indexed": meta["count"]})
     index_meta = storage.read_json(layout.index_meta_file(cfg.run_dir, SPACE))
-    record.counts["indexed"] = index_meta["count"]
+    # Last: the service reads nothing else first.
     storage.write_json(gallery_json(cfg.run_dir), {
         "checkpoint": checkpoint, "space": SPACE, "dim": index_meta["dim"],
         "count": index_meta["count"], "index": index_dir(cfg.run_dir),
@@ -147,8 +135,37 @@ def run_gallery(cfg: GalleryConfig) -> manifest.StageRecord:
         "input": input_cfg.model_dump(mode="json"), "settings": state.settings,
         "fingerprint": state.fingerprint,
     })
-    record.outputs = {"gallery": gallery_json(cfg.run_dir), "index": index_dir(cfg.run_dir),
-                      "rejects": layout.rejects_dir(cfg.run_dir, STAGE)}
-    record.finish()
-    manifest.record_stage(cfg.run_dir, record, config=cfg.model_dump(mode="json"))
-    return record
+
+
+def _upgrade_marker(unit: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """Books v1 counted the index's vectors as ``vectors``."""
+    if unit == INDEX_UNIT and "vectors" in doc["counts"]:
+        doc["counts"] = {"indexed": doc["counts"]["vectors"]}
+    return doc
+
+
+GALLERY: Stage[GalleryConfig] = Stage(
+    name="gallery",
+    help="Embed a gallery with a retriever checkpoint and index it, for `megapairs serve`.",
+    needs=(),
+    # The images are this folder's own ingest, or another run's.
+    upstream=lambda cfg: {"ingest": stored_fingerprint(_root(cfg), "ingest")},
+    settings=_settings,
+    outputs=lambda cfg: {"gallery": gallery_json(cfg.run_dir), "index": index_dir(cfg.run_dir),
+                         "rejects": layout.rejects_dir(cfg.run_dir, "gallery")},
+    removes=lambda cfg: [layout.embeddings_dir(cfg.run_dir, SPACE),
+                         layout.index_root(cfg.run_dir),
+                         layout.rejects_dir(cfg.run_dir, "gallery"), gallery_json(cfg.run_dir)],
+    units=lambda cfg: [slug for slug, *_ in _sources(cfg)[1]] + [INDEX_UNIT],
+    run=_run,
+    unit_noun="units",
+    hidden_counts=("rows", "texts"),
+    upgrade_marker=_upgrade_marker,
+)
+
+
+def run_gallery(cfg: GalleryConfig) -> manifest.StageRecord:
+    """The gallery job: ingest its images (when they are its own), then the gallery stage."""
+    if cfg.input is not None:
+        run_stage(INGEST, cfg)
+    return run_stage(GALLERY, cfg)

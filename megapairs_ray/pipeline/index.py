@@ -16,12 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from megapairs_ray import manifest
 from megapairs_ray.config import IndexConfig, RunConfig
 from megapairs_ray.io import layout, storage
-from megapairs_ray.io.stepstate import StepState, stored_fingerprint
-from megapairs_ray.pipeline.embed import embed_state
-from megapairs_ray.pipeline.shardlist import run_shards
+from megapairs_ray.io.rejects import reject_row, write_rejects
+from megapairs_ray.pipeline.embed import EMBED
+from megapairs_ray.pipeline.engine import Stage, StageRun
 from megapairs_ray.stages.index import (
     IndexStageError,
     ShardMeta,
@@ -33,14 +32,6 @@ from megapairs_ray.stages.index import (
     shard_of,
     train_index,
 )
-from megapairs_ray.stages.ingest import REJECTS_SCHEMA
-
-
-def index_state(cfg: RunConfig) -> StepState:
-    """Index's books: how the index is built (not how it is searched), on embed's output."""
-    return StepState(cfg.run_dir, "index",
-                     {f"index.{k}": v for k, v in cfg.index.build_fields().items()},
-                     {"embed": stored_fingerprint(cfg.run_dir, "embed")})
 
 
 def _tag_shards(table: pa.Table, shards: int) -> pa.Table:
@@ -67,12 +58,9 @@ def _build_shard_task(staging: str, shard: int, trained: bytes, space: str, out_
     save_shard(out_dir, index, ShardMeta(space, shard, cfg.shards, cfg.kind, factory, dim,
                                          int(index.ntotal), lo, hi))
     if len(dropped):
-        storage.write_parquet(
-            storage.join(layout.rejects_dir(run_dir, "index"), f"{space}-{shard:04d}.parquet"),
-            pa.Table.from_pylist([{"image_id": int(i), "shard": f"{space}/{shard}", "key": None,
-                                   "stage": "index", "reason": "non_finite_vector",
-                                   "detail": "NaN or inf in the embedding"} for i in dropped],
-                                 schema=REJECTS_SCHEMA))
+        write_rejects(layout.rejects_file(run_dir, "index", f"{space}-{shard:04d}"),
+                      [reject_row("index", f"{space}/{shard}", [int(i)], "non_finite_vector",
+                                  "NaN or inf in the embedding") for i in dropped])
     return int(index.ntotal), len(dropped)
 
 
@@ -108,17 +96,17 @@ def _count_and_sample(files: list[str], want: int, seed: int = 0,
     return sum(n for n, _ in footers), dim, np.concatenate(picked)[:want]
 
 
-def build_space(cfg: RunConfig, space: str, fingerprint: str = "") -> dict[str, Any]:
-    """Build one space's index; its ``index.json`` (written last) records ``fingerprint``,
-    the settings it was built under."""
-    icfg = cfg.index
-    src = layout.embeddings_dir(cfg.run_dir, space)
+def build_space(run_dir: str, icfg: IndexConfig, space: str, fingerprint: str = "",
+                ) -> dict[str, Any]:
+    """Build one space's index (the run's, or a gallery's) from ``RUN/embeddings/<space>``; its
+    ``index.json`` (written last) records ``fingerprint``, the settings it was built under."""
+    src = layout.embeddings_dir(run_dir, space)
     files = storage.list_files(src, ".parquet")
     if not files:
         raise IndexStageError(f"space {space!r} has no embeddings under {src}: run embed first")
-    out = layout.index_dir(cfg.run_dir, space)
+    out = layout.index_dir(run_dir, space)
     storage.remove(out, recursive=True)
-    for stale in storage.list_files(layout.rejects_dir(cfg.run_dir, "index")):
+    for stale in storage.list_files(layout.rejects_dir(run_dir, "index")):
         if stale.rsplit("/", 1)[-1].startswith(f"{space}-"):
             storage.remove(stale)
     n, dim, sample = _count_and_sample(files, icfg.train_sample)
@@ -133,7 +121,7 @@ def build_space(cfg: RunConfig, space: str, fingerprint: str = "") -> dict[str, 
      .map_batches(_tag_shards, fn_kwargs={"shards": icfg.shards}, batch_format="pyarrow")
      .write_parquet(staging, partition_cols=["shard"]))
     build = ray.remote(num_cpus=icfg.shard_num_cpus)(_build_shard_task)
-    results = ray.get([build.remote(staging, s, trained_ref, space, out, cfg.run_dir, icfg,
+    results = ray.get([build.remote(staging, s, trained_ref, space, out, run_dir, icfg,
                                     factory, dim) for s in range(icfg.shards)])
     storage.remove(staging, recursive=True)
     meta = {"space": space, "kind": icfg.kind, "factory": factory, "dim": dim,
@@ -141,31 +129,39 @@ def build_space(cfg: RunConfig, space: str, fingerprint: str = "") -> dict[str, 
             "rejected": sum(r for _, r in results),
             "per_shard": [c for c, _ in results],
             "build": icfg.build_fields(), "fingerprint": fingerprint}
-    storage.write_json(layout.index_meta_file(cfg.run_dir, space), meta)
+    storage.write_json(layout.index_meta_file(run_dir, space), meta)
     return meta
 
 
-def run_index(cfg: RunConfig) -> manifest.StageRecord:
-    record = manifest.StageRecord("index").start()
-    embed_state(cfg).require_finished([s.slug for s in run_shards(cfg)])
-    state = index_state(cfg)
-    changed = state.reconcile([storage.join(cfg.run_dir, "index"),
-                               layout.rejects_dir(cfg.run_dir, "index")])
-    if changed:
-        record.counts["recomputed_changed_settings"] = 1
-        record.inputs["changed"] = changed
-    done = state.done_units()
-    for space in cfg.mine.spaces:
-        if space in done:
-            record.counts["spaces_skipped_done"] += 1
-        else:
-            meta = build_space(cfg, space, state.fingerprint)
-            state.mark_done(space, {"vectors": meta["count"], "rejected": meta["rejected"]})
-    for space, marker in zip(cfg.mine.spaces, state.read_markers(cfg.mine.spaces)):
-        record.counts[f"{space}_vectors"] = marker["counts"]["vectors"]
-        record.rejects["non_finite_vector"] += marker["counts"]["rejected"]
-    record.rejects = +record.rejects  # drop zero counts
-    record.outputs = {s: layout.index_dir(cfg.run_dir, s) for s in cfg.mine.spaces}
-    record.finish()
-    manifest.record_stage(cfg.run_dir, record)
-    return record
+def _run(ctx: StageRun[RunConfig], todo: list[str]) -> None:
+    for space in todo:
+        meta = build_space(ctx.cfg.run_dir, ctx.cfg.index, space, ctx.state.fingerprint)
+        counts = {f"{space}_vectors": meta["count"]}
+        if meta["rejected"]:
+            counts["reject:non_finite_vector"] = meta["rejected"]
+        ctx.state.mark_done(space, counts)
+
+
+def _upgrade_marker(space: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """Books v1 counted a space's vectors and non-finite rejects without naming them."""
+    old = doc["counts"]
+    doc["counts"] = {f"{space}_vectors": old.get("vectors", 0)}
+    if old.get("rejected"):
+        doc["counts"]["reject:non_finite_vector"] = old["rejected"]
+    return doc
+
+
+INDEX: Stage[RunConfig] = Stage(
+    name="index",
+    help="Build the sharded FAISS index of each embedding space.",
+    needs=(EMBED,),
+    # How the index is built (not how it is searched).
+    settings=lambda cfg: {f"index.{k}": v for k, v in cfg.index.build_fields().items()},
+    outputs=lambda cfg: {**{s: layout.index_dir(cfg.run_dir, s) for s in cfg.mine.spaces},
+                         "rejects": layout.rejects_dir(cfg.run_dir, "index")},
+    removes=lambda cfg: [layout.index_root(cfg.run_dir), layout.rejects_dir(cfg.run_dir, "index")],
+    units=lambda cfg: list(cfg.mine.spaces),
+    run=_run,
+    unit_noun="spaces",
+    upgrade_marker=_upgrade_marker,
+)

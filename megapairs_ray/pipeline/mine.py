@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from megapairs_ray import manifest
 from megapairs_ray.config import MineConfig, RunConfig, output_settings
 from megapairs_ray.io import layout, storage
-from megapairs_ray.io.stepstate import StepState, stored_fingerprint
-from megapairs_ray.pipeline.embed import embed_state
-from megapairs_ray.pipeline.index import index_state
+from megapairs_ray.io.rejects import reject_row, write_rejects
+from megapairs_ray.io.stepstate import StepState
+from megapairs_ray.pipeline.engine import Stage, StageRun
+from megapairs_ray.pipeline.index import INDEX
 from megapairs_ray.pipeline.shardlist import run_shards
 from megapairs_ray.stages.embed_io import embedding_matrix
 from megapairs_ray.stages.index import IndexShard, IndexStageError, merge_topk, read_meta
@@ -31,10 +31,6 @@ PAIRS_SCHEMA = pa.schema([
     ("pair_id", pa.int64()), ("query_id", pa.int64()), ("target_id", pa.int64()),
     ("spaces", pa.list_(pa.string())), ("similarities", pa.list_(pa.float32())),
     ("hard_negatives", pa.list_(pa.int64())),
-])
-MINE_REJECTS_SCHEMA = pa.schema([
-    ("query_id", pa.int64()), ("target_id", pa.int64()), ("reason", pa.string()),
-    ("detail", pa.string()),
 ])
 
 
@@ -83,9 +79,9 @@ class MineShard:
                     scores[rows], nbr[rows] = s, i
             neighbours[space] = (scores, nbr)
         pairs, rejects = mine_batch(queries.tolist(), neighbours, self.cfg)
-        storage.write_parquet(storage.join(layout.rejects_dir(self.run_dir, "mine"),
-                                           f"{slug}.parquet"),
-                              pa.Table.from_pylist(rejects, schema=MINE_REJECTS_SCHEMA))
+        write_rejects(layout.rejects_file(self.run_dir, "mine", slug),
+                      [reject_row("mine", slug, [r["query_id"], r["target_id"]], r["reason"],
+                                  r["detail"]) for r in rejects])
         storage.write_parquet(layout.pairs_file(self.run_dir, slug),
                               pa.Table.from_pylist(pairs, schema=PAIRS_SCHEMA))
         counts = Counter({"queries": len(queries), "pairs": len(pairs)})
@@ -96,19 +92,10 @@ class MineShard:
                 "rejected": len(rejects)}
 
 
-def mine_state(cfg: RunConfig) -> StepState:
-    """Mine's books: the mining rules and how the indexes are searched, on index's output."""
-    return StepState(cfg.run_dir, "mine",
-                     {**output_settings(cfg.mine, prefix="mine."),
-                      **{f"index.{k}": v for k, v in output_settings(cfg.index).items()
-                         if k not in cfg.index.build_fields()}},
-                     {"index": stored_fingerprint(cfg.run_dir, "index")})
-
-
 def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
     actor_cls = ray.remote(IndexShard)
     actors: dict[str, list[Any]] = {}
-    index_state(cfg).require_finished(cfg.mine.spaces)
+    INDEX.require_finished(cfg)
     for space in cfg.mine.spaces:
         meta = read_meta(layout.index_dir(cfg.run_dir, space))
         actors[space] = [
@@ -151,41 +138,44 @@ def stop_actors(actors: dict[str, list[Any]]) -> None:
             ray.kill(a)
 
 
-def run_mine(cfg: RunConfig) -> manifest.StageRecord:
-    record = manifest.StageRecord("mine").start()
-    slugs = [s.slug for s in run_shards(cfg)]
-    embed_state(cfg).require_finished(slugs)
-    index_state(cfg).require_finished(cfg.mine.spaces)
-    state = mine_state(cfg)
-    changed = state.reconcile([layout.pairs_dir(cfg.run_dir),
-                               layout.rejects_dir(cfg.run_dir, "mine")])
-    if changed:
-        record.counts["recomputed_changed_settings"] = 1
-        record.inputs["changed"] = changed
-    done = state.done_units()
-    todo = [s for s in slugs if s not in done]
-    record.counts["shards_skipped_done"] = len(slugs) - len(todo)
-    if todo:
-        actors = start_shard_actors(cfg)
-        try:
-            ds = ray.data.from_items([{"slug": s} for s in todo], override_num_blocks=len(todo))
-            ds = ds.map_batches(
-                MineShard,
-                fn_constructor_kwargs={"run_dir": cfg.run_dir, "cfg": cfg.mine,
-                                       "shard_actors": actors, "state": state},
-                batch_size=1, num_cpus=cfg.mine.num_cpus,
-                compute=ray.data.ActorPoolStrategy(size=cfg.mine.actors))
-            for _ in ds.iter_rows():
-                record.counts["shards_mined"] += 1
-        finally:
-            stop_actors(actors)
-    for key, n in state.sum_counts(slugs).items():
-        if key.startswith("reject:"):
-            record.rejects[key.removeprefix("reject:")] += n
-        elif key != "queries":
-            record.counts[key] += n
-    record.counts["pairs"] += 0  # present even when nothing was mined
-    record.outputs = {"pairs": layout.pairs_dir(cfg.run_dir)}
-    record.finish()
-    manifest.record_stage(cfg.run_dir, record)
-    return record
+def _run(ctx: StageRun[RunConfig], todo: list[str]) -> None:
+    cfg = ctx.cfg
+    if not todo:
+        return
+    actors = start_shard_actors(cfg)
+    try:
+        ds = ray.data.from_items([{"slug": s} for s in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            MineShard,
+            fn_constructor_kwargs={"run_dir": cfg.run_dir, "cfg": cfg.mine,
+                                   "shard_actors": actors, "state": ctx.state},
+            batch_size=1, num_cpus=cfg.mine.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.mine.actors))
+        for _ in ds.iter_rows():
+            ctx.count("shards_mined")
+    finally:
+        stop_actors(actors)
+
+
+def _settings(cfg: RunConfig) -> dict[str, Any]:
+    """The mining rules and how the indexes are searched (index's own settings are how they
+    are built)."""
+    return {**output_settings(cfg.mine, prefix="mine."),
+            **{f"index.{k}": v for k, v in output_settings(cfg.index).items()
+               if k not in cfg.index.build_fields()}}
+
+
+MINE: Stage[RunConfig] = Stage(
+    name="mine",
+    help="Mine (query, target) pairs with hard negatives from the indexes.",
+    # Index's fingerprint carries embed's: the query vectors mine reads are the indexed ones.
+    needs=(INDEX,),
+    settings=_settings,
+    outputs=lambda cfg: {"pairs": layout.pairs_dir(cfg.run_dir),
+                         "rejects": layout.rejects_dir(cfg.run_dir, "mine")},
+    units=lambda cfg: [s.slug for s in run_shards(cfg)],
+    run=_run,
+    unit_noun="shards",
+    hidden_counts=("queries",),
+    finish=lambda ctx: ctx.count("pairs", 0),  # present even when nothing was mined
+)

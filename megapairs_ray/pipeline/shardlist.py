@@ -9,7 +9,9 @@ longer matches.
 
 from __future__ import annotations
 
-from megapairs_ray.config import RunConfig
+from typing import Protocol
+
+from megapairs_ray.config import IngestConfig, InputConfig
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import Shard, list_shards
@@ -19,7 +21,24 @@ class InputChangedError(MegapairsError, RuntimeError):
     """The input no longer matches the shard list this run started with."""
 
 
-def run_shards(cfg: RunConfig) -> list[Shard]:
+class Ingests(Protocol):
+    """What the shard list and ingest read of a config: a run's, or a gallery's that ingests
+    its own images."""
+
+    @property
+    def run_dir(self) -> str: ...
+
+    @property
+    def input(self) -> InputConfig | None: ...
+
+    @property
+    def ingest(self) -> IngestConfig: ...
+
+
+def run_shards(cfg: Ingests) -> list[Shard]:
+    """The run's shards: written by the first stage, checked against the input by every other
+    (one listing of the input)."""
+    assert cfg.input is not None, "a run with shards has an input"
     current = list_shards(cfg.input)
     uri = layout.shards_file(cfg.run_dir)
     if not storage.exists(uri):
@@ -36,3 +55,8 @@ def run_shards(cfg: RunConfig) -> list[Shard]:
             f"the input changed since this run started ({uri}): added {added[:3]}, removed "
             f"{removed[:3]}, changed {changed[:3]}; start a new run_dir for the new input")
     return recorded
+
+
+def recorded_shards(run_dir: str) -> list[Shard]:
+    """The shard list as the run recorded it (one read, no listing of the input)."""
+    return [Shard.from_row(r) for r in storage.read_json(layout.shards_file(run_dir))]

@@ -31,7 +31,10 @@ from megapairs_ray import manifest
 from megapairs_ray.config import LLMStageConfig, RunConfig, output_settings
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import layout, storage
-from megapairs_ray.io.stepstate import StageInputError, StepState, stored_fingerprint
+from megapairs_ray.io.rejects import reject_row, write_rejects
+from megapairs_ray.io.stepstate import StepState
+from megapairs_ray.pipeline.engine import Stage, StageRun
+from megapairs_ray.pipeline.mine import MINE
 from megapairs_ray.synth.images import LOCATION_COLUMNS, MISSING_IMAGE, UNREADABLE_IMAGE
 
 PAIR_COLUMNS = ("pair_id", "query_id", "target_id", "spaces", "similarities", "hard_negatives")
@@ -93,22 +96,6 @@ def located_pairs(cfg: RunConfig) -> ray.data.Dataset:
         side = images.rename_columns({"image_id": key, **{c: role + c for c in LOCATION_COLUMNS}})
         pairs = pairs.join(side, join_type="left_outer", num_partitions=parts, on=(key,))
     return pairs
-
-
-def step_state(cfg: RunConfig, step: str) -> StepState:
-    """A synthesis step's books: its model and prompts' settings, on the output it reads."""
-    upstream = {"describe": "mine", "instruct": "describe", "export": "instruct"}[step]
-    section = getattr(cfg, step)
-    if section is None:
-        raise SynthStageError(f"the config has no {step} section")
-    return StepState(cfg.run_dir, step, output_settings(section, prefix=f"{step}."),
-                     {upstream: stored_fingerprint(cfg.run_dir, upstream)})
-
-
-def require_gathered(run_dir: str, step: str) -> None:
-    if not storage.exists(layout.marker(run_dir, step, GATHERED)):
-        raise StageInputError(f"{step} has not finished on {run_dir}: run `megapairs {step}` "
-                              "first")
 
 
 def _reason(r: str) -> str:
@@ -213,7 +200,7 @@ def run_tries(state: StepState, section: LLMStageConfig, retries: int,
     return last + 1
 
 
-def _gather_part(batch: dict[str, Any], good_dir: str, rejects_dir: str, last: bool,
+def _gather_part(batch: dict[str, Any], step: str, good_dir: str, rejects_dir: str, last: bool,
                  drop: Sequence[str], extra: Callable[[pa.Table], Counter[str]] | None,
                  ) -> dict[str, list[str]]:
     """One committed part: usable rows to ``good_dir``, final rejects to ``rejects_dir``."""
@@ -233,38 +220,41 @@ def _gather_part(batch: dict[str, Any], good_dir: str, rejects_dir: str, last: b
     final = pc.invert(ok) if last else pc.and_(pc.invert(ok), pc.invert(_worth_retrying(t)))
     bad = t.filter(final).select(keep)
     if bad.num_rows:
-        storage.write_parquet(storage.join(rejects_dir, name), bad)
+        write_rejects(storage.join(rejects_dir, name), [_reject(r, attempt, step)
+                                                        for r in bad.to_pylist()])
     counts.update("reject:" + _reason(r) for r in bad.column("reject_reason").to_pylist())
     return {"counts": [json.dumps(counts)]}
 
 
+def _reject(row: dict[str, Any], attempt: int, step: str) -> dict[str, Any]:
+    """A final reject of a synthesis step in the one shape: the model's answer in its detail."""
+    reason = row.pop("reject_reason")
+    payload = {k: v for k, v in row.items() if k not in PAIR_COLUMNS}
+    return reject_row(step, f"try-{attempt}", [row["pair_id"]], _reason(reason), reason,
+                      **payload)
+
+
 def gather(state: StepState, tries: int, good_dir: str, drop: Sequence[str],
-           record: manifest.StageRecord,
            extra: Callable[[pa.Table], Counter[str]] | None = None) -> None:
     """Usable rows of every try into ``good_dir``; final rejects into ``rejects/<step>``;
-    ``extra`` counts more about the usable rows. Done once per set of tries."""
-    if GATHERED not in state.done_units():
-        rejects_dir = layout.rejects_dir(state.run_dir, state.stage)
-        storage.remove(good_dir, recursive=True)
-        storage.remove(rejects_dir, recursive=True)
-        items = [{"file": f, "attempt": a} for a in range(tries)
-                 for f in storage.list_files(layout.try_dir(state.run_dir, state.stage, a),
-                                             ".parquet")]
-        counts: Counter[str] = Counter({f"usable_after_try_{a}": 0 for a in range(tries)})
-        if items:
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _gather_part_of_tries, batch_size=1, num_cpus=0.25, fn_kwargs={
-                    "good_dir": good_dir, "rejects_dir": rejects_dir, "drop": list(drop),
-                    "extra": extra, "tries": tries})
-            for row in ds.iter_rows():
-                counts.update(json.loads(row["counts"]))
-        state.mark_done(GATHERED, counts, tries=tries)
-    marker = state.read_markers([GATHERED])[0]
-    for key, n in marker["counts"].items():
-        if key.startswith("reject:"):
-            record.rejects[key[7:]] += n
-        else:
-            record.counts[key] += n
+    ``extra`` counts more about the usable rows. The ``gathered`` marker, last, carries the
+    step's counts."""
+    rejects_dir = layout.rejects_dir(state.run_dir, state.stage)
+    storage.remove(good_dir, recursive=True)
+    storage.remove(rejects_dir, recursive=True)
+    items = [{"file": f, "attempt": a} for a in range(tries)
+             for f in storage.list_files(layout.try_dir(state.run_dir, state.stage, a),
+                                         ".parquet")]
+    counts: Counter[str] = Counter({f"usable_after_try_{a}": 0 for a in range(tries)})
+    if items:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _gather_part_of_tries, batch_size=1, num_cpus=0.25, fn_kwargs={
+                "step": state.stage, "good_dir": good_dir, "rejects_dir": rejects_dir,
+                "drop": list(drop), "extra": extra, "tries": tries})
+        for row in ds.iter_rows():
+            counts.update(json.loads(row["counts"]))
+    counts["tries"] = tries
+    state.mark_done(GATHERED, counts)
 
 
 def _gather_part_of_tries(batch: dict[str, Any], tries: int, **kwargs: Any,
@@ -288,22 +278,19 @@ def _filtered_items(good: pa.Table) -> Counter[str]:
     return counts
 
 
-def run_describe(cfg: RunConfig) -> manifest.StageRecord:
-    from megapairs_ray.pipeline.mine import mine_state
-    from megapairs_ray.pipeline.shardlist import run_shards
+def _usable(ctx: StageRun[RunConfig], name: str) -> None:
+    """``pairs_<name>``: the usable rows over every try."""
+    ctx.count(f"pairs_{name}", sum(n for k, n in ctx.record.counts.items()
+                                   if k.startswith("usable_after_try_")))
+
+
+def _run_describe(ctx: StageRun[RunConfig], todo: list[str]) -> None:
     from megapairs_ray.synth.describe import FetchPairImages, build_describe_processor
 
-    record = manifest.StageRecord("describe").start()
-    mine_state(cfg).require_finished([s.slug for s in run_shards(cfg)])
-    state = step_state(cfg, "describe")
-    d = cfg.describe
+    if not todo:
+        return
+    cfg, d = ctx.cfg, ctx.cfg.describe
     assert d is not None
-    changed = state.reconcile([layout.synth_dir(cfg.run_dir, "describe"),
-                               layout.descriptions_dir(cfg.run_dir),
-                               layout.rejects_dir(cfg.run_dir, "describe")])
-    if changed:
-        record.counts["recomputed_changed_settings"] = 1
-        record.inputs["changed"] = changed
     input_columns = [*PAIR_COLUMNS, *(r + c for r in ("q_", "t_") for c in LOCATION_COLUMNS)]
 
     def pipeline(todo: ray.data.Dataset, attempt: int) -> ray.data.Dataset:
@@ -313,35 +300,19 @@ def run_describe(cfg: RunConfig) -> manifest.StageRecord:
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=d.fetch_actors))
         return build_describe_processor(d, attempt, input_columns)(fetched)
 
-    tries = run_tries(state, d, d.retries, lambda: located_pairs(cfg).materialize(),
-                      pipeline, input_columns, record)
-    gather(state, tries, layout.descriptions_dir(cfg.run_dir),
-           drop=[r + c for r in ("q_", "t_") for c in LOCATION_COLUMNS], record=record,
-           extra=_word_counts)
-    record.counts["pairs_described"] = sum(
-        n for k, n in record.counts.items() if k.startswith("usable_after_try_"))
-    record.counts["descriptions_over_word_num"] += 0
-    record.counts["tries"] = tries
-    record.outputs = {"descriptions": layout.descriptions_dir(cfg.run_dir)}
-    record.finish()
-    manifest.record_stage(cfg.run_dir, record)
-    return record
+    tries = run_tries(ctx.state, d, d.retries, lambda: located_pairs(cfg).materialize(),
+                      pipeline, input_columns, ctx.record)
+    gather(ctx.state, tries, layout.descriptions_dir(cfg.run_dir),
+           drop=[r + c for r in ("q_", "t_") for c in LOCATION_COLUMNS], extra=_word_counts)
 
 
-def run_instruct_stage(cfg: RunConfig) -> manifest.StageRecord:
+def _run_instruct(ctx: StageRun[RunConfig], todo: list[str]) -> None:
     from megapairs_ray.synth.instruct import build_instruct_processor
 
-    record = manifest.StageRecord("instruct").start()
-    require_gathered(cfg.run_dir, "describe")
-    state = step_state(cfg, "instruct")
-    ins = cfg.instruct
+    if not todo:
+        return
+    cfg, ins = ctx.cfg, ctx.cfg.instruct
     assert ins is not None
-    changed = state.reconcile([layout.synth_dir(cfg.run_dir, "instruct"),
-                               layout.instructions_dir(cfg.run_dir),
-                               layout.rejects_dir(cfg.run_dir, "instruct")])
-    if changed:
-        record.counts["recomputed_changed_settings"] = 1
-        record.inputs["changed"] = changed
     src = layout.descriptions_dir(cfg.run_dir)
     input_columns = [*PAIR_COLUMNS, "description"]
 
@@ -350,19 +321,63 @@ def run_instruct_stage(cfg: RunConfig) -> manifest.StageRecord:
         # Nothing was described: nothing to instruct, and that is not an error.
         return ds if ds is not None else ray.data.from_items([])
 
+    tries = 0
     if storage.list_files(src, ".parquet"):
         tries = run_tries(
-            state, ins, ins.retries, first,
+            ctx.state, ins, ins.retries, first,
             lambda todo, attempt: build_instruct_processor(ins, attempt, input_columns)(todo),
-            input_columns, record)
-    else:
-        tries = 0
-    gather(state, tries, layout.instructions_dir(cfg.run_dir), drop=[], record=record,
+            input_columns, ctx.record)
+    gather(ctx.state, tries, layout.instructions_dir(cfg.run_dir), drop=[],
            extra=_filtered_items)
-    record.counts["pairs_instructed"] = sum(
-        n for k, n in record.counts.items() if k.startswith("usable_after_try_"))
-    record.counts["tries"] = tries
-    record.outputs = {"instructions": layout.instructions_dir(cfg.run_dir)}
-    record.finish()
-    manifest.record_stage(cfg.run_dir, record)
-    return record
+
+
+def _upgrade_marker(unit: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """Books v1 kept the number of tries beside the gathered counts."""
+    if unit == GATHERED and "tries" in doc:
+        doc["counts"]["tries"] = doc.pop("tries")
+    return doc
+
+
+def step_settings(step: str) -> Callable[[RunConfig], dict[str, Any]]:
+    """A synthesis step's settings: its section's (its model, prompts and sampling)."""
+
+    def settings(cfg: RunConfig) -> dict[str, Any]:
+        section = getattr(cfg, step)
+        if section is None:
+            raise SynthStageError(f"the config has no {step} section")
+        return output_settings(section, prefix=f"{step}.")
+
+    return settings
+
+
+DESCRIBE: Stage[RunConfig] = Stage(
+    name="describe",
+    help="Describe each mined pair's two images with the vision-language model.",
+    needs=(MINE,),
+    settings=step_settings("describe"),
+    outputs=lambda cfg: {"descriptions": layout.descriptions_dir(cfg.run_dir),
+                         "tries": layout.synth_dir(cfg.run_dir, "describe"),
+                         "rejects": layout.rejects_dir(cfg.run_dir, "describe")},
+    # One unit, done when every try's usable rows are gathered (the tries are units of the
+    # same books, resumed part by part: ``run_tries``).
+    units=lambda cfg: [GATHERED],
+    run=_run_describe,
+    section="describe",
+    upgrade_marker=_upgrade_marker,
+    finish=lambda ctx: (_usable(ctx, "described"), ctx.count("descriptions_over_word_num", 0)),
+)
+
+INSTRUCT: Stage[RunConfig] = Stage(
+    name="instruct",
+    help="Turn each description into retrieval instructions with the LLM.",
+    needs=(DESCRIBE,),
+    settings=step_settings("instruct"),
+    outputs=lambda cfg: {"instructions": layout.instructions_dir(cfg.run_dir),
+                         "tries": layout.synth_dir(cfg.run_dir, "instruct"),
+                         "rejects": layout.rejects_dir(cfg.run_dir, "instruct")},
+    units=lambda cfg: [GATHERED],
+    run=_run_instruct,
+    section="instruct",
+    upgrade_marker=_upgrade_marker,
+    finish=lambda ctx: _usable(ctx, "instructed"),
+)

@@ -10,6 +10,8 @@ driver can mark a shard finished once every one of its rows is accounted for.
 from __future__ import annotations
 
 import hashlib
+import json
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,8 +21,8 @@ import pyarrow as pa
 from megapairs_ray.config import InputConfig
 from megapairs_ray.imaging import Reason
 from megapairs_ray.io import layout, storage
+from megapairs_ray.io.rejects import reject_row, write_rejects
 from megapairs_ray.io.shards import Shard, ShardProblem, read_shard
-from megapairs_ray.stages.ingest import REJECTS_SCHEMA
 
 READ_BATCH_ROWS = 256
 
@@ -106,7 +108,7 @@ def write_embeddings(batch: dict[str, np.ndarray], run_dir: str,
     shards = batch["shard"]
     status = batch["status"]
     out: dict[str, list[Any]] = {"shard": [], "rows": [], "embedded": [], "texts": [],
-                                 "rejected": []}
+                                 "rejected": [], "reasons": []}
     for slug in sorted(set(shards.tolist())):
         sel = shards == slug
         ok = sel & (status == "")
@@ -129,18 +131,17 @@ def write_embeddings(batch: dict[str, np.ndarray], run_dir: str,
                     storage.join(layout.embeddings_shard_dir(run_dir, space, slug), part),
                     embedding_table(batch["image_id"][text], batch[space][text]))
         if bad.any():
-            rejects = [{"image_id": int(i), "shard": slug, "key": None, "stage": stage,
-                        "reason": str(r), "detail": str(d)}
+            rejects = [reject_row(stage, slug, [int(i)], str(r), str(d))
                        for i, r, d in zip(batch["image_id"][bad], status[bad],
                                           batch["detail"][bad])]
-            storage.write_parquet(
-                storage.join(layout.rejects_dir(run_dir, stage), f"{slug}-{part}"),
-                pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
+            write_rejects(storage.join(layout.rejects_dir(run_dir, stage), f"{slug}-{part}"),
+                          rejects)
         out["shard"].append(slug)
         out["rows"].append(int(sel.sum()))
         out["embedded"].append(int(ok.sum()))
         out["texts"].append(int(text.sum()))
         out["rejected"].append(int(bad.sum()))
+        out["reasons"].append(json.dumps(Counter(str(r) for r in status[bad])))
     return {k: np.array(v) for k, v in out.items()}
 
 

@@ -24,6 +24,10 @@ from megapairs_ray.synth.images import fetch_resized, square_jpeg
 
 UNREADABLE = "unreadable_image"
 TOO_FEW_NEGATIVES = "too_few_hard_negatives"
+REJECT_MESSAGES = {
+    UNREADABLE: "its query or target image could not be read for the image tars",
+    TOO_FEW_NEGATIVES: "fewer readable hard negatives than export.min_hard_negatives",
+}
 
 
 def tar_of(image_ids: np.ndarray, num_tars: int) -> np.ndarray:

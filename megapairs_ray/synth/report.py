@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,9 @@ from PIL import Image
 
 from megapairs_ray import manifest
 from megapairs_ray.config import RunConfig
-from megapairs_ray.io import storage
+from megapairs_ray.io import layout, storage
 from megapairs_ray.io.triplets import ImageStore
 
-STAGE_ORDER = ("ingest", "embed", "index", "mine", "describe", "instruct", "export")
 THUMB = 160
 
 
@@ -99,10 +99,12 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def dataset_card(cfg: RunConfig, doc: dict[str, Any], num_tars: int) -> str:
+def dataset_card(cfg: RunConfig, doc: dict[str, Any], num_tars: int,
+                 order: Sequence[str]) -> str:
+    """The card: ``order`` is the pipeline's stage order (``pipeline/stages.py``)."""
     stages = doc.get("stages", {})
     counts, rejects = [], []
-    for name in STAGE_ORDER:
+    for name in order:
         st = stages.get(name)
         if not st:
             continue
@@ -148,7 +150,7 @@ Besides the four released fields each record keeps its provenance: `pair_id`, `q
 ## Train on it
 ```
 megapairs train --config configs/train-paper.yaml \\
-  --set data.annotations='[{storage.join(cfg.run_dir, "triplets", "parts", "*.jsonl")}]' \\
+  --set data.annotations='[{storage.join(layout.triplet_parts_dir(cfg.run_dir), "*.jsonl")}]' \\
   --set data.image_root={storage.join(cfg.run_dir, "triplets")}
 ```
 
@@ -176,11 +178,14 @@ def sample_rows(parts_dir: str, k: int, seed: int) -> list[dict[str, Any]]:
     return t.take(pa.array(idx)).to_pylist()
 
 
-def write_card_and_gallery(cfg: RunConfig, out: str, num_tars: int) -> None:
-    rows = sample_rows(storage.join(out, "parts"), cfg.export.gallery_size, cfg.export.seed)
+def write_card_and_gallery(cfg: RunConfig, out: str, num_tars: int,
+                           order: Sequence[str]) -> None:
+    """``RUN/triplets/gallery.html`` and ``README.md`` (the dataset card)."""
+    rows = sample_rows(layout.triplet_parts_dir(cfg.run_dir), cfg.export.gallery_size,
+                       cfg.export.seed)
     page = gallery_html(rows, ImageStore(out), f"megapairs-ray triplets: {cfg.run_dir}")
     with storage.open_atomic(storage.join(out, "gallery.html"), "wb") as f:
         f.write(page.encode())
-    card = dataset_card(cfg, manifest.load(cfg.run_dir), num_tars)
+    card = dataset_card(cfg, manifest.load(cfg.run_dir), num_tars, order)
     with storage.open_atomic(storage.join(out, "README.md"), "wb") as f:
         f.write(card.encode())

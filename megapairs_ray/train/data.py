@@ -34,6 +34,7 @@ import torch
 
 from megapairs_ray.ids import held_out, id_of_path, image_ids
 from megapairs_ray.io import layout, storage
+from megapairs_ray.io.rejects import reject_row, write_rejects
 from megapairs_ray.io.runs import ingested_images
 from megapairs_ray.io.shards import LOCATION_COLUMNS, fetch_bytes_tolerant
 from megapairs_ray.io.stepstate import StepState, stored_fingerprint
@@ -199,7 +200,11 @@ def prepare_state(cfg: TrainConfig) -> StepState:
     uri, size and version (the folders listed as ``annotation_files`` lists them), or, for an
     alignment run, the fingerprint of the ``captions_from`` run's ingest output."""
     run = layout.train_run_dir(cfg.checkpoint.storage_path, cfg.checkpoint.name)
-    settings = {f"data.{k}": v for k, v in _data_settings(cfg.data).items()}
+    # The form of the prepared folder: 2 holds usable rows only, the rejects apart in the one
+    # reject shape (1 kept them inline with a reason column): a folder of the other form is
+    # prepared again.
+    settings: dict[str, Any] = {"prepared.form": 2}
+    settings.update({f"data.{k}": v for k, v in _data_settings(cfg.data).items()})
     upstream: dict[str, str] = {}
     if cfg.data.captions_from:
         upstream["ingest"] = stored_fingerprint(str(cfg.data.captions_from), "ingest")
@@ -239,17 +244,50 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, dict[str, int]]:
                     "checkpoint.name)", state.run_dir)
     if PREPARED_UNIT in state.done_units():
         return out, dict(state.read_markers([PREPARED_UNIT])[0]["counts"])
-    storage.remove(out, recursive=True)  # what a killed attempt left half-written
+    staging = layout.prepare_staging_dir(state.run_dir)
+    rejects_dir = layout.rejects_dir(state.run_dir, PREPARE_STAGE)
+    for leftover in (out, staging, rejects_dir):  # what a killed attempt left half-written
+        storage.remove(leftover, recursive=True)
     checked = _check_captions(cfg) if cfg.data.captions_from else _check_triplets(cfg)
-    checked.write_parquet(out)
+    checked.write_parquet(staging)
+    # Each checked file -> its usable rows (the prepared data) and its rejects (the one
+    # reject shape), by Ray tasks, a file each; the driver adds up their counts.
+    files = storage.list_files(staging, suffix=".parquet")
+    counts: Counter[str] = Counter({"rows": 0, "usable": 0})
+    if files:
+        split = ray.data.from_items([{"file": f} for f in files],
+                                    override_num_blocks=len(files)).map_batches(
+            _split_checked, fn_kwargs={"out": out, "rejects_dir": rejects_dir}, batch_size=1,
+            num_cpus=cfg.data.loader_num_cpus)
+        for row in split.iter_rows():
+            counts.update(json.loads(row["counts"]))
+    storage.remove(staging, recursive=True)
     if cfg.data.shuffle_targets:
         _shuffle_targets(out, cfg.data.seed)
-    reasons = storage.read_parquet_dir(out, columns=["reject_reason"])
-    tally = Counter(reasons.column("reject_reason").to_pylist()) if reasons else Counter()
-    counts = {"rows": sum(tally.values()), "usable": tally.pop("", 0)}
-    counts.update({f"reject:{r}": n for r, n in sorted(tally.items())})
     state.mark_done(PREPARED_UNIT, counts)
-    return out, counts
+    return out, dict(counts)
+
+
+def _split_checked(batch: dict[str, np.ndarray], out: str, rejects_dir: str,
+                   ) -> dict[str, list[str]]:
+    """One checked file -> its usable rows in ``out`` and its rejects in ``rejects_dir``
+    (``io/rejects.py``), under the file's own name: a retried task rewrites the same two."""
+    uri = str(batch["file"][0])
+    name = uri.rsplit("/", 1)[-1]
+    table = storage.read_parquet(uri)
+    reason = table.column("reject_reason")
+    good = table.filter(pc.equal(reason, "")).drop_columns(["reject_reason", "source"])
+    bad = table.filter(pc.not_equal(reason, "")).to_pylist()
+    if good.num_rows:
+        storage.write_parquet(storage.join(out, name), good)
+    if bad:
+        write_rejects(storage.join(rejects_dir, name), [
+            reject_row(PREPARE_STAGE, r["source"].split(": ", 1)[0],
+                       [r["image_id"]] if r.get("image_id") is not None else [],
+                       r["reject_reason"], r["source"]) for r in bad])
+    counts = Counter({"rows": table.num_rows, "usable": good.num_rows})
+    counts.update(f"reject:{r['reject_reason']}" for r in bad)
+    return {"counts": [json.dumps(counts)]}
 
 
 def _check_triplets(cfg: TrainConfig) -> ray.data.Dataset:
@@ -291,25 +329,21 @@ def _check_captions(cfg: TrainConfig) -> ray.data.Dataset:
 
 
 def _shuffle_targets(prepared: str, seed: int) -> None:
-    """The negative control: the usable triplets' targets permuted among them (seeded); a
+    """The negative control: the triplets' targets permuted among them (seeded); a
     triplet whose new target is its own query keeps its old one. The prepared files are
     rewritten in place, before training reads them (a control, not a scale path: the driver
     holds every target path)."""
     files = storage.list_files(prepared, suffix=".parquet")
     tables = [storage.read_parquet(f) for f in files]
-    usable = [pc.equal(t.column("reject_reason"), "").to_numpy(zero_copy_only=False)
-              for t in tables]
-    targets = np.array([p for t, u in zip(tables, usable)
-                        for p in np.asarray(t.column("t_img").to_pylist(), object)[u]], object)
+    targets = np.array([p for t in tables for p in t.column("t_img").to_pylist()], object)
     shuffled = targets[np.random.default_rng(seed).permutation(len(targets))]
     start = 0
-    for f, t, u in zip(files, tables, usable):
+    for f, t in zip(files, tables):
         col = np.asarray(t.column("t_img").to_pylist(), object)
         queries = np.asarray(t.column("q_img").to_pylist(), object)
-        idx = np.flatnonzero(u)
-        new = shuffled[start : start + len(idx)]
-        start += len(idx)
-        col[idx] = np.where(new == queries[idx], col[idx], new)
+        new = shuffled[start : start + len(col)]
+        start += len(col)
+        col = np.where(new == queries, col, new)
         t = t.set_column(t.schema.get_field_index("t_img"), "t_img",
                          pa.array(col.tolist(), pa.string()))
         with storage.open_atomic(f, "wb") as out:
@@ -317,10 +351,8 @@ def _shuffle_targets(prepared: str, seed: int) -> None:
 
 
 def _read_usable(batch: dict[str, np.ndarray]) -> pa.Table:
-    """One prepared parquet file -> its usable rows (triplets or captioned images)."""
-    table = storage.read_parquet(str(batch["file"][0]))
-    keep = [c for c in table.column_names if c not in ("reject_reason", "source")]
-    return table.filter(pc.equal(table.column("reject_reason"), "")).select(keep)
+    """One prepared parquet file: its rows, all usable (triplets or captioned images)."""
+    return storage.read_parquet(str(batch["file"][0]))
 
 
 @ray.remote(num_cpus=0)

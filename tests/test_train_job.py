@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megapairs_ray.io import storage
+from megapairs_ray.io.rejects import detail_of
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.toy_triplets import write_jsonl, write_toy_dataset, write_triplet_set
 from megapairs_ray.train.trainer import TrainDataError, read_metrics, run_training
@@ -24,34 +25,6 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 def _cfg(tmp_path, annotations, storage_path=None, name="run", **sections) -> TrainConfig:
     return TrainConfig.model_validate(train_config(
         str(annotations), storage_path or str(tmp_path / "store"), name, **sections))
-
-
-def test_bad_triplets_are_counted_rejects_and_good_ones_train(tmp_path):
-    root = tmp_path / "ds"
-    recs = write_triplet_set(root)
-    bad_lines = [
-        "{not json",
-        "[1, 2, 3]",
-        json.dumps({**recs[0], "q_text": []}),
-        json.dumps({k: v for k, v in recs[1].items() if k != "t_img"}),
-        json.dumps({**recs[2], "hns": recs[2]["hns"][:2]}),
-        json.dumps({**recs[3], "t_img": "images/00001/gone.jpg"}),
-        "",  # a blank line is not a record
-    ]
-    write_jsonl(root / "a.jsonl", recs[:20], bad_lines)
-    pq.write_table(pa.Table.from_pylist(recs[20:40]), root / "b.parquet")
-    cfg = _cfg(tmp_path, root, optim={"max_steps": 2, "warmup_steps": 0},
-               checkpoint={"every_steps": 2, "log_every_steps": 1})
-    summary = run_training(cfg)
-    assert summary["triplets"] == {
-        "rows": 46, "usable": 40, "reject:bad_json": 1, "reject:not_an_object": 1,
-        "reject:no_instruction": 1, "reject:missing_t_img": 1,
-        "reject:too_few_hard_negatives": 1, "reject:missing_image": 1}
-    # Each rejected row keeps its reason and where it came from.
-    prepared = storage.read_parquet_dir(str(tmp_path / "store" / "run" / "prepared"))
-    gone = [r for r in prepared.to_pylist() if r["reject_reason"] == "missing_image"]
-    assert gone and "gone.jpg" in gone[0]["source"] and "a.jsonl" in gone[0]["source"]
-    assert summary["metrics"]["step"] == 2
 
 
 def test_too_few_triplets_for_one_batch_is_a_clear_error(tmp_path):
@@ -119,13 +92,35 @@ def test_two_workers_learn_checkpoint_and_survive_a_worker_failure(tmp_path, buc
     assert len(load_tokenizer(str(local))) == 49408
 
 
-def test_a_killed_and_relaunched_run_resumes_at_its_checkpoint_step(tmp_path):
-    ann = write_toy_dataset(tmp_path / "ds")
+def _bad_triplet_set(root):
+    """The toy triplets, 20 in a JSON-lines file with broken lines among them and 20 in a
+    parquet file."""
+    recs = write_triplet_set(root)
+    bad_lines = [
+        "{not json",
+        "[1, 2, 3]",
+        json.dumps({**recs[0], "q_text": []}),
+        json.dumps({k: v for k, v in recs[1].items() if k != "t_img"}),
+        json.dumps({**recs[2], "hns": recs[2]["hns"][:2]}),
+        json.dumps({**recs[3], "t_img": "images/00001/gone.jpg"}),
+        "",  # a blank line is not a record
+    ]
+    write_jsonl(root / "a.jsonl", recs[:20], bad_lines)
+    pq.write_table(pa.Table.from_pylist(recs[20:40]), root / "b.parquet")
+    return root
+
+
+def test_bad_triplets_are_counted_rejects_and_a_killed_run_resumes_at_its_checkpoint_step(
+        tmp_path):
+    """Bad triplets are counted rejects and the good ones train, in a run whose driver is
+    killed at its first checkpoint and relaunched (one run for both: each costs a worker
+    group's start)."""
+    root = _bad_triplet_set(tmp_path / "ds")
     store = tmp_path / "store"
     steps = 30
     overrides = {"optim": {"max_steps": steps}, "checkpoint": {"every_steps": 6,
                                                                 "log_every_steps": 3}}
-    doc = train_config(str(ann), str(store), "resume", **overrides)
+    doc = train_config(str(root), str(store), "resume", **overrides)
     saved = kill_at_first_checkpoint(doc, tmp_path / "train.yaml")
     before = read_metrics(str(store / "resume" / "metrics.jsonl"))
     assert saved and before[-1]["step"] < steps
@@ -133,6 +128,19 @@ def test_a_killed_and_relaunched_run_resumes_at_its_checkpoint_step(tmp_path):
     after = read_metrics(str(store / "resume" / "metrics.jsonl"))[len(before):]
     assert after[0]["step"] == saved[-1] + 3, (saved, [r["step"] for r in after])
     assert after[-1]["step"] == steps and summary["metrics"]["step"] == steps
+    assert summary["triplets"] == {
+        "rows": 46, "usable": 40, "reject:bad_json": 1, "reject:not_an_object": 1,
+        "reject:no_instruction": 1, "reject:missing_t_img": 1,
+        "reject:too_few_hard_negatives": 1, "reject:missing_image": 1}
+    # Each rejected row is a reject (the one shape) with its reason and where it came from;
+    # the prepared rows are the usable ones.
+    prepared = storage.read_parquet_dir(str(store / "resume" / "prepared"))
+    assert prepared.num_rows == 40 and None not in prepared.column("q_img").to_pylist()
+    rejects = storage.read_parquet_dir(str(store / "resume" / "rejects" / "prepare"))
+    assert rejects.num_rows == 6 and set(rejects.column("stage").to_pylist()) == {"prepare"}
+    gone = [detail_of(r)["message"] for r in rejects.to_pylist()
+            if r["reason"] == "missing_image"]
+    assert gone and "gone.jpg" in gone[0] and "a.jsonl" in gone[0]
     # The schedule resumed too: the lr at the first resumed log is the fresh schedule's value.
     from megapairs_ray.train.step import linear_schedule
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from megapairs_ray.reasons import Reason
+
 # Our own pixel guard runs before decoding; Pillow's would raise on exactly what we want to
 # count as a reject, and never load truncated data as if it were whole.
 Image.MAX_IMAGE_PIXELS = None
@@ -26,35 +28,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 PLAIN_MODES = frozenset({"RGB", "L"})
-
-
-class Reason:
-    """Reject reasons: short stable codes (they are counted and grouped on) plus a detail text."""
-
-    EMPTY_BYTES = "empty_bytes"
-    TOO_MANY_BYTES = "too_many_bytes"
-    NOT_AN_IMAGE = "not_an_image"
-    TOO_MANY_PIXELS = "too_many_pixels"
-    TOO_SMALL = "too_small"
-    EXTREME_ASPECT = "extreme_aspect_ratio"
-    UNUSUAL_MODE = "unusual_mode"
-    CORRUPT_IMAGE = "corrupt_image"
-    MISSING_IMAGE = "missing_image"
-    MISSING_CAPTION = "missing_caption"
-    EMPTY_CAPTION = "empty_caption"
-    DUPLICATE_KEY = "duplicate_key"
-    TAR_TRUNCATED = "tar_truncated"
-    NOT_A_TAR = "not_a_tar"  # a .tar file with no tar header at its start
-    COMPRESSED_TAR = "compressed_tar"  # gzip/bzip2/xz/zstd: offsets could not be fetched back
-    DUPLICATE_MEMBER = "duplicate_member"  # the same member name twice in a row in a tar
-    UNDECODABLE_NAME = "undecodable_name"  # a file or member name that is not UTF-8
-    SHARD_UNREADABLE = "shard_unreadable"
-    MISSING_COLUMN = "missing_column"
-    BAD_COLUMN_TYPE = "bad_column_type"
-    SOURCE_CHANGED = "source_changed"
-    DECODE_FAILED = "decode_failed"
-    UNREADABLE_IMAGE = "unreadable_image"  # its bytes could not be read back from where they live
-    INVALID_RECORD = "invalid_record"
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ def test_old_reject_tables_of_every_shape_are_rewritten_in_the_one_shape(tmp_pat
     from megapairs_ray.io.rejects import upgrade_rejects_file
 
     old = {
-        "mine": pa.table({"query_id": [1], "target_id": [2], "reason": ["too_few_negatives"],
+        "mine": pa.table({"query_id": [1], "target_id": [2], "reason": ["too_few_hard_negatives"],
                           "detail": ["2 < 5"]}),
         "export": pa.table({"pair_id": [7], "reason": ["unreadable_image"]}),
         "describe": pa.table({"pair_id": [9], "description": ["a"],
@@ -138,7 +138,7 @@ def test_old_reject_tables_of_every_shape_are_rewritten_in_the_one_shape(tmp_pat
         assert not upgrade_rejects_file(uri, stage)  # once
         [row] = storage.read_parquet(uri).to_pylist()
         assert row["stage"] == stage and row["reason"] == {
-            "mine": "too_few_negatives", "export": "unreadable_image",
+            "mine": "too_few_hard_negatives", "export": "unreadable_image",
             "describe": "too_short"}[stage]
         assert row["ids"] == {"mine": [1, 2], "export": [7], "describe": [9]}[stage]
     assert detail_of(row) == {"message": "too_short:3 words", "description": "a"}

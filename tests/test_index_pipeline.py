@@ -99,13 +99,13 @@ def test_index_refuses_empty_or_inconsistent_spaces(tmp_path, ray_cluster):
         run_stage(INDEX, cfg)
     write_space(cfg.run_dir, "clip_image", np.zeros(0, np.int64), np.zeros((0, 8)), slugs)
     with pytest.raises(IndexStageError, match="is empty"):
-        build_space(cfg, "clip_image")
+        build_space(cfg.run_dir, cfg.index, "clip_image")
     write_space(cfg.run_dir, "dino_image", random_ids(4, 1), clustered(4, 8, 2, 0.3, 1),
                 ["a"])
     write_space(cfg.run_dir, "dino_image", random_ids(4, 2), clustered(4, 16, 2, 0.3, 1),
                 ["b"])
     with pytest.raises(IndexStageError, match="disagree on the dimension"):
-        build_space(cfg, "dino_image")
+        build_space(cfg.run_dir, cfg.index, "dino_image")
 
 
 def test_a_space_of_only_broken_vectors_builds_an_empty_flat_index(tmp_path, ray_cluster):
@@ -115,7 +115,7 @@ def test_a_space_of_only_broken_vectors_builds_an_empty_flat_index(tmp_path, ray
     slugs = [s.slug for s in list_shards(cfg.input)]
     vecs = np.full((5, 8), np.nan, dtype=np.float32)
     write_space(cfg.run_dir, "clip_text", random_ids(5, 3), vecs, slugs)
-    meta = build_space(cfg, "clip_text")
+    meta = build_space(cfg.run_dir, cfg.index, "clip_text")
     assert meta["count"] == 0 and meta["rejected"] == 5
 
 

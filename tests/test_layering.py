@@ -22,7 +22,7 @@ ROOT = Path(megapairs_ray.__file__).parent
 # Lowest first. ``__init__`` is run by every import of every module of the package, so it is
 # the bottom, not the top: it may import nothing of the package.
 RANKS: dict[str, int] = {
-    "__init__": 0, "errors": 0,
+    "__init__": 0, "errors": 0, "reasons": 0,
     "config": 1, "ids": 1, "imaging": 1,
     "io": 2, "pixels": 2,
     "manifest": 3, "runtime": 3,

@@ -65,7 +65,9 @@ def test_same_annotations_reuse_a_rewritten_file_prepares_again(tmp_path, counte
         out2, again = data.prepare_data(cfg)
     assert counted == [1, 1] and out2 == out
     assert again == {"rows": 7, "usable": 6, "reject:bad_json": 1}
-    assert storage.read_parquet_dir(out).num_rows == 7
+    assert storage.read_parquet_dir(out).num_rows == 6  # the usable rows; the reject apart
+    rejects = storage.read_parquet_dir(layout.rejects_dir(run, "prepare")).to_pylist()
+    assert [r["reason"] for r in rejects] == ["bad_json"] and "{broken" in rejects[0]["detail"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("recomputing" in m and f"annotation file {ann}" in m for m in warned), warned
     assert any("has checkpoints trained on the earlier rows" in m for m in warned), warned

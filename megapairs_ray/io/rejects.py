@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from megapairs_ray.io import storage
 from megapairs_ray.io.shards import printable
+from megapairs_ray.reasons import ALL
 
 REJECTS_SCHEMA = pa.schema([
     ("stage", pa.string()),
@@ -36,7 +37,10 @@ MAX_MESSAGE_CHARS = 500
 
 def reject_row(stage: str, unit: str, ids: Sequence[int], reason: str, message: str,
                **payload: Any) -> dict[str, Any]:
-    """One reject, in the one shape."""
+    """One reject, in the one shape; ``reason`` is a code of ``reasons.py``."""
+    if reason not in ALL:
+        raise ValueError(f"internal error: reject reason {reason!r} ({stage}) is not listed in "
+                         "megapairs_ray/reasons.py")
     detail = {"message": printable(str(message)[:MAX_MESSAGE_CHARS]),
               **{k: printable(v) if isinstance(v, str) else v for k, v in payload.items()}}
     return {"stage": stage, "unit": printable(unit), "ids": [int(i) for i in ids],

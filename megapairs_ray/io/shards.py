@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 
 from megapairs_ray.config import InputConfig
 from megapairs_ray.errors import MegapairsError
-from megapairs_ray.imaging import Reason
 from megapairs_ray.io import storage
+from megapairs_ray.reasons import Reason
 
 ShardFormat = Literal["webdataset", "parquet", "folder"]
 FOLDER_SHARD_SIZE = 1000  # images per shard when the input is a plain folder

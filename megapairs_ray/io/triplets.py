@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from megapairs_ray.io import storage
+from megapairs_ray.reasons import Reason
 
 TRIPLET_FIELDS = ("q_img", "q_text", "t_img", "hns")
 
@@ -33,21 +34,21 @@ def triplet_problem(row: Mapping[str, Any], num_hard_negatives: int,
         if row.get(field) is None:
             return f"missing_{field}"
     if not isinstance(row["q_img"], str) or not row["q_img"].strip():
-        return "bad_q_img"
+        return Reason.BAD_Q_IMG
     if not isinstance(row["t_img"], str) or not row["t_img"].strip():
-        return "bad_t_img"
+        return Reason.BAD_T_IMG
     texts = _as_list(row["q_text"])
     if texts is None or not any(isinstance(t, str) and t.strip() for t in texts):
-        return "no_instruction"
+        return Reason.NO_INSTRUCTION
     hns = _as_list(row["hns"])
     if hns is None or not all(isinstance(h, str) and h.strip() for h in hns):
-        return "bad_hns"
+        return Reason.BAD_HNS
     # hns[0] is the query itself: kept, it is one of the negatives; dropped, it is not.
     needed = num_hard_negatives if keep_query_negative else num_hard_negatives + 1
     if num_hard_negatives and len(hns) < needed:
-        return "too_few_hard_negatives"
+        return Reason.TOO_FEW_HARD_NEGATIVES
     if row["t_img"] == row["q_img"]:
-        return "target_is_query"
+        return Reason.TARGET_IS_QUERY
     return None
 
 

@@ -58,6 +58,13 @@ def _root(cfg: GalleryConfig) -> str:
     return cfg.run_dir if cfg.input is not None else str(cfg.images_from)
 
 
+def _upstream(cfg: GalleryConfig) -> dict[str, str]:
+    """The images' ingest fingerprint, once the source is known to be a finished ingest (else
+    one line naming what is missing)."""
+    _sources(cfg)
+    return {"ingest": stored_fingerprint(_root(cfg), "ingest")}
+
+
 def _settings(cfg: GalleryConfig) -> dict[str, Any]:
     """What decides the vectors and the index: a change discards both."""
     return {"checkpoint": resolve_checkpoint(cfg.checkpoint), "images": _root(cfg),
@@ -149,7 +156,7 @@ GALLERY: Stage[GalleryConfig] = Stage(
     help="Embed a gallery with a retriever checkpoint and index it, for `megapairs serve`.",
     needs=(),
     # The images are this folder's own ingest, or another run's.
-    upstream=lambda cfg: {"ingest": stored_fingerprint(_root(cfg), "ingest")},
+    upstream=lambda cfg: _upstream(cfg),
     settings=_settings,
     outputs=lambda cfg: {"gallery": gallery_json(cfg.run_dir), "index": index_dir(cfg.run_dir),
                          "rejects": layout.rejects_dir(cfg.run_dir, "gallery")},

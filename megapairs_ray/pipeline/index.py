@@ -21,6 +21,7 @@ from megapairs_ray.io import layout, storage
 from megapairs_ray.io.rejects import reject_row, write_rejects
 from megapairs_ray.pipeline.embed import EMBED
 from megapairs_ray.pipeline.engine import Stage, StageRun
+from megapairs_ray.reasons import Reason
 from megapairs_ray.stages.index import (
     IndexStageError,
     ShardMeta,
@@ -59,7 +60,7 @@ def _build_shard_task(staging: str, shard: int, trained: bytes, space: str, out_
                                          int(index.ntotal), lo, hi))
     if len(dropped):
         write_rejects(layout.rejects_file(run_dir, "index", f"{space}-{shard:04d}"),
-                      [reject_row("index", f"{space}/{shard}", [int(i)], "non_finite_vector",
+                      [reject_row("index", f"{space}/{shard}", [int(i)], Reason.NON_FINITE_VECTOR,
                                   "NaN or inf in the embedding") for i in dropped])
     return int(index.ntotal), len(dropped)
 
@@ -138,7 +139,7 @@ def _run(ctx: StageRun[RunConfig], todo: list[str]) -> None:
         meta = build_space(ctx.cfg.run_dir, ctx.cfg.index, space, ctx.state.fingerprint)
         counts = {f"{space}_vectors": meta["count"]}
         if meta["rejected"]:
-            counts["reject:non_finite_vector"] = meta["rejected"]
+            counts[f"reject:{Reason.NON_FINITE_VECTOR}"] = meta["rejected"]
         ctx.state.mark_done(space, counts)
 
 
@@ -147,7 +148,7 @@ def _upgrade_marker(space: str, doc: dict[str, Any]) -> dict[str, Any]:
     old = doc["counts"]
     doc["counts"] = {f"{space}_vectors": old.get("vectors", 0)}
     if old.get("rejected"):
-        doc["counts"]["reject:non_finite_vector"] = old["rejected"]
+        doc["counts"][f"reject:{Reason.NON_FINITE_VECTOR}"] = old["rejected"]
     return doc
 
 

@@ -30,8 +30,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from megapairs_ray.imaging import Reason, inspect_image
+from megapairs_ray.imaging import inspect_image
 from megapairs_ray.io import storage
+from megapairs_ray.reasons import Reason
 from megapairs_ray.serve.config import ServeAppConfig
 
 log = logging.getLogger(__name__)

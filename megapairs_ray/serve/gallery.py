@@ -26,11 +26,11 @@ import numpy as np
 
 from megapairs_ray.config import InputConfig
 from megapairs_ray.errors import MegapairsError
-from megapairs_ray.imaging import Reason
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import fetch_bytes_tolerant
 from megapairs_ray.models.retriever import RetrieverEncoder
 from megapairs_ray.pixels import set_decode_budget
+from megapairs_ray.reasons import Reason
 from megapairs_ray.serve.config import SPACE
 
 # What the service needs of each image: its id, its caption and where its bytes live.

@@ -22,7 +22,6 @@ import torch
 
 from megapairs_ray import pixels
 from megapairs_ray.config import EmbedConfig
-from megapairs_ray.imaging import Reason
 from megapairs_ray.models.encoders import (
     DTYPES,
     ImageEncoder,
@@ -30,6 +29,7 @@ from megapairs_ray.models.encoders import (
     build_encoders,
 )
 from megapairs_ray.pixels import ImageSpec
+from megapairs_ray.reasons import Reason
 
 BASE_COLUMNS = ("image_id", "shard", "status", "detail", "has_text")
 

@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from megapairs_ray.config import InputConfig
-from megapairs_ray.imaging import Reason
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.rejects import reject_row, write_rejects
 from megapairs_ray.io.shards import Shard, ShardProblem, read_shard
+from megapairs_ray.reasons import Reason
 
 READ_BATCH_ROWS = 256
 

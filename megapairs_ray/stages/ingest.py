@@ -17,10 +17,11 @@ import pyarrow as pa
 
 from megapairs_ray.config import IngestConfig, InputConfig
 from megapairs_ray.ids import image_id
-from megapairs_ray.imaging import PLAIN_MODES, Reason, inspect_image
+from megapairs_ray.imaging import PLAIN_MODES, inspect_image
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.rejects import reject_row, write_rejects
 from megapairs_ray.io.shards import Record, Shard, ShardProblem, read_shard
+from megapairs_ray.reasons import Reason
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.int64()),

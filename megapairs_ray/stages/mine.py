@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from megapairs_ray.config import MineConfig
+from megapairs_ray.reasons import Reason
 
-TOO_FEW_NEGATIVES = "too_few_hard_negatives"
+TOO_FEW_NEGATIVES = Reason.TOO_FEW_HARD_NEGATIVES
 
 
 def pair_id(query: int, target: int) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from megapairs_ray.config import DescribeConfig, InputConfig
+from megapairs_ray.reasons import Reason
 from megapairs_ray.synth.images import fetch_resized, shrink_jpeg
 from megapairs_ray.synth.llm import build_llm_processor, sampling_params
 from megapairs_ray.synth.prompts import describe_messages, word_num
@@ -86,11 +87,11 @@ def make_preprocess(cfg: DescribeConfig, attempt: int) -> Callable[[dict[str, An
 def describe_problem(text: str, tokens: int, cfg: DescribeConfig) -> str:
     """"" for a usable description, else why not."""
     if not text.strip():
-        return "empty_description"
+        return Reason.EMPTY_DESCRIPTION
     if tokens >= cfg.max_tokens:
-        return "truncated"
+        return Reason.TRUNCATED
     if len(text.split()) < cfg.min_words:
-        return "too_short"
+        return Reason.TOO_SHORT
     return ""
 
 

@@ -20,10 +20,11 @@ import numpy as np
 from megapairs_ray.config import InputConfig
 from megapairs_ray.io import storage
 from megapairs_ray.io.triplets import TRIPLET_FIELDS, image_path
+from megapairs_ray.reasons import Reason
 from megapairs_ray.synth.images import fetch_resized, square_jpeg
 
-UNREADABLE = "unreadable_image"
-TOO_FEW_NEGATIVES = "too_few_hard_negatives"
+UNREADABLE = Reason.UNREADABLE_IMAGE
+TOO_FEW_NEGATIVES = Reason.TOO_FEW_HARD_NEGATIVES
 REJECT_MESSAGES = {
     UNREADABLE: "its query or target image could not be read for the image tars",
     TOO_FEW_NEGATIVES: "fewer readable hard negatives than export.min_hard_negatives",

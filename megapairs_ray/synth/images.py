@@ -15,8 +15,9 @@ from typing import Any
 from PIL import Image
 
 from megapairs_ray.config import InputConfig
-from megapairs_ray.imaging import Reason, decode_rgb
+from megapairs_ray.imaging import decode_rgb
 from megapairs_ray.io.shards import LOCATION_COLUMNS, fetch_bytes_tolerant
+from megapairs_ray.reasons import Reason
 
 MISSING_IMAGE = Reason.MISSING_IMAGE  # the id is in no images table
 UNREADABLE_IMAGE = Reason.UNREADABLE_IMAGE  # its bytes could not be read or decoded

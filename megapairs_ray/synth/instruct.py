@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from megapairs_ray.config import InstructConfig
+from megapairs_ray.reasons import Reason
 from megapairs_ray.synth.llm import build_llm_processor, sampling_params
 from megapairs_ray.synth.prompts import MIN_INSTRUCTIONS, instruct_prompt, parse_instructions
 
@@ -54,8 +55,8 @@ def make_postprocess(cfg: InstructConfig, attempt: int,
         reason = ""
         if not parsed.usable:
             # A reply cut off by max_tokens is told apart from one that never held a list.
-            reason = ("truncated" if parsed.problem and tokens >= cfg.max_tokens
-                      else parsed.problem or "too_few_instructions")
+            reason = (Reason.TRUNCATED if parsed.problem and tokens >= cfg.max_tokens
+                      else parsed.problem or Reason.TOO_FEW_INSTRUCTIONS)
         return {**{k: row[k] for k in carry},
                 "instructions": parsed.instructions,
                 "dropped": json.dumps(dict(parsed.dropped), sort_keys=True),

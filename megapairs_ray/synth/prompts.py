@@ -20,6 +20,8 @@ from importlib import resources
 
 import numpy as np
 
+from megapairs_ray.reasons import Reason
+
 DESCRIBE_INSTRUCTION = (
     "Carefully observe the connections and differences between Source Image and Target Image. "
     "Summarize the key commonality and detailed differences between them in under WORD_NUM "
@@ -159,7 +161,7 @@ def parse_instructions(text: str, max_chars: int = MAX_INSTRUCTION_CHARS) -> Par
     items: list[object] = max(lists, key=len) if lists else _fallback_items(text)
     out = ParsedInstructions([])
     if not items:
-        out.problem = "no_list"
+        out.problem = Reason.NO_LIST
         return out
     seen: set[str] = set()
     for item in items:

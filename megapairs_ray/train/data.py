@@ -41,6 +41,7 @@ from megapairs_ray.io.stepstate import StepState, stored_fingerprint
 from megapairs_ray.io.triplets import ImageStore, triplet_problem
 from megapairs_ray.models.inputs import ModelInput
 from megapairs_ray.pixels import ImageSpec, decode_cpu, to_model_input
+from megapairs_ray.reasons import Reason
 from megapairs_ray.train.config import HeldOutSplit, TrainConfig, TrainDataConfig
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,10 @@ def _rows_from_batch(batch: pa.Table) -> list[tuple[dict[str, Any] | None, str, 
         try:
             rec = json.loads(line)
         except ValueError:
-            out.append((None, "bad_json", f"{path}: {line[:200]}"))
+            out.append((None, Reason.BAD_JSON, f"{path}: {line[:200]}"))
             continue
         if not isinstance(rec, dict):
-            out.append((None, "not_an_object", f"{path}: {line[:200]}"))
+            out.append((None, Reason.NOT_AN_OBJECT, f"{path}: {line[:200]}"))
             continue
         out.append((rec, "", path))
     return out
@@ -132,7 +133,7 @@ class CheckTriplets:
         paths = [p for p in (rec.get("q_img"), rec.get("t_img"), *hns) if isinstance(p, str)]
         out = _held_out_paths(paths, self.split)
         if rec.get("q_img") in out or rec.get("t_img") in out:
-            return "held_out"
+            return Reason.HELD_OUT
         rec["hns"] = [h for h in hns if h not in out]
         return ""
 
@@ -147,7 +148,7 @@ class CheckTriplets:
                 paths = [rec["q_img"], rec["t_img"], *rec["hns"]]
                 missing = [p for p, ok in zip(paths, self.store.exists_many(paths)) if not ok]
                 if missing:
-                    reason = "missing_image"
+                    reason = Reason.MISSING_IMAGE
                     source = f"{source}: {missing[0]}"
             good = rec is not None and not reason
             cols["q_img"].append(rec.get("q_img") if good else None)
@@ -312,10 +313,10 @@ def _captioned(batch: dict[str, np.ndarray], split: HeldOutSplit | None) -> pa.T
     reject reason."""
     table = storage.read_parquet(str(batch["file"][0]), CAPTION_COLUMNS)
     caption = pc.utf8_trim_whitespace(pc.fill_null(table.column("caption"), ""))
-    reason = pc.if_else(pc.equal(caption, ""), "no_caption", "")
+    reason = pc.if_else(pc.equal(caption, ""), Reason.NO_CAPTION, "")
     if split is not None:
         out = held_out(table.column("image_id").to_numpy(), split.fraction, split.seed)
-        reason = pc.if_else(pa.array(out, pa.bool_()), "held_out", reason)
+        reason = pc.if_else(pa.array(out, pa.bool_()), Reason.HELD_OUT, reason)
     return (table.set_column(table.schema.get_field_index("caption"), "caption", caption)
             .append_column("reject_reason", reason)
             .append_column("source", pc.if_else(pc.equal(reason, ""), "", table["file_uri"])))

@@ -148,13 +148,13 @@ def write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data))
 
 
-def pair_rejects(path: Path) -> list[dict[str, Any]]:
+def pair_rejects(path: Path | str) -> list[dict[str, Any]]:
     """A synthesis or export step's rejects (the one shape, ``io/rejects.py``) as rows keyed by
     pair: ``pair_id``, ``reject_reason`` (the step's full reason) and the step's payload."""
     from megapairs_ray.io.rejects import REJECTS_SCHEMA, detail_of
-    from megapairs_ray.io.storage import read_parquet_dir
+    from megapairs_ray.io.storage import exists, read_parquet_dir
 
-    table = read_parquet_dir(str(path)) if path.exists() else None
+    table = read_parquet_dir(str(path)) if exists(str(path)) else None
     if table is None:
         return []
     assert table.schema.equals(REJECTS_SCHEMA), table.schema

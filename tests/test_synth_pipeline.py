@@ -218,6 +218,14 @@ def test_card_and_gallery(synth_run, tmp_path):
 def test_a_rerun_resumes_the_finished_tries(synth_run):
     run_dir, _, _, _, common = synth_run
     before = pq.read_table(run_dir / "descriptions").sort_by("pair_id")
+    # A finished step is skipped whole.
+    _cli("run", *common, "-s", f"describe.min_words={MIN_WORDS}", "--stages", "describe")
+    doc = json.loads((run_dir / "manifest.json").read_text())
+    counts = doc["stages"]["describe"]["counts"]
+    assert counts["units_skipped_done"] == 1 and counts["tries"] == 2
+    assert "recomputed_changed_settings" not in counts and "try_0_resumed" not in counts
+    # Killed after its tries, before their rows were gathered: the tries are not run again.
+    (run_dir / "_state" / "describe" / "gathered.json").unlink()
     _cli("run", *common, "-s", f"describe.min_words={MIN_WORDS}", "--stages", "describe")
     doc = json.loads((run_dir / "manifest.json").read_text())
     counts = doc["stages"]["describe"]["counts"]

@@ -18,8 +18,9 @@ from megapairs_ray import manifest
 from megapairs_ray.config import config_from_dict
 from megapairs_ray.io import storage
 from megapairs_ray.io.stepstate import StepState
-from megapairs_ray.pipeline.synth import gather, run_tries
-from tests.helpers import tiny_config
+from megapairs_ray.pipeline.engine import StageRun
+from megapairs_ray.pipeline.synth import GATHERED, gather, run_tries
+from tests.helpers import pair_rejects, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -60,13 +61,17 @@ def test_tries_on_s3_keep_every_row_once_and_resume(bucket, ray_cluster):
         tries = run_tries(state, cfg.describe, 1,
                           lambda: ray.data.from_items(rows, override_num_blocks=3), step,
                           ["pair_id"], record)
-        gather(state, tries, storage.join(run_dir, "descriptions"), drop=[], record=record)
+        gather(state, tries, storage.join(run_dir, "descriptions"), drop=[])
+        # What the stage engine's tally makes of the books: the gathered marker's counts.
+        counts, rejects = StageRun(cfg, state, record, [GATHERED]).tally()
+        record.counts.update(counts)
+        record.rejects.update(rejects)
         return record
 
     record = run()
     assert calls == [0, 1]
     good = storage.read_parquet_dir(storage.join(run_dir, "descriptions")).to_pylist()
-    bad = storage.read_parquet_dir(storage.join(run_dir, "rejects", "describe")).to_pylist()
+    bad = pair_rejects(storage.join(run_dir, "rejects", "describe"))
     assert sorted(r["pair_id"] for r in good + bad) == list(range(1, 61))  # each exactly once
     reasons = {r["pair_id"]: (r["reject_reason"], r["attempts"]) for r in bad}
     for i in range(1, 61):
@@ -79,6 +84,7 @@ def test_tries_on_s3_keep_every_row_once_and_resume(bucket, ray_cluster):
         i for i in range(1, 61) if i % 3 == 0 and i % 5 and i % 9}
     assert record.rejects == {"unreadable_image": 12, "too_short": 5}
     assert record.counts["usable_after_try_0"] + record.counts["usable_after_try_1"] == len(good)
+    assert record.counts["tries"] == 2
     assert s3fs.S3FileSystem().exists(f"{bucket}/run/_state/describe/try-1.json")
 
     calls.clear()

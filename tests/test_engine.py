@@ -143,3 +143,15 @@ def test_old_reject_tables_of_every_shape_are_rewritten_in_the_one_shape(tmp_pat
         assert row["ids"] == {"mine": [1, 2], "export": [7], "describe": [9]}[stage]
     assert detail_of(row) == {"message": "too_short:3 words", "description": "a"}
     assert row["unit"] == "try-0"
+
+
+def test_a_reject_with_an_unlisted_reason_is_an_internal_error():
+    from megapairs_ray.io.rejects import reject_row
+    from megapairs_ray.reasons import ALL, Reason
+
+    assert Reason.NON_FINITE_VECTOR in ALL and len(ALL) == len(set(ALL))
+    row = reject_row("index", "a/0", [1], Reason.NON_FINITE_VECTOR, "NaN")
+    assert detail_of(row) == {"message": "NaN"} and row["ids"] == [1]
+    with pytest.raises(ValueError, match=r"internal error: reject reason 'made_up' \(mine\) is "
+                                         r"not listed in megapairs_ray/reasons.py"):
+        reject_row("mine", "s", [1, 2], "made_up", "?")

@@ -350,34 +350,26 @@ def step_settings(step: str) -> Callable[[RunConfig], dict[str, Any]]:
     return settings
 
 
-DESCRIBE: Stage[RunConfig] = Stage(
-    name="describe",
-    help="Describe each mined pair's two images with the vision-language model.",
-    needs=(MINE,),
-    settings=step_settings("describe"),
-    outputs=lambda cfg: {"descriptions": layout.descriptions_dir(cfg.run_dir),
-                         "tries": layout.synth_dir(cfg.run_dir, "describe"),
-                         "rejects": layout.rejects_dir(cfg.run_dir, "describe")},
-    # One unit, done when every try's usable rows are gathered (the tries are units of the
-    # same books, resumed part by part: ``run_tries``).
-    units=lambda cfg: [GATHERED],
-    run=_run_describe,
-    section="describe",
-    upgrade_marker=_upgrade_marker,
-    finish=lambda ctx: (_usable(ctx, "described"), ctx.count("descriptions_over_word_num", 0)),
-)
+def _llm_step(name: str, help: str, needs: Stage[RunConfig], good: str,
+              good_dir: Callable[[str], str], run: Callable[[StageRun[RunConfig], list[str]], None],
+              finish: Callable[[StageRun[RunConfig]], Any]) -> Stage[RunConfig]:
+    """Describe or instruct: a model over the rows of ``needs``, in tries. One unit, done when
+    every try's usable rows are gathered into ``good_dir`` (the tries are units of the same
+    books, resumed part by part: ``run_tries``)."""
+    return Stage(
+        name=name, help=help, needs=(needs,), settings=step_settings(name),
+        outputs=lambda cfg: {good: good_dir(cfg.run_dir),
+                             "tries": layout.synth_dir(cfg.run_dir, name),
+                             "rejects": layout.rejects_dir(cfg.run_dir, name)},
+        units=lambda cfg: [GATHERED], run=run, section=name, upgrade_marker=_upgrade_marker,
+        finish=finish)
 
-INSTRUCT: Stage[RunConfig] = Stage(
-    name="instruct",
-    help="Turn each description into retrieval instructions with the LLM.",
-    needs=(DESCRIBE,),
-    settings=step_settings("instruct"),
-    outputs=lambda cfg: {"instructions": layout.instructions_dir(cfg.run_dir),
-                         "tries": layout.synth_dir(cfg.run_dir, "instruct"),
-                         "rejects": layout.rejects_dir(cfg.run_dir, "instruct")},
-    units=lambda cfg: [GATHERED],
-    run=_run_instruct,
-    section="instruct",
-    upgrade_marker=_upgrade_marker,
-    finish=lambda ctx: _usable(ctx, "instructed"),
-)
+
+DESCRIBE = _llm_step(
+    "describe", "Describe each mined pair's two images with the vision-language model.",
+    MINE, "descriptions", layout.descriptions_dir, _run_describe,
+    lambda ctx: (_usable(ctx, "described"), ctx.count("descriptions_over_word_num", 0)))
+INSTRUCT = _llm_step(
+    "instruct", "Turn each description into retrieval instructions with the LLM.",
+    DESCRIBE, "instructions", layout.instructions_dir, _run_instruct,
+    lambda ctx: _usable(ctx, "instructed"))

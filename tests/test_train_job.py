@@ -93,8 +93,9 @@ def test_two_workers_learn_checkpoint_and_survive_a_worker_failure(tmp_path, buc
 
 
 def _bad_triplet_set(root):
-    """The toy triplets, 20 in a JSON-lines file with broken lines among them and 20 in a
-    parquet file."""
+    """The toy triplets, half in a JSON-lines file with broken lines among them and half in a
+    parquet file. (All of them: a pass over 120 is 15 steps, and each pass restarts the
+    loaders.)"""
     recs = write_triplet_set(root)
     bad_lines = [
         "{not json",
@@ -105,8 +106,8 @@ def _bad_triplet_set(root):
         json.dumps({**recs[3], "t_img": "images/00001/gone.jpg"}),
         "",  # a blank line is not a record
     ]
-    write_jsonl(root / "a.jsonl", recs[:20], bad_lines)
-    pq.write_table(pa.Table.from_pylist(recs[20:40]), root / "b.parquet")
+    write_jsonl(root / "a.jsonl", recs[:60], bad_lines)
+    pq.write_table(pa.Table.from_pylist(recs[60:]), root / "b.parquet")
     return root
 
 
@@ -129,13 +130,13 @@ def test_bad_triplets_are_counted_rejects_and_a_killed_run_resumes_at_its_checkp
     assert after[0]["step"] == saved[-1] + 3, (saved, [r["step"] for r in after])
     assert after[-1]["step"] == steps and summary["metrics"]["step"] == steps
     assert summary["triplets"] == {
-        "rows": 46, "usable": 40, "reject:bad_json": 1, "reject:not_an_object": 1,
+        "rows": 126, "usable": 120, "reject:bad_json": 1, "reject:not_an_object": 1,
         "reject:no_instruction": 1, "reject:missing_t_img": 1,
         "reject:too_few_hard_negatives": 1, "reject:missing_image": 1}
     # Each rejected row is a reject (the one shape) with its reason and where it came from;
     # the prepared rows are the usable ones.
     prepared = storage.read_parquet_dir(str(store / "resume" / "prepared"))
-    assert prepared.num_rows == 40 and None not in prepared.column("q_img").to_pylist()
+    assert prepared.num_rows == 120 and None not in prepared.column("q_img").to_pylist()
     rejects = storage.read_parquet_dir(str(store / "resume" / "rejects" / "prepare"))
     assert rejects.num_rows == 6 and set(rejects.column("stage").to_pylist()) == {"prepare"}
     gone = [detail_of(r)["message"] for r in rejects.to_pylist()

@@ -176,3 +176,13 @@ def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table | N
     if not files:
         return None
     return pa.concat_tables([read_parquet(f, columns) for f in files], promote_options="default")
+
+
+def total_size(uri: str, suffix: str = "") -> int:
+    """Bytes in the files under ``uri`` ending with ``suffix`` (hidden ones left out), from one
+    listing; 0 when there is none."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return 0
+    return sum(int(info["size"]) for p, info in fs.find(path, detail=True).items()
+               if p.endswith(suffix) and not posixpath.basename(p).startswith("."))

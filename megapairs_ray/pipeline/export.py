@@ -10,10 +10,11 @@
     RUN/triplets/_SUCCESS               written last: the export is whole
 
 The images every triplet names are found by one metadata join (ids against the ingested
-locations, a semi-join: each image once), grouped by the tar their id hashes to, and each group
-writes its tar, reading its images grouped by source file. Bytes are never shuffled. An image
-that cannot be read rejects the triplets that need it (a hard negative is dropped instead, while
-enough remain), with the reason counted. Ray workers write the tars and the triplet parts; the
+locations, a semi-join: each image once; ``pipeline/locations.py``), grouped by the tar their id
+hashes to, and each group writes its tar, reading its images grouped by source file (a small
+run's images are one group of every tar). Bytes are never shuffled. An image that cannot be
+read rejects the triplets that need it (a hard negative is dropped instead, while enough
+remain), with the reason counted. Ray workers write the tars and the triplet parts; the
 driver only adds up their counts and keeps the ids of the few images that failed.
 """
 
@@ -26,6 +27,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -33,13 +35,8 @@ from megapairs_ray.config import InputConfig, RunConfig
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.rejects import reject_row, write_rejects
 from megapairs_ray.pipeline.engine import Stage, StageRun
-from megapairs_ray.pipeline.synth import (
-    INSTRUCT,
-    PAIR_COLUMNS,
-    image_locations,
-    read_parquet_files,
-    step_settings,
-)
+from megapairs_ray.pipeline.locations import Locations, read_parquet_files
+from megapairs_ray.pipeline.synth import INSTRUCT, PAIR_COLUMNS, step_settings
 from megapairs_ray.synth.export import (
     REJECT_MESSAGES,
     ids_of_batch,
@@ -61,21 +58,26 @@ DONE = "export"  # the unit: the whole export
 
 
 class WriteTar:
-    """``map_groups`` callable: all located images of one tar in; the tar's counts and the ids
-    of the images that could not be written (with why) out."""
+    """All located images of one or more tars in (each tar's images whole); per tar, its
+    counts and the ids of the images that could not be written (with why) out."""
 
     def __init__(self, out_dir: str, input_cfg: InputConfig, size: int, quality: int) -> None:
         self.out_dir, self.input_cfg, self.size, self.quality = out_dir, input_cfg, size, quality
 
     def __call__(self, group: pa.Table) -> pa.Table:
-        rows = group.to_pylist()
-        tar = int(rows[0]["tar"])
-        uri = storage.join(self.out_dir, "images", f"{tar_name(tar)}.tar")
-        result = write_tar(rows, uri, self.input_cfg, self.size, self.quality)
-        failed = [(i, e) for i, e in result if e]
-        return pa.table({"written": [len(result) - len(failed)],
-                         "failed_ids": pa.array([[i for i, _ in failed]], pa.list_(pa.int64())),
-                         "failed_reasons": pa.array([[e for _, e in failed]],
+        rows: dict[str, list] = {"written": [], "failed_ids": [], "failed_reasons": []}
+        tars = group.column("tar")
+        for tar in sorted(set(tars.to_pylist())):
+            uri = storage.join(self.out_dir, "images", f"{tar_name(tar)}.tar")
+            result = write_tar(group.filter(pc.equal(tars, tar)).to_pylist(), uri,
+                               self.input_cfg, self.size, self.quality)
+            failed = [(i, e) for i, e in result if e]
+            rows["written"].append(len(result) - len(failed))
+            rows["failed_ids"].append([i for i, _ in failed])
+            rows["failed_reasons"].append([e for _, e in failed])
+        return pa.table({"written": pa.array(rows["written"], pa.int64()),
+                         "failed_ids": pa.array(rows["failed_ids"], pa.list_(pa.int64())),
+                         "failed_reasons": pa.array(rows["failed_reasons"],
                                                     pa.list_(pa.string()))})
 
 
@@ -187,15 +189,19 @@ def _export(cfg: RunConfig, out: str, rejects_dir: str) -> Counter[str]:
     src = src.materialize()  # text and ids only: read once, used twice
     ids = src.map_batches(ids_of_batch, batch_format="numpy", num_cpus=e.num_cpus)
     parts = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    images = image_locations(cfg).join(ids, join_type="left_semi", num_partitions=parts,
-                                       on=("image_id",)).materialize()
+    locations = Locations.of(cfg.run_dir)
+    images = locations.named(ids).materialize()
     num_tars = max(1, math.ceil(images.count() / e.images_per_tar))
     written = images.map_batches(_add_tar, fn_kwargs={"num_tars": num_tars},
                                  batch_format="pyarrow", num_cpus=e.num_cpus)
-    written = written.groupby("tar", num_partitions=min(parts, num_tars)).map_groups(
-        WriteTar, fn_constructor_args=(out, cfg.input, e.image_size, e.jpeg_quality),
-        batch_format="pyarrow", num_cpus=e.num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=1))
+    write = {"fn_constructor_args": (out, cfg.input, e.image_size, e.jpeg_quality),
+             "batch_format": "pyarrow", "num_cpus": e.num_cpus,
+             "compute": ray.data.ActorPoolStrategy(size=1)}
+    if locations.copy is not None:  # a small run's images are one block: no grouping shuffle
+        written = written.map_batches(WriteTar, batch_size=None, **write)
+    else:
+        written = written.groupby("tar", num_partitions=min(parts, num_tars)).map_groups(
+            WriteTar, **write)
     failed: dict[int, str] = {}
     for row in written.iter_rows():
         counts["images_written"] += int(row["written"])

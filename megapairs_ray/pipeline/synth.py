@@ -1,8 +1,8 @@
 """Describe and instruct on Ray: mined pairs -> descriptions -> instructions.
 
-Pairs carry image ids. One metadata join (Ray Data ``join``: ids and byte locations, never
-bytes) gives each pair the locations of its two images; each describe batch then reads just
-those images, grouped by file.
+Pairs carry image ids. One metadata join (ids and byte locations, never bytes:
+``pipeline/locations.py``) gives each pair the locations of its two images; each describe batch
+then reads just those images, grouped by file.
 
 Every try of a step streams its rows through ``ray.data.llm`` and commits the answers to
 ``RUN/synth/<step>/try-<n>/part-*.parquet`` in parts of ``commit_rows`` rows, each part written
@@ -34,6 +34,7 @@ from megapairs_ray.io import layout, storage
 from megapairs_ray.io.rejects import reject_row, write_rejects
 from megapairs_ray.io.stepstate import StepState
 from megapairs_ray.pipeline.engine import Stage, StageRun
+from megapairs_ray.pipeline.locations import Locations, read_parquet_files
 from megapairs_ray.pipeline.mine import MINE
 from megapairs_ray.synth.images import LOCATION_COLUMNS, MISSING_IMAGE, UNREADABLE_IMAGE
 
@@ -47,28 +48,6 @@ class SynthStageError(MegapairsError, RuntimeError):
     """A synthesis step cannot start: what it needs is missing."""
 
 
-def _read_table(batch: dict[str, Any], columns: Sequence[str] | None,
-                keep: Callable[[pa.Table], pa.Array] | None) -> pa.Table:
-    table = storage.read_parquet(str(batch["file"][0]))
-    if keep is not None:
-        table = table.filter(keep(table))
-    return table.select(list(columns)) if columns else table
-
-
-def read_parquet_files(uri: str, columns: Sequence[str] | None = None,
-                       keep: Callable[[pa.Table], pa.Array] | None = None,
-                       num_cpus: float = 0.25) -> ray.data.Dataset | None:
-    """A dataset over the parquet files under ``uri`` (rows where ``keep`` is true), one read
-    task per file at a CPU share. Ray Data's own file listing, and its ``filter``, ask for a
-    whole CPU each, which a small cluster whose CPUs are held by engine actors never frees."""
-    files = storage.list_files(uri, ".parquet")
-    if not files:
-        return None
-    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    return ds.map_batches(_read_table, fn_kwargs={"columns": columns, "keep": keep},
-                          batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
-
-
 def _worth_retrying(table: pa.Table) -> pa.Array:
     """Rejected rows that another try could fix (not a missing or unreadable image)."""
     reason = table.column("reject_reason")
@@ -78,24 +57,12 @@ def _worth_retrying(table: pa.Table) -> pa.Array:
     return pc.and_(pc.not_equal(reason, ""), pc.invert(final))
 
 
-def image_locations(cfg: RunConfig) -> ray.data.Dataset:
-    ds = read_parquet_files(layout.images_dir(cfg.run_dir), ["image_id", *LOCATION_COLUMNS])
-    if ds is None:
-        raise SynthStageError(f"no ingested images under {cfg.run_dir}/images: run ingest first")
-    return ds
-
-
 def located_pairs(cfg: RunConfig) -> ray.data.Dataset:
     """Mined pairs with ``q_<location>`` and ``t_<location>`` columns (null: not found)."""
     pairs = read_parquet_files(layout.pairs_dir(cfg.run_dir), PAIR_COLUMNS)
     if pairs is None:
         raise SynthStageError(f"no mined pairs under {cfg.run_dir}/pairs: run mine first")
-    images = image_locations(cfg)
-    parts = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    for role, key in (("q_", "query_id"), ("t_", "target_id")):
-        side = images.rename_columns({"image_id": key, **{c: role + c for c in LOCATION_COLUMNS}})
-        pairs = pairs.join(side, join_type="left_outer", num_partitions=parts, on=(key,))
-    return pairs
+    return Locations.of(cfg.run_dir).locate_pairs(pairs)
 
 
 def _reason(r: str) -> str:

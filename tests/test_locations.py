@@ -15,7 +15,8 @@ import ray
 
 from megapairs_ray.io.shards import LOCATION_COLUMNS
 from megapairs_ray.pipeline import locations
-from megapairs_ray.pipeline.locations import Locations, MissingInputError, read_parquet_files
+from megapairs_ray.pipeline.datasets import read_parquet_files
+from megapairs_ray.pipeline.locations import Locations, MissingInputError
 from megapairs_ray.pipeline.synth import PAIR_COLUMNS
 
 pytestmark = pytest.mark.ray

@@ -34,8 +34,9 @@ import ray
 from megapairs_ray.config import InputConfig, RunConfig
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.rejects import reject_row, write_rejects
+from megapairs_ray.pipeline.datasets import read_parquet_files
 from megapairs_ray.pipeline.engine import Stage, StageRun
-from megapairs_ray.pipeline.locations import Locations, read_parquet_files
+from megapairs_ray.pipeline.locations import Locations
 from megapairs_ray.pipeline.synth import INSTRUCT, PAIR_COLUMNS, step_settings
 from megapairs_ray.synth.export import (
     REJECT_MESSAGES,

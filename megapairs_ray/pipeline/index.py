@@ -19,6 +19,7 @@ import ray
 from megapairs_ray.config import IndexConfig, RunConfig
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.rejects import reject_row, write_rejects
+from megapairs_ray.pipeline.datasets import read_parquet_files
 from megapairs_ray.pipeline.embed import EMBED
 from megapairs_ray.pipeline.engine import Stage, StageRun
 from megapairs_ray.reasons import Reason
@@ -118,8 +119,10 @@ def build_space(run_dir: str, icfg: IndexConfig, space: str, fingerprint: str = 
     # Stage the vectors partitioned by id-range shard (each block writes its own slices: no
     # shuffle), then build every shard in its own task from its partition alone.
     staging = storage.join(out, "staging")
-    (ray.data.read_parquet(files)
-     .map_batches(_tag_shards, fn_kwargs={"shards": icfg.shards}, batch_format="pyarrow")
+    vectors = read_parquet_files(src, ["image_id", "embedding"])
+    assert vectors is not None  # its files were listed above
+    (vectors.map_batches(_tag_shards, fn_kwargs={"shards": icfg.shards}, batch_format="pyarrow",
+                         num_cpus=0.25)
      .write_parquet(staging, partition_cols=["shard"]))
     build = ray.remote(num_cpus=icfg.shard_num_cpus)(_build_shard_task)
     results = ray.get([build.remote(staging, s, trained_ref, space, out, run_dir, icfg,

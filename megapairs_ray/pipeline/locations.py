@@ -12,9 +12,7 @@ locations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +22,7 @@ import ray
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import LOCATION_COLUMNS
+from megapairs_ray.pipeline.datasets import read_parquet_files
 
 # About a million images' locations (their file names compress well); a few hundred MB in memory.
 BROADCAST_MAX_BYTES = 64 * 2**20
@@ -32,28 +31,6 @@ ROLES = (("q_", "query_id"), ("t_", "target_id"))  # a pair's two images: column
 
 class MissingInputError(MegapairsError, RuntimeError):
     """A step cannot start: what it reads is missing."""
-
-
-def _read_table(batch: dict[str, Any], columns: Sequence[str] | None,
-                keep: Callable[[pa.Table], pa.Array] | None) -> pa.Table:
-    table = storage.read_parquet(str(batch["file"][0]))
-    if keep is not None:
-        table = table.filter(keep(table))
-    return table.select(list(columns)) if columns else table
-
-
-def read_parquet_files(uri: str, columns: Sequence[str] | None = None,
-                       keep: Callable[[pa.Table], pa.Array] | None = None,
-                       num_cpus: float = 0.25) -> ray.data.Dataset | None:
-    """A dataset over the parquet files under ``uri`` (rows where ``keep`` is true), one read
-    task per file at a CPU share. Ray Data's own file listing, and its ``filter``, ask for a
-    whole CPU each, which a small cluster whose CPUs are held by engine actors never frees."""
-    files = storage.list_files(uri, ".parquet")
-    if not files:
-        return None
-    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    return ds.map_batches(_read_table, fn_kwargs={"columns": columns, "keep": keep},
-                          batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
 
 
 def image_locations(run_dir: str) -> ray.data.Dataset:

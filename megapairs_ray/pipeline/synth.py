@@ -33,8 +33,9 @@ from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.rejects import reject_row, write_rejects
 from megapairs_ray.io.stepstate import StepState
+from megapairs_ray.pipeline.datasets import read_parquet_files
 from megapairs_ray.pipeline.engine import Stage, StageRun
-from megapairs_ray.pipeline.locations import Locations, read_parquet_files
+from megapairs_ray.pipeline.locations import Locations
 from megapairs_ray.pipeline.mine import MINE
 from megapairs_ray.synth.images import LOCATION_COLUMNS, MISSING_IMAGE, UNREADABLE_IMAGE
 

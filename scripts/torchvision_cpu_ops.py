@@ -6,10 +6,32 @@ registrations look for ``torchvision::nms``. Declaring the two operator schemas 
 pure-Python parts (transforms, models) import; ``torchvision.ops`` C++ kernels stay unavailable,
 which this project never uses. The setup script installs this hook (as a ``.pth`` line) only into
 virtual environments where the plain import fails, so a working torchvision is never touched.
+
+The schemas are declared when torchvision is first imported, not when Python starts: every
+Python process runs a ``.pth`` line, Ray's workers and agents included, and importing torch
+costs each of them about a second of CPU and a few hundred MB that most never use.
 """
 
-import torch
+import sys
 
-_lib = torch.library.Library("torchvision", "DEF")
-for _op in ("nms", "qnms"):
-    _lib.define(f"{_op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+_libraries = []  # a Library's definitions last as long as the object
+
+
+class _DeclareOpsFirst:
+    """A meta-path finder that finds nothing: on the first import of torchvision it declares
+    the schemas, removes itself, and lets the regular finders go on."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name != "torchvision":
+            return None
+        sys.meta_path.remove(self)
+        import torch
+
+        lib = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _libraries.append(lib)
+        return None
+
+
+sys.meta_path.insert(0, _DeclareOpsFirst())

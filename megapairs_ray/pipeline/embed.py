@@ -31,7 +31,6 @@ from megapairs_ray.io.stepstate import StepState, stored_fingerprint
 from megapairs_ray.pipeline.engine import Stage, StageRun
 from megapairs_ray.pipeline.ingest import INGEST
 from megapairs_ray.pipeline.shardlist import recorded_shards, run_shards
-from megapairs_ray.stages.embed import EmbedStage
 from megapairs_ray.stages.embed_io import read_accepted_images, write_embeddings
 
 
@@ -73,6 +72,11 @@ def build_embed_dataset(cfg: RunConfig, todo: list[Shard],
                         spaces: Sequence[str] | None = None) -> ray.data.Dataset:
     """The streaming pipeline over ``spaces`` (default: all); its output is the writers'
     per-shard summary rows."""
+    # Imported here, not at the top: it brings torch, and every later stage imports this module
+    # (for EMBED), so each Ray worker that runs an index, mine or synthesis task would pay
+    # torch's import (about a second of CPU) for nothing.
+    from megapairs_ray.stages.embed import EmbedStage
+
     e = cfg.embed
     names = list(spaces) if spaces is not None else e.space_names
     ds = ray.data.from_items([s.to_row() for s in todo], override_num_blocks=len(todo))

@@ -111,3 +111,18 @@ def test_an_alignment_runs_rows_follow_the_ingest_they_read(tmp_path):
                                .fingerprint}
     StepState(run, "ingest", {"input.uris": ["b"]}).reconcile([])  # ingested again, other input
     assert data.prepare_state(cfg).fingerprint != before.fingerprint
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_line_that_is_not_utf8_is_a_counted_reject_not_a_crash(tmp_path):
+    ann = write_toy_dataset(tmp_path / "toy", repeats=1)
+    lines = ann.read_bytes().splitlines(keepends=True)
+    # A record whose bytes are cut in the middle of a character, then Latin-1 text.
+    ann.write_bytes(b"".join(lines) + lines[0][:-3] + b"\xe2\x82\n" + b"caf\xe9\n")
+    _, counts = data.prepare_data(_cfg(tmp_path, ann))
+    assert counts["rows"] == len(lines) + 2 and counts["usable"] == len(lines)
+    assert counts["reject:bad_json"] == 2
+    rejects = storage.read_parquet_dir(layout.rejects_dir(
+        str(tmp_path / "store" / "run"), "prepare")).to_pylist()
+    assert {r["reason"] for r in rejects} == {"bad_json"} and len(rejects) == 2

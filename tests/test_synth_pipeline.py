@@ -84,8 +84,9 @@ def synth_run(tmp_path_factory, ray_cluster, tiny_synth_models):
                    run_dir / "pairs" / "zz-injected.parquet")
     # A bar on description length that about half the tiny model's replies miss, so the describe
     # step's retry and its final rejects are exercised too.
+    # Tars of 10 images: the export writes several, from one block of a small run.
     _cli("run", *common, "-s", f"describe.min_words={MIN_WORDS}",
-         "--stages", "describe,instruct,export")
+         "-s", "export.images_per_tar=10", "--stages", "describe,instruct,export")
     doc = json.loads((run_dir / "manifest.json").read_text())
     return run_dir, [*pairs, ghost], damaged, doc, common
 
@@ -150,6 +151,7 @@ def test_export_is_the_released_form_with_real_images(synth_run):
     assert table.to_pylist() == [{**r, "similarities": table.to_pylist()[i]["similarities"]}
                                  for i, r in enumerate(lines)]
     num_tars = doc["stages"]["export"]["counts"]["image_tars"]
+    assert num_tars > 1
     by_pair = {p["pair_id"]: p for p in pairs}
     store = ImageStore(str(out))
     for t in lines:

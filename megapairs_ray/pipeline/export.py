@@ -198,8 +198,8 @@ def _export(cfg: RunConfig, out: str, rejects_dir: str) -> Counter[str]:
     write = {"fn_constructor_args": (out, cfg.input, e.image_size, e.jpeg_quality),
              "batch_format": "pyarrow", "num_cpus": e.num_cpus,
              "compute": ray.data.ActorPoolStrategy(size=1)}
-    if locations.copy is not None:  # a small run's images are one block: no grouping shuffle
-        written = written.map_batches(WriteTar, batch_size=None, **write)
+    if locations.copy is not None:  # a small run's images in one block: no grouping shuffle
+        written = written.repartition(1).map_batches(WriteTar, batch_size=None, **write)
     else:
         written = written.groupby("tar", num_partitions=min(parts, num_tars)).map_groups(
             WriteTar, **write)

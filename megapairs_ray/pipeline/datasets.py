@@ -37,3 +37,8 @@ def read_parquet_files(uri: str, columns: Sequence[str] | None = None,
     ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
     return ds.map_batches(_read_table, fn_kwargs={"columns": columns, "keep": keep},
                           batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
+
+
+def cluster_partitions() -> int:
+    """Partitions for a shuffle (a join, a groupby): one per CPU of the cluster."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -34,7 +34,7 @@ import ray
 from megapairs_ray.config import InputConfig, RunConfig
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.rejects import reject_row, write_rejects
-from megapairs_ray.pipeline.datasets import read_parquet_files
+from megapairs_ray.pipeline.datasets import cluster_partitions, read_parquet_files
 from megapairs_ray.pipeline.engine import Stage, StageRun
 from megapairs_ray.pipeline.locations import Locations
 from megapairs_ray.pipeline.synth import INSTRUCT, PAIR_COLUMNS, step_settings
@@ -189,7 +189,7 @@ def _export(cfg: RunConfig, out: str, rejects_dir: str) -> Counter[str]:
               "instruct": cfg.instruct.model if cfg.instruct else ""}
     src = src.materialize()  # text and ids only: read once, used twice
     ids = src.map_batches(ids_of_batch, batch_format="numpy", num_cpus=e.num_cpus)
-    parts = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    parts = cluster_partitions()
     locations = Locations.of(cfg.run_dir)
     images = locations.named(ids).materialize()
     num_tars = max(1, math.ceil(images.count() / e.images_per_tar))

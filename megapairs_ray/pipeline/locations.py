@@ -22,7 +22,7 @@ import ray
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import LOCATION_COLUMNS
-from megapairs_ray.pipeline.datasets import read_parquet_files
+from megapairs_ray.pipeline.datasets import cluster_partitions, read_parquet_files
 
 # About a million images' locations (their file names compress well); a few hundred MB in memory.
 BROADCAST_MAX_BYTES = 64 * 2**20
@@ -78,7 +78,7 @@ class Locations:
         for role, key in ROLES:
             side = images.rename_columns({"image_id": key,
                                           **{c: role + c for c in LOCATION_COLUMNS}})
-            pairs = pairs.join(side, join_type="left_outer", num_partitions=_partitions(),
+            pairs = pairs.join(side, join_type="left_outer", num_partitions=cluster_partitions(),
                                on=(key,))
         return pairs
 
@@ -92,12 +92,8 @@ class Locations:
             return ray.data.from_arrow_refs([
                 ray.remote(num_cpus=0.25)(_named_block).remote(self.copy, wanted)])
         return image_locations(self.run_dir).join(ids, join_type="left_semi",
-                                                  num_partitions=_partitions(),
+                                                  num_partitions=cluster_partitions(),
                                                   on=("image_id",))
-
-
-def _partitions() -> int:
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _locate_block(batch: pa.Table, locations: list[ray.ObjectRef]) -> pa.Table:

@@ -284,7 +284,9 @@ class IndexConfig(Strict):
     nprobe: int = Field(default=32, gt=0, json_schema_extra=SEARCH_TIME)
     pq_m: int = Field(default=16, gt=0)
     pq_nbits: int = Field(default=8, gt=0, le=16)
-    # Re-rank IVF-PQ candidates with the exact vectors (costs their memory, buys recall).
+    # Keep every vector beside the PQ codes (fp16, lossless for the embed stage's vectors) and
+    # re-score each shard's k x pq_refine_k_factor best PQ candidates with them: the scores the
+    # miner sees are then exact, and recall rises. A run refuses IVF-PQ without it.
     pq_refine: bool = True
     pq_refine_k_factor: int = Field(default=8, ge=1, json_schema_extra=SEARCH_TIME)
     hnsw_m: int = Field(default=32, gt=1)
@@ -296,6 +298,12 @@ class IndexConfig(Strict):
     shard_num_gpus: float = Field(default=0.0, ge=0, json_schema_extra=RESOURCE)
     # How long to wait for every shard actor to be placed (an autoscaler may need to add nodes).
     actor_start_timeout_s: float = Field(default=900, gt=0, json_schema_extra=RESOURCE)
+    # Mining's shard actors memory-map their shard from local disk (a run on s3 copies each
+    # shard to local_cache_dir on the actor's node first): IVF-PQ's refine vectors, flat codes
+    # and IVF lists stay in the page cache instead of the actor's own memory.
+    mmap: bool = Field(default=True, json_schema_extra=RESOURCE)
+    local_cache_dir: str = Field(default="/tmp/megapairs-index-cache",
+                                 json_schema_extra=RESOURCE)
 
     def build_fields(self) -> dict[str, Any]:
         """What the built index depends on; search-time settings (nprobe, device) and resources
@@ -479,6 +487,16 @@ class RunConfig(Strict):
         # A new section, never the shared default instance; frozen models are set this way.
         object.__setattr__(self, "mine", self.mine.model_copy(
             update={"spaces": spaces, "windows": windows}))
+        return self
+
+    @model_validator(mode="after")
+    def _exact_mining_scores(self) -> RunConfig:
+        if self.index.kind == "ivf_pq" and not self.index.pq_refine:
+            # PQ scores are approximations: pairs would land inside or outside a window by
+            # quantisation error (docs/scale-plan.md measures how often).
+            raise ValueError("index.pq_refine=false: mining decides windows, near-duplicates and "
+                             "hard negatives on exact similarities, which an IVF-PQ index gives "
+                             "only with its refine vectors; set index.pq_refine=true")
         return self
 
 

@@ -311,11 +311,19 @@ class StagePlan:
     wall_hours: Figure
     bound_by: str
     separate: bool = False  # a job of its own (training), not part of the pipeline's wall time
+    # mine: the share of exact mining's pairs the configured index mines (measured).
+    fidelity: Figure | None = None
+
+    def figures(self) -> dict[str, Figure]:
+        out = {k: getattr(self, k) for k in
+               ("gpu_hours", "cpu_core_hours", "gpus", "cores", "nodes", "wall_hours")}
+        if self.fidelity is not None:
+            out["fidelity"] = self.fidelity
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "bound_by": self.bound_by, "separate_job": self.separate,
-                **{k: getattr(self, k).to_json() for k in
-                   ("gpu_hours", "cpu_core_hours", "gpus", "cores", "nodes", "wall_hours")}}
+                **{k: f.to_json() for k, f in self.figures().items()}}
 
 
 @dataclass
@@ -340,8 +348,7 @@ class Plan:
         for section in ("inputs", "rates", "counts", "object_store", "storage", "totals"):
             out += [(f"{section}.{k}", v) for k, v in getattr(self, section).items()]
         for s in self.stages:
-            out += [(f"stages.{s.stage}.{k}", getattr(s, k)) for k in
-                    ("gpu_hours", "cpu_core_hours", "gpus", "cores", "nodes", "wall_hours")]
+            out += [(f"stages.{s.stage}.{k}", f) for k, f in s.figures().items()]
         for space, figs in self.index.items():
             out += [(f"index.{space}.{k}", v) for k, v in figs.items()]
         return out
@@ -495,31 +502,40 @@ def _index_space(cfg: RunConfig, n: Figure, dim: Figure) -> dict[str, Figure]:
         if kind == "ivf_flat":
             disk = derive(4 * d + 16, "B/vector", "4·d + 8 (IVF list id) + 8 (id map)", dim,
                           src_kind)
-        else:
+        else:  # a run's IVF-PQ always refines (config.py refuses it without)
             code = ic.pq_m * ic.pq_nbits / 8
-            refine = 4 * d if ic.pq_refine else 0
-            disk = derive(code + 16 + refine, "B/vector",
-                          "pq_m·pq_nbits/8 + 8 (IVF list id) + 8 (id map)"
-                          + (" + 4·d (RFlat refine)" if refine else ""), dim,
-                          Figure(0, "", ("config: index.pq_m, index.pq_nbits, index.pq_refine",)),
-                          src_kind)
+            disk = derive(code + 16 + 2 * d, "B/vector",
+                          "pq_m·pq_nbits/8 + 8 (IVF list id) + 8 (id map) + 2·d (fp16 refine)",
+                          dim, Figure(0, "", ("config: index.pq_m, index.pq_nbits",)), src_kind)
     else:
         raise ConfigError(f"index.kind={kind}: the plan has no cost model for it; known: "
                           "flat, ivf_flat, ivf_pq")
-    memory = derive(disk.value + rev_map.value, "B/vector", "on disk + reverse id map",
-                    disk, rev_map)
+    # A memory-mapped shard (stages/index.py mmap_flags) leaves its largest part on local disk,
+    # read through the page cache: flat codes, IVF lists (codes and list ids), or the refine
+    # vectors.
+    mapped_bytes = {"flat": 4 * d, "ivf_flat": 4 * d + 8, "ivf_pq": 2 * d}[kind] if ic.mmap \
+        else 0
+    mapped = Figure(mapped_bytes, "B/vector", (f"config: index.mmap={ic.mmap}",
+                                               f"config: index.kind={kind}"),
+                    {"flat": "4·d (flat codes)", "ivf_flat": "4·d + 8 (IVF lists)",
+                     "ivf_pq": "2·d (fp16 refine vectors)"}[kind] if ic.mmap else "not mapped")
+    memory = derive(disk.value - mapped.value + rev_map.value, "B/vector",
+                    "on disk − memory-mapped + reverse id map", disk, mapped, rev_map)
     # Every shard file and every shard actor holds the trained centroids and codebooks.
     total_disk = derive(n.value * disk.value + ic.shards * coarse.value, "GB",
                         "images·B/vector + centroids in every shard", n, disk, coarse)
     total_mem = derive(n.value * memory.value + ic.shards * coarse.value, "GB",
                        "images·B/vector + centroids in every shard", n, memory, coarse)
+    shards = Figure(ic.shards, "", ("config: index.shards",))
     out = {"dims": dim, "nlist": nlist, "disk_bytes_per_vector": disk,
-           "memory_bytes_per_vector": memory,
+           "memory_bytes_per_vector": memory, "mapped_bytes_per_vector": mapped,
            "disk": Figure(total_disk.value / GB, "GB", total_disk.sources, total_disk.formula),
            "memory": Figure(total_mem.value / GB, "GB", total_mem.sources, total_mem.formula)}
     out["memory_per_shard"] = derive(out["memory"].value / ic.shards, "GB",
-                                     "memory / index.shards", out["memory"],
-                                     Figure(ic.shards, "", ("config: index.shards",)))
+                                     "memory / index.shards", out["memory"], shards)
+    out["mapped_per_shard"] = derive(n.value * mapped.value / ic.shards / GB, "GB",
+                                     "images · mapped B/vector / index.shards (local disk, read "
+                                     "through the page cache)", n, mapped, shards)
     if ic.device == "cuda" and kind == "flat":
         out["gpu_memory_per_shard"] = derive(n.value / ic.shards * (2 * d + 8) / GB, "GB",
                                              "images/shards·(2·d + 8) (fp16 vectors + ids)",
@@ -618,6 +634,8 @@ def make_plan(p: PlanInputs, cfg: RunConfig, train: TrainConfig | None = None,
              {s: _index_space(cfg, i["images"], d) for s, d in dims.items()}, warnings,
              _gpu_memory_gib(res, p.gpu))
     stages = _pipeline_stages(c)
+    mine = next(s for s in stages if s.stage == "mine")
+    mine.fidelity = _mining_fidelity(res, cfg, warnings)
     if train is not None:
         stages.append(_train_stage(res, p.gpu, train, train_label, c.cl, warnings))
     storage = _storage(cfg, i, c.counts, dims, c.index)
@@ -804,6 +822,38 @@ def _mine(c: _Ctx) -> StagePlan:
         "mine.spaces, index.shards, index.shard_num_gpus"), core_cap)
 
 
+MINING_FIDELITY = f"{CPU_RESULTS}/mining_fidelity.json"
+
+
+def _mining_fidelity(res: Results, cfg: RunConfig, warnings: list[str]) -> Figure | None:
+    """The share of exact mining's pairs mined with the configured index, where the fidelity
+    benchmark measured that setting (kind, nprobe, PQ size, refine factor); else a warning."""
+    ic = cfg.index
+    doc = res.doc(MINING_FIDELITY)
+    bench = doc["index"]
+    name = {"flat": "flat (exact)", "ivf_flat": "ivf_flat",
+            "ivf_pq": f"ivf_pq + fp16 refine x{ic.pq_refine_k_factor}"}.get(ic.kind, ic.kind)
+    same = ic.kind == "flat" or (ic.nprobe == bench["nprobe"] and (
+        ic.kind != "ivf_pq" or (ic.pq_m, ic.pq_nbits) == (bench["pq_m"], bench["pq_nbits"])))
+    if name not in doc["settings"] or not same:
+        warnings.append(f"mine: no measured fidelity for index.kind={ic.kind} at these settings "
+                        f"({res.label(MINING_FIDELITY)} has {sorted(doc['settings'])} at "
+                        f"nprobe {bench['nprobe']}, PQ{bench['pq_m']}x{bench['pq_nbits']}): run "
+                        "benchmarks/mining_fidelity.py")
+        return None
+    run = doc["settings"][name]
+    f = res.value(MINING_FIDELITY, f"settings.{name}.share_of_exact_pairs_mined",
+                  "of exact pairs")
+    data = doc["data"]
+    recall = min(run["recall_at_k"].values())
+    return Figure(f.value, f.unit, (
+        *f.sources,
+        f"measured there: recall@{doc['rules']['k']} ≥ {recall:.3f} in every space, "
+        f"{run['similarities_outside_window']} mined similarities outside their window, on "
+        f"{data['n']:,} clustered vectors per space and {data['queries']:,} queries"),
+        "pairs mined / pairs exact search mines, same rules and queries")
+
+
 def _synth(c: _Ctx) -> list[StagePlan]:
     """describe and instruct at the assumed pairs/s per GPU (the engines hold their CPUs;
     describe's fetchers decode, resize and re-encode both images of a pair), then export:
@@ -858,6 +908,12 @@ def _check_memory(c: _Ctx) -> None:
     if need > (1 - RAY_STORE_PROPORTION) * have:
         c.warnings.append(f"mine: the indexes need {need:,.0f} GB of actor memory, more than "
                           f"the cluster's {have:,.0f} GB leave beside the object store")
+    mapped = sum(v["mapped_per_shard"].value for v in c.index.values()) * c.cfg.index.shards
+    if mapped > (1 - RAY_STORE_PROPORTION) * have - need:
+        c.warnings.append(f"mine: the shards' memory-mapped part ({mapped:,.0f} GB) is more "
+                          "than the page cache the nodes have left, so part of it is read from "
+                          "local disk: one random read per re-scored candidate (index.shards × "
+                          "mine.k × pq_refine_k_factor a query and space)")
     card = c.gpu_memory_gib
     for space, figs in c.index.items():
         on_gpu = figs.get("gpu_memory_per_shard")
@@ -1035,25 +1091,26 @@ def render(plan: Plan, console: Any) -> None:
 
     t = Table(title=f"plan: {plan.inputs['images'].value:,.0f} images")
     for col in ("stage", "GPU-hours", "CPU core-hours", "GPUs", "cores", "nodes", "wall",
-                "bound by"):
+                "bound by", "pairs vs exact"):
         t.add_column(col)
     for s in plan.stages:
         t.add_row(s.stage + (" (own job)" if s.separate else ""), _fmt(s.gpu_hours),
                   _fmt(s.cpu_core_hours), _fmt(s.gpus), _fmt(s.cores), _fmt(s.nodes),
-                  _fmt(s.wall_hours), s.bound_by)
+                  _fmt(s.wall_hours), s.bound_by,
+                  f"{s.fidelity.value:.3f}" if s.fidelity is not None else "")
     tot = plan.totals
     t.add_row("pipeline", _fmt(tot["pipeline_gpu_hours"]), _fmt(tot["pipeline_cpu_core_hours"]),
-              "", "", "", _fmt(tot["pipeline_wall_hours"]), "stages run one after another")
+              "", "", "", _fmt(tot["pipeline_wall_hours"]), "stages run one after another", "")
     console.print(t)
 
     t = Table(title="index per space")
     for col in ("space", "dims", "bytes/vector (disk / memory)", "disk", "memory",
-                "memory per shard"):
+                "memory per shard", "mapped per shard"):
         t.add_column(col)
     for space, f in plan.index.items():
         t.add_row(space, _fmt(f["dims"]), f"{f['disk_bytes_per_vector'].value:,.0f} / "
                   f"{f['memory_bytes_per_vector'].value:,.0f}", _fmt(f["disk"]),
-                  _fmt(f["memory"]), _fmt(f["memory_per_shard"]))
+                  _fmt(f["memory"]), _fmt(f["memory_per_shard"]), _fmt(f["mapped_per_shard"]))
     console.print(t)
 
     t = Table(title="storage and object store")

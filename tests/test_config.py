@@ -121,6 +121,7 @@ def test_overrides_are_applied_and_validated():
     ({"mine": {"windows": {"clip_imag": [0.5, 0.9]}}}, "mine.windows"),
     ({"mine": {"spaces": ["clip_image", "caption"]}}, "mine.spaces"),
     ({"embed": {"spaces": []}}, "embed.spaces"),
+    ({"index": {"kind": "ivf_pq", "pq_refine": False}}, "index.pq_refine"),  # approximate scores
 ])
 def test_bad_fields_are_named(tmp_path, change, field):
     doc = tiny_config(tmp_path, ["x"])

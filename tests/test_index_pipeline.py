@@ -120,20 +120,33 @@ def test_a_space_of_only_broken_vectors_builds_an_empty_flat_index(tmp_path, ray
 
 
 def test_index_and_mine_with_the_run_dir_on_s3(tmp_path, bucket, ray_cluster):
+    """A refined IVF-PQ on s3: each shard actor copies its shard to local disk and maps it; the
+    similarities the miner records are the true ones, inside their windows."""
     write_tar(tmp_path / "c" / "s0.tar", good_samples(1, prefix="a"))
     write_tar(tmp_path / "c" / "s1.tar", good_samples(1, prefix="b"))
+    windows = {s: (0.6, 0.99) for s in SPACES}
     cfg = config_from_dict(tiny_config(
         f"s3://{bucket}/run", [str(tmp_path / "c")],
-        index={"kind": "ivf_flat", "nlist": 8, "nprobe": 8, "shards": 2, "shard_num_cpus": 0.1},
-        mine={"k": 8, "windows": {s: (0.6, 0.99) for s in SPACES}, "min_hard_negatives": 2,
-              "num_cpus": 0.25}))
+        index={"kind": "ivf_pq", "nlist": 8, "nprobe": 8, "pq_m": 2, "pq_nbits": 4,
+               "pq_refine_k_factor": 4, "shards": 2, "shard_num_cpus": 0.1,
+               "local_cache_dir": str(tmp_path / "cache")},
+        mine={"k": 8, "windows": windows, "min_hard_negatives": 2, "num_cpus": 0.25}))
     slugs = [s.slug for s in list_shards(cfg.input)]
     ids = random_ids(120, 5)
+    stored = {}
     for i, s in enumerate(SPACES):
-        write_space(cfg.run_dir, s, ids, clustered(120, 8, 4, 0.3, seed=i), slugs)
+        stored[s] = clustered(120, 8, 4, 0.3, seed=i).astype(np.float16)
+        write_space(cfg.run_dir, s, ids, stored[s], slugs)
     mark_embedded(cfg, slugs)
     assert run_stage(INDEX, cfg).counts["dino_image_vectors"] == 120
     assert storage.exists(storage.join(index_dir(cfg.run_dir, "dino_image"), "shard-0001.faiss"))
     rec = run_stage(MINE, cfg)
-    pairs = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs"))
-    assert rec.counts["pairs"] == pairs.num_rows > 0
+    pairs = storage.read_parquet_dir(storage.join(cfg.run_dir, "pairs")).to_pylist()
+    assert rec.counts["pairs"] == len(pairs) > 0
+    assert len(list((tmp_path / "cache").glob("*/shard-*.faiss"))) == 6  # 3 spaces x 2 shards
+    row = {int(i): r for r, i in enumerate(ids)}
+    for p in pairs:
+        for space, sim in zip(p["spaces"], p["similarities"]):
+            v = stored[space].astype(np.float64)
+            true = v[row[p["query_id"]]] @ v[row[p["target_id"]]]
+            assert abs(sim - true) < 1e-6 and windows[space][0] < true < windows[space][1]

@@ -70,10 +70,12 @@ def brute_force(ids, vecs, query_rows, cfg):
     return pairs, rejects
 
 
-def _mine_with_index(tmp_path, ids, vecs, query_rows, cfg, shards=3):
+def _mine_with_index(tmp_path, ids, vecs, query_rows, cfg, shards=3, index_cfg=None,
+                     mmap=False):
     neighbours = {}
     for s in cfg.spaces:
-        index = _build(tmp_path / s, IndexConfig(kind="flat", shards=shards), ids, vecs[s])
+        index = _build(tmp_path / s, index_cfg or IndexConfig(kind="flat", shards=shards), ids,
+                       vecs[s], mmap=mmap)
         neighbours[s] = merge_topk([sh.search(vecs[s][query_rows], cfg.k) for sh in index],
                                    cfg.k)
     return mine_batch(ids[query_rows].tolist(), neighbours, cfg)
@@ -148,3 +150,40 @@ def test_config_rejects_bad_windows():
     assert MineConfig(windows={"dino_image": (0.8, 0.9)}).spaces == ["dino_image"]
     with pytest.raises(ValueError, match="twice"):
         MineConfig(windows={"clip_image": (0.8, 0.9)}, spaces=["clip_image", "clip_image"])
+
+
+def _true_similarities(ids, vecs, pairs):
+    """Each pair's similarity in each of its spaces, as float64 inner products of the stored
+    (fp16) vectors."""
+    row = {int(i): r for r, i in enumerate(ids)}
+    stored = {s: v.astype(np.float16).astype(np.float64) for s, v in vecs.items()}
+    return [[float(stored[s][row[p["query_id"]]] @ stored[s][row[p["target_id"]]])
+             for s in p["spaces"]] for p in pairs]
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_on_a_refined_ivf_pq_index_every_mined_similarity_is_true_and_in_its_window(
+        tmp_path, mmap):
+    """A coarse IVF-PQ (4 sub-quantizers of 4 bits) scores pairs far from their true similarity;
+    with its fp16 refine vectors (memory-mapped or not) every score the rules see is exact."""
+    ids, vecs = _data(800, seed=30)
+    vecs = {s: v.astype(np.float16).astype(np.float32) for s, v in vecs.items()}  # as stored
+    cfg = MineConfig(k=16, windows={s: (0.75, 0.97) for s in SPACES}, min_hard_negatives=3,
+                     max_hard_negatives=6)
+    rows = list(range(0, 800, 5))
+    coarse = {"kind": "ivf_pq", "shards": 2, "nlist": 8, "nprobe": 8, "pq_m": 4, "pq_nbits": 4,
+              "train_sample": 800}
+    results = {}
+    for refine in (False, True):
+        icfg = IndexConfig(**coarse, pq_refine=refine, pq_refine_k_factor=4)
+        pairs, _ = _mine_with_index(tmp_path / str(refine), ids, vecs, rows, cfg,
+                                    index_cfg=icfg, mmap=mmap)
+        assert len(pairs) > 100
+        truth = _true_similarities(ids, vecs, pairs)
+        got = [p["similarities"] for p in pairs]
+        error = max(abs(a - b) for t, g in zip(truth, got) for a, b in zip(t, g))
+        outside = sum(not 0.75 < a < 0.97 for t in truth for a in t)
+        results[refine] = (error, outside)
+    assert results[False][0] > 0.01 and results[False][1] > 0  # the problem is real here
+    assert results[True][0] < 1e-6, results
+    assert results[True][1] == 0, results

@@ -144,7 +144,8 @@ def test_mine_core_hours_by_hand(paper: RunConfig, billion: Plan) -> None:
     ic, flops = paper.index, billion.rates["cpu_flops_per_core"].value
     lookups = billion.rates["pq_lookups_per_core"].value
     per_query = sum(ic.shards * 2 * ic.nlist * d / flops + 1e9 * ic.nprobe / ic.nlist * ic.pq_m
-                    / lookups for d in (768, 1024, 768))
+                    / lookups + ic.shards * 2 * paper.mine.k * ic.pq_refine_k_factor * d / flops
+                    for d in (768, 1024, 768))
     mine = billion.stage("mine")
     assert mine.cpu_core_hours.value == pytest.approx(2e7 * per_query / 3600)
     # The shard actors are all the cores mining can use: 3 spaces x 16 shards x 8 CPUs.
@@ -308,11 +309,10 @@ def test_table_bytes_per_row_match_the_schemas(billion: Plan) -> None:
 
 
 @pytest.mark.parametrize("settings", [
-    ["index.kind=ivf_pq", "index.pq_nbits=4"],
-    ["index.kind=ivf_pq", "index.pq_nbits=4", "index.pq_refine=true"],
+    ["index.kind=ivf_pq", "index.pq_nbits=4"],  # with its fp16 refine vectors
     ["index.kind=ivf_flat"],
     ["index.kind=flat"],
-], ids=["ivf_pq", "ivf_pq-refine", "ivf_flat", "flat"])
+], ids=["ivf_pq", "ivf_flat", "flat"])
 def test_index_bytes_on_disk_match_faiss(settings: list[str]) -> None:
     """The plan's on-disk size of a shard is what the index stage's own code writes."""
     import faiss
@@ -339,12 +339,31 @@ def test_index_bytes_on_disk_match_faiss(settings: list[str]) -> None:
 def test_index_memory_per_space(billion: Plan, paper: RunConfig) -> None:
     ic = paper.index
     clip = billion.index["clip_image"]
-    assert clip["disk_bytes_per_vector"].value == ic.pq_m + 16
+    # On disk: PQ code, IVF list id, id, and the fp16 refine vector; in the mapped shard's own
+    # memory all but the refine vector (left in the page cache), plus the reverse id map.
+    assert clip["disk_bytes_per_vector"].value == ic.pq_m + 16 + 2 * 768
+    assert clip["mapped_bytes_per_vector"].value == 2 * 768
     assert clip["memory_bytes_per_vector"].value == ic.pq_m + 16 + 32
+    assert clip["mapped_per_shard"].value == pytest.approx(1e9 * 2 * 768 / ic.shards / 1e9)
     centroids = (ic.nlist + 256) * 768 * 4
     assert clip["memory"].value == pytest.approx((1e9 * (ic.pq_m + 48) + ic.shards * centroids)
                                                  / 1e9)
     assert clip["memory_per_shard"].value == pytest.approx(clip["memory"].value / ic.shards)
+
+
+def test_the_mine_row_carries_the_measured_fidelity_of_the_configured_index(
+        billion: Plan, paper: RunConfig) -> None:
+    doc = _result("cpu-2core/mining_fidelity.json")
+    name = f"ivf_pq + fp16 refine x{paper.index.pq_refine_k_factor}"
+    fidelity = billion.stage("mine").fidelity
+    assert fidelity is not None
+    assert fidelity.value == doc["settings"][name]["share_of_exact_pairs_mined"]
+    assert any("mining_fidelity.json" in src for src in fidelity.sources)
+    flat = _plan(load_config(PAPER, ["index.kind=flat"])).stage("mine").fidelity
+    assert flat is not None and flat.value == 1.0  # the reference itself
+    unmeasured = _plan(load_config(PAPER, ["index.nprobe=7"]))
+    assert unmeasured.stage("mine").fidelity is None
+    assert any("no measured fidelity for index.kind=ivf_pq" in w for w in unmeasured.warnings)
 
 
 def test_pq_m_that_does_not_divide_a_space_is_warned_about(paper: RunConfig) -> None:
@@ -380,6 +399,7 @@ def test_cli_prints_a_table() -> None:
     result = _cli("--images", "1e9", "--gpu", "h200", "--nodes", "8")
     assert result.exit_code == 0, result.output
     for needle in ("plan: 1,000,000,000 images", "embed", "describe", "GPU-hours",
+                   "pairs vs exact", "stages.mine.fidelity", "mapped per shard",
                    "index per space", "dino_image", "every figure and its sources",
                    "embed_gpu_vit-l.json", "warning: index: 5,000,000 training vectors"):
         assert needle in result.output, needle

@@ -49,27 +49,33 @@ def with_scheme(fs: AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
-def local_copy(uri: str, cache_dir: str, version: str = "") -> str:
-    """The folder at ``uri`` copied once to ``cache_dir`` on this machine, for readers that take
-    local paths only (FAISS's memory map, ``from_pretrained``). The copy is keyed by ``uri`` and
-    ``version`` (what changes when the folder is rewritten), so a rebuilt folder is never read
-    from a stale copy; it is complete or absent (written aside, then renamed), and processes
-    copying at once on one node keep the first that finished."""
+def local_copy(uri: str, cache_dir: str, version: str = "", file: bool = False) -> str:
+    """The folder (or with ``file``, the one file) at ``uri`` copied once to ``cache_dir`` on
+    this machine, for readers that take local paths only (FAISS's memory map,
+    ``from_pretrained``); returns the local path. The copy is keyed by ``uri`` and ``version``
+    (what changes when the source is rewritten), so a rebuilt source is never read from a stale
+    copy; it is complete or absent (written aside, then renamed), and processes copying at once
+    on one node keep the first that finished."""
     key = hashlib.blake2b(f"{uri}\n{version}".encode(), digest_size=10).hexdigest()
     local = os.path.join(cache_dir, key)
+    name = uri.rstrip("/").rsplit("/", 1)[-1] if file else ""
     if os.path.exists(os.path.join(local, "_complete")):
-        return local
+        return os.path.join(local, name) if file else local
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{local}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     fs, path = filesystem(uri)
-    fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    if file:
+        os.makedirs(tmp)
+        fs.get(path, os.path.join(tmp, name))
+    else:
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
     open(os.path.join(tmp, "_complete"), "w").close()
     try:
         os.rename(tmp, local)
     except OSError:  # another process on this node finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    return local
+    return os.path.join(local, name) if file else local
 
 
 def folder_version(uri: str) -> str:

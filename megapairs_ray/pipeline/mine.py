@@ -101,7 +101,8 @@ def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
         actors[space] = [
             actor_cls.options(num_cpus=cfg.index.shard_num_cpus,
                               num_gpus=cfg.index.shard_num_gpus).remote(
-                layout.index_dir(cfg.run_dir, space), s, cfg.index)
+                layout.index_dir(cfg.run_dir, space), s, cfg.index, mmap=cfg.index.mmap,
+                local_cache_dir=cfg.index.local_cache_dir)
             for s in range(meta["shards"])
         ]
     # Fail here, with the shard's own message, if a shard file is missing or corrupt — or with

@@ -51,6 +51,8 @@ GROW_BUDGET = 1 << 22
 # for one pair wherever its vector sits: its fetch is complete only when the last candidate is
 # this far (x |q| x the largest |v|) below every kept one.
 FP16_SLACK = 2.0**-9
+# Vectors copied to the GPU at a time when a shard loads there.
+LOAD_CHUNK = 1 << 18
 
 
 class IndexStageError(MegapairsError, RuntimeError):
@@ -81,7 +83,11 @@ def factory_string(cfg: IndexConfig, dim: int, n: int) -> str:
         return f"IVF{nlist},Flat"
     if dim % cfg.pq_m:
         raise IndexStageError(f"index.pq_m={cfg.pq_m} must divide the dimension {dim}")
-    return f"IVF{nlist},PQ{cfg.pq_m}x{cfg.pq_nbits}" + (",RFlat" if cfg.pq_refine else "")
+    # The refine index holds every vector as fp16 (FAISS's ``SQfp16``): lossless for the
+    # embed stage's fp16 vectors, so refined scores are exact inner products of the stored
+    # vectors, at half ``RFlat``'s bytes.
+    return f"IVF{nlist},PQ{cfg.pq_m}x{cfg.pq_nbits}" + (",Refine(SQfp16)" if cfg.pq_refine
+                                                         else "")
 
 
 def clean_vectors(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray,
@@ -160,28 +166,41 @@ def read_meta(index_dir: str) -> dict[str, Any]:
     return storage.read_json(uri)
 
 
+def mmap_flags(faiss: Any, cfg: IndexConfig) -> int:
+    """What a memory-mapped shard leaves on disk: its largest part. IVF lists map with
+    IO_FLAG_MMAP, flat codes (flat, HNSW storage, IVF-PQ's fp16 refine vectors) with
+    IO_FLAG_MMAP_IFC; FAISS 1.15 refuses an IVF index asked for both, so a refined IVF-PQ maps its
+    refine vectors (2·d bytes a vector) and holds its PQ lists (pq_m bytes) in memory."""
+    if cfg.kind == "ivf_pq" and cfg.pq_refine:
+        return faiss.IO_FLAG_MMAP_IFC
+    if cfg.kind.startswith("ivf"):
+        return faiss.IO_FLAG_MMAP
+    return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC
+
+
 class IndexShard:
     """One shard, loaded once, searched many times (a Ray actor holds one of these)."""
 
     def __init__(self, index_dir: str, shard: int, cfg: IndexConfig, mmap: bool = False,
-                 ) -> None:
-        """``mmap``: map a local shard file instead of reading it into memory (IVF lists and
-        flat codes stay on disk, paged in by the OS: a service's replicas on one node share
-        them through the page cache)."""
+                 local_cache_dir: str | None = None) -> None:
+        """``mmap``: map a local shard file instead of reading it into memory: the bulk of the
+        shard (IVF lists, flat codes, IVF-PQ's fp16 refine vectors) stays on disk, paged in by
+        the OS, so a service's replicas on one node share it through the page cache and a
+        mining actor's own memory is the small part alone. A shard on s3 is first copied to
+        ``local_cache_dir`` (without one, it cannot be mapped)."""
         import faiss
 
         uri = shard_uri(index_dir, shard)
         if not storage.exists(uri):
             raise IndexStageError(f"index shard missing: {uri}")
         if mmap and storage.is_remote(uri):
-            raise IndexStageError(f"cannot memory-map {uri}: copy the index to local disk")
+            if local_cache_dir is None:
+                raise IndexStageError(f"cannot memory-map {uri}: copy the index to local disk")
+            uri = storage.local_copy(uri, local_cache_dir, storage.folder_version(uri),
+                                     file=True)
         try:
             if mmap:
-                # IVF lists map with IO_FLAG_MMAP, flat codes (flat, HNSW storage) with
-                # IO_FLAG_MMAP_IFC; FAISS 1.15 refuses an IVF index asked for both.
-                mapped = faiss.IO_FLAG_MMAP if cfg.kind.startswith("ivf") else (
-                    faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC)
-                flags = mapped | faiss.IO_FLAG_READ_ONLY
+                flags = mmap_flags(faiss, cfg) | faiss.IO_FLAG_READ_ONLY
                 self.index = faiss.read_index(storage.filesystem(uri)[1], flags)
             else:
                 fs, path = storage.filesystem(uri)
@@ -221,11 +240,17 @@ class IndexShard:
         import faiss
         import torch
 
-        vectors = self.index.index.reconstruct_n(0, self.count)
+        # In chunks: host memory holds one chunk's fp32 copy, never the shard's (a memory-mapped
+        # flat shard is read from the page cache).
+        vecs = torch.empty((self.count, self.dim), dtype=torch.float16, device=device)
+        norm = 0.0
+        for lo in range(0, self.count, LOAD_CHUNK):
+            part = self.index.index.reconstruct_n(lo, min(LOAD_CHUNK, self.count - lo))
+            vecs[lo : lo + len(part)] = torch.from_numpy(part).to(device, torch.float16)
+            norm = max(norm, float(np.linalg.norm(part, axis=1).max()))
         ids = faiss.vector_to_array(self.index.id_map)
-        self._gpu = (torch.from_numpy(vectors).to(device, torch.float16),
-                     torch.from_numpy(ids).to(device))
-        self._gpu_norm = float(np.linalg.norm(vectors, axis=1).max()) if self.count else 0.0
+        self._gpu = (vecs, torch.from_numpy(ids).to(device))
+        self._gpu_norm = norm
 
     def reconstruct(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         """The stored vectors of those of ``ids`` this shard holds (an IVF-PQ shard's are its

@@ -236,6 +236,7 @@ def main() -> None:
     exact_name = "flat (exact)"
     exact_pairs = mine(query_ids, neighbours[exact_name])
     exact_keys = {(p["query_id"], p["target_id"]) for p in exact_pairs}
+    exact_full = {(p["query_id"], p["target_id"]): p["hard_negatives"] for p in exact_pairs}
     pos = {int(i): r for r, i in enumerate(ids)}
     for name in settings:
         got = neighbours[name]
@@ -257,6 +258,10 @@ def main() -> None:
             "recall_at_k": {s: round(v, 4) for s, v in rec.items()},
             "pairs": len(pairs),
             "share_of_exact_pairs_mined": round(len(keys & exact_keys) / len(exact_keys), 4),
+            # ... with the same hard negatives, in the same order, too
+            "share_of_exact_pairs_mined_identically": round(sum(
+                exact_full.get((p["query_id"], p["target_id"])) == p["hard_negatives"]
+                for p in pairs) / len(exact_keys), 4),
             "same_pairs_as_exact": round(len(keys & exact_keys) / max(1, len(keys | exact_keys)),
                                          4),
             "similarities_outside_window": outside,

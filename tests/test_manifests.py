@@ -419,6 +419,16 @@ def test_pipeline_cluster_idles_as_its_head(path: Path) -> None:
         assert group["minReplicas"] == 0 <= group["maxReplicas"]
 
 
+def test_mining_shard_actors_have_a_disk_to_map_their_shards_from(paper: RunConfig) -> None:
+    """The shard actors (CPU pods) copy each index shard to index.local_cache_dir and memory-map
+    it there: the folder is a volume, not the container's small writable layer."""
+    cpu = _group(_cluster_spec(RAYJOB), "cpu")["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in cpu["containers"][0]["volumeMounts"]}
+    assert paper.index.mmap and paper.index.local_cache_dir in mounts
+    (volume,) = [v for v in cpu["volumes"] if v["name"] == mounts[paper.index.local_cache_dir]]
+    assert "medium" not in volume["emptyDir"]  # disk, not memory
+
+
 @pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=lambda p: p.name)
 def test_every_container_has_requests_and_limits(path: Path) -> None:
     spec = _cluster_spec(path)

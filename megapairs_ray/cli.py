@@ -7,8 +7,11 @@ Every error a user can cause ends as one line naming the cause and a non-zero ex
 config, 1 otherwise), for every command and every job entrypoint: ``UserErrors`` turns the
 project's ``MegapairsError``s, and the storage failures a user causes (a missing path, no
 permission, a full or read-only disk, missing credentials, an unreachable endpoint), into that
-line. Anything else is a bug and keeps its traceback (``MEGAPAIRS_TRACEBACK=1`` keeps it for every
-error).
+line, naming the operation and the path. A file missing under the run directory of the config
+the command loaded (or a missing file the error does not name) is not the user's: the run wrote it
+or was about to, so it is reported as an internal fault, in one line that says where its traceback
+was written (``RUN/_logs/``). Anything else is a bug and keeps its traceback
+(``MEGAPAIRS_TRACEBACK=1`` keeps it for every error).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,14 +45,52 @@ _USER_ERRNOS = {errno.ENOENT: "not found", errno.EACCES: "permission denied",
                 errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory"}
 
 
+# The run directories of the configs this command loaded: the files under them are the run's own.
+_RUN_DIRS: list[str] = []
+
+
+def _cause(e: BaseException) -> BaseException:
+    return getattr(e, "cause", None) or e  # a Ray task's error: the exception it wraps
+
+
+def _forms(path: str) -> set[str]:
+    """The ways a path is written: without its scheme (s3fs reports s3 paths without it), and
+    a local one also absolute."""
+    bare = path.split("://", 1)[-1].rstrip("/")
+    return {bare} if "://" in path else {bare, os.path.abspath(bare)}
+
+
+def _run_owns(path: str) -> bool:
+    """Whether ``path`` lies under a run directory this command loaded."""
+    return any(p == d or p.startswith(d + "/")
+               for p in _forms(path) for r in _RUN_DIRS for d in _forms(r))
+
+
+def _storage_error(e: OSError) -> tuple[str, str | None, bool]:
+    """(operation and path, the path, whether the user named it) of a storage failure, as far
+    as the error tells (``storage.names_its_operation``)."""
+    operation, uri, user_named = getattr(e, "megapairs_operation", ("", None, False))
+    path = uri or (str(e.filename) if e.filename else None)
+    return (f"{operation} {path}".strip() if path else ""), path, user_named
+
+
+def is_internal_fault(e: BaseException) -> bool:
+    """A missing file the run wrote or was about to write (or one the error does not name)."""
+    e = _cause(e)
+    if not isinstance(e, OSError) or e.errno != errno.ENOENT or isinstance(e, MegapairsError):
+        return False
+    _, path, user_named = _storage_error(e)
+    return path is None or (_run_owns(path) and not user_named)
+
+
 def user_error_message(e: BaseException) -> str | None:
     """The one line for an error the user caused, or None for a bug."""
-    e = getattr(e, "cause", None) or e  # a Ray task's error: the exception it wraps
+    e = _cause(e)
     if isinstance(e, MegapairsError):
         return str(e)
-    if isinstance(e, OSError) and e.errno in _USER_ERRNOS:
-        where = e.filename or ""
-        return f"{_USER_ERRNOS[e.errno]}: {where}".rstrip(": ") if where else \
+    if isinstance(e, OSError) and e.errno in _USER_ERRNOS and not is_internal_fault(e):
+        where = _storage_error(e)[0]
+        return f"{_USER_ERRNOS[e.errno]}: {where}" if where else \
             f"{_USER_ERRNOS[e.errno]}: {e.strerror or e}"
     module = type(e).__module__ or ""
     if module.startswith(("botocore", "aiobotocore")):  # credentials, endpoint, bucket
@@ -54,18 +98,50 @@ def user_error_message(e: BaseException) -> str | None:
     return None
 
 
+def report_internal_fault(e: BaseException) -> str:
+    """Write ``e``'s traceback under the run directory (a temporary folder if that fails too)
+    and return the one line that says it is an internal fault and where the traceback is."""
+    cause = _cause(e)
+    where = _storage_error(cause)[0] if isinstance(cause, OSError) else ""
+    text = "".join(traceback.format_exception(e))
+    name = f"internal-error-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.txt"
+    from megapairs_ray.io import layout, storage
+
+    written = None
+    for uri in [*(layout.internal_error_file(r, name) for r in _RUN_DIRS),
+                os.path.join(tempfile.gettempdir(), name)]:
+        try:
+            with storage.open_atomic(uri, "w") as f:
+                f.write(text)
+            written = uri
+            break
+        except OSError:
+            continue
+    missing = f"{where}: no such file" if where else f"{type(cause).__name__}: {cause}"
+    return (f"internal fault, not a mistake in your input: {missing} (a file this run wrote or "
+            f"was about to write is missing); traceback in {written or 'nowhere: unwritable'}; "
+            "MEGAPAIRS_TRACEBACK=1 prints it")
+
+
 class UserErrors(TyperGroup):
     """Runs a subcommand; a user-caused error becomes one line on stderr and an exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        _RUN_DIRS.clear()  # one command's configs (the tests invoke many in one process)
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as e:
+            if os.environ.get("MEGAPAIRS_TRACEBACK"):
+                raise  # asked for: the whole traceback
+            if is_internal_fault(e):
+                console.print(f"[red]error: {escape(report_internal_fault(e))}[/red]",
+                              soft_wrap=True)
+                raise typer.Exit(1) from None
             message = user_error_message(e)
-            if message is None or os.environ.get("MEGAPAIRS_TRACEBACK"):
-                raise  # a bug, or asked for: the whole traceback
+            if message is None:
+                raise  # a bug: the whole traceback
             first = message.strip().splitlines() or ["error"]
             console.print(f"[red]error: {escape(' '.join(line.strip() for line in first))}"
                           "[/red]", soft_wrap=True)
@@ -86,7 +162,11 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 def _load(config: Path, overrides: list[str] | None,
           schema: type[ConfigT] = RunConfig) -> ConfigT:  # type: ignore[assignment]
-    return load_config(config, overrides or [], schema=schema)
+    cfg = load_config(config, overrides or [], schema=schema)
+    run_dir = getattr(cfg, "run_dir", None)
+    if isinstance(run_dir, str):
+        _RUN_DIRS.append(run_dir)
+    return cfg
 
 
 def _preflight(cfg: RunConfig, stages: list[str]) -> None:

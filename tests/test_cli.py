@@ -76,7 +76,8 @@ def test_user_errors_are_one_line_before_any_work_starts(tmp_path):
     _one_line(_run("-s", run_dir, "-s", "embed.spaces.minilm_text.encoder.kind=word2vec"), 2,
               "embed.spaces.1.encoder", "word2vec")
     (tmp_path / "file").write_text("not a folder")
-    _one_line(_run("-s", f"run_dir={tmp_path / 'file' / 'run'}"), 1, "not a directory")
+    _one_line(_run("-s", f"run_dir={tmp_path / 'file' / 'run'}"), 1,
+              f"not a directory: writing to {tmp_path / 'file' / 'run'}")
     # Square brackets in a message survive (Rich would read [clip_imag] as markup).
     _one_line(_run("-s", run_dir, "-s", "mine.windows.clip_imag=[0.5, 0.9]"), 2,
               "mine.windows has unknown space(s) ['clip_imag']")
@@ -95,6 +96,50 @@ def test_an_unreachable_storage_endpoint_is_one_line(tmp_path, monkeypatch):
                   "127.0.0.1:9")
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _storage_app():
+    """A command under the CLI's own error handling that loads a run config, then reads a file:
+    the one the test names (``--read``), relative to the run directory or not."""
+    import typer
+
+    from megapairs_ray.cli import UserErrors, _load
+    from megapairs_ray.io import storage
+
+    probe = typer.Typer(cls=UserErrors)
+
+    @probe.command()
+    def read(run_dir: str, path: str, inside: bool = False) -> None:
+        cfg = _load(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}"])
+        storage.read_json(storage.join(cfg.run_dir, path) if inside else path)
+
+    @probe.command()
+    def noop() -> None:
+        """A second command, so the first keeps its name."""
+
+    return probe
+
+
+def test_a_missing_file_the_user_named_is_their_error_and_names_path_and_operation(tmp_path):
+    missing = tmp_path / "elsewhere" / "doc.json"
+    _one_line(runner.invoke(_storage_app(), ["read", str(tmp_path / "run"), str(missing)]), 1,
+              f"not found: reading {missing}")
+
+
+def test_a_missing_file_under_the_run_directory_is_an_internal_fault(tmp_path, monkeypatch):
+    """The run wrote (or was about to write) it: never the user's mistake. One line says so and
+    where the traceback went; MEGAPAIRS_TRACEBACK=1 prints it instead."""
+    run_dir = tmp_path / "run"
+    result = runner.invoke(_storage_app(), ["read", str(run_dir), "shards.json", "--inside"])
+    _one_line(result, 1, "internal fault, not a mistake in your input",
+              f"reading {run_dir / 'shards.json'}: no such file", f"traceback in {run_dir}/_logs/")
+    (log,) = (run_dir / "_logs").glob("internal-error-*.txt")
+    assert "Traceback" in log.read_text() and "FileNotFoundError" in log.read_text()
+    assert f"traceback in {log}" in result.output
+    monkeypatch.setenv("MEGAPAIRS_TRACEBACK", "1")
+    result = runner.invoke(_storage_app(), ["read", str(run_dir), "shards.json", "--inside"])
+    assert isinstance(result.exception, FileNotFoundError)
+    assert result.exception.megapairs_operation[:2] == ("reading", f"{run_dir}/shards.json")
 
 
 def test_svg_caption(tmp_path):

@@ -64,6 +64,11 @@ def lock_file(run_dir: str) -> str:
     return storage.join(state_dir(run_dir), "lock.json")
 
 
+def internal_error_file(run_dir: str, name: str) -> str:
+    """Where the CLI writes the traceback of an internal fault it reports in one line."""
+    return storage.join(run_dir, "_logs", name)
+
+
 # ------------------------------------------------------------------------------- the outputs
 
 

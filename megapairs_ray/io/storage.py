@@ -7,6 +7,7 @@ test server needs no code path of its own.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -14,14 +15,40 @@ import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def names_its_operation(operation: str, user_named: bool = False,
+                        ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """An ``OSError`` raised inside the decorated function (its first argument a URI) carries
+    ``megapairs_operation = (operation, uri, user_named)``: the CLI names the operation and the
+    URI in its one line, and tells a file the run itself wrote from one the user named
+    (``user_named``: the URI is a location the user gave, as the run directory is when it is
+    first checked). The first tag set is kept (the innermost operation), and the error keeps its
+    type (callers' ``except FileNotFoundError`` still works); the attribute survives pickling
+    into a Ray task's error."""
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def tagged(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                if not hasattr(e, "megapairs_operation"):
+                    e.megapairs_operation = (  # type: ignore[attr-defined]
+                        operation, str(args[0]), user_named)
+                raise
+        return tagged
+    return wrap
 
 
 def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
@@ -49,6 +76,7 @@ def with_scheme(fs: AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
+@names_its_operation("copying")
 def local_copy(uri: str, cache_dir: str, version: str = "", file: bool = False) -> str:
     """The folder (or with ``file``, the one file) at ``uri`` copied once to ``cache_dir`` on
     this machine, for readers that take local paths only (FAISS's memory map,
@@ -78,6 +106,7 @@ def local_copy(uri: str, cache_dir: str, version: str = "", file: bool = False) 
     return os.path.join(local, name) if file else local
 
 
+@names_its_operation("listing")
 def folder_version(uri: str) -> str:
     """Each file's name, size and modification stamp under ``uri``: changes when it is rewritten."""
     fs, path = filesystem(uri)
@@ -91,12 +120,14 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+@names_its_operation("removing")
 def remove(uri: str, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
 
 
+@names_its_operation("listing")
 def list_files(uri: str, suffix: str = "", include_hidden: bool = False) -> list[str]:
     """Files recursively under ``uri`` ending with ``suffix``, sorted, as URIs. Hidden names
     (``.tmp-*`` left by a writer that died) are skipped unless asked for."""
@@ -108,6 +139,7 @@ def list_files(uri: str, suffix: str = "", include_hidden: bool = False) -> list
                   and (include_hidden or not posixpath.basename(p).startswith(".")))
 
 
+@names_its_operation("listing")
 def list_dirs(uri: str) -> list[str]:
     """The names of the folders directly under ``uri`` (one listing)."""
     fs, path = filesystem(uri)
@@ -145,6 +177,7 @@ def open_atomic(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
             fs.rm(tmp)
 
 
+@names_its_operation("writing to", user_named=True)
 def check_writable(uri: str) -> None:
     """Write and remove a small file under ``uri``: a read-only, full or mistyped location
     fails here, before any work starts, with the storage's own error."""
@@ -154,28 +187,33 @@ def check_writable(uri: str) -> None:
     remove(probe)
 
 
+@names_its_operation("writing")
 def write_json(uri: str, doc: Any) -> None:
     with open_atomic(uri, "w") as f:
         json.dump(doc, f, indent=2, sort_keys=True, default=str)
 
 
+@names_its_operation("reading")
 def read_json(uri: str) -> Any:
     fs, path = filesystem(uri)
     with fs.open(path, "r") as f:
         return json.load(f)
 
 
+@names_its_operation("writing")
 def write_parquet(uri: str, table: pa.Table) -> None:
     with open_atomic(uri, "wb") as f:
         pq.write_table(table, f, compression="zstd")
 
 
+@names_its_operation("reading")
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
 
 
+@names_its_operation("reading")
 def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table | None:
     """All parquet files under ``uri`` as one table; None when there are none."""
     files = list_files(uri, ".parquet")
@@ -184,6 +222,7 @@ def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table | N
     return pa.concat_tables([read_parquet(f, columns) for f in files], promote_options="default")
 
 
+@names_its_operation("listing")
 def total_size(uri: str, suffix: str = "") -> int:
     """Bytes in the files under ``uri`` ending with ``suffix`` (hidden ones left out), from one
     listing; 0 when there is none."""

@@ -183,6 +183,42 @@ def test_export_is_the_released_form_with_real_images(synth_run):
         assert np.abs(np.asarray(im, dtype=float) - want).mean() < 4
 
 
+def test_a_large_run_s_export_writes_the_same_tars_and_triplets(synth_run, tmp_path,
+                                                               monkeypatch):
+    """A run too large to broadcast its images table locates the named images by a hash join and
+    writes the tars grouped by tar: the same members in the same tars, the same triplets, as the
+    small run's one-block path the fixture took."""
+    import shutil
+    import tarfile
+
+    from megapairs_ray.pipeline import export, locations
+
+    run_dir, _, _, doc, common = synth_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("triplets"))
+    args = common[common.index("-s") + 1:]
+    overrides = [a for a in args if a != "-s" and not a.startswith("run_dir=")]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      [*overrides, f"run_dir={copy}", "export.images_per_tar=10"])
+    monkeypatch.setattr(locations, "BROADCAST_MAX_BYTES", 0)
+    counts = export._export(cfg, str(copy / "triplets"), str(copy / "rejects" / "export"))
+    want = doc["stages"]["export"]["counts"]
+    for key in ("images_written", "image_tars", "triplets"):
+        assert counts[key] == want[key], key
+
+    def members(folder: Path) -> dict[str, set[str]]:
+        return {t.name: set(tarfile.open(t).getnames()) for t in folder.rglob("*.tar")}
+
+    assert members(copy / "triplets") == members(run_dir / "triplets")
+
+    def triplets(folder: Path) -> list[dict]:
+        rows = [r for f in (folder / "triplets" / "parts").glob("*.parquet")
+                for r in pq.read_table(f).to_pylist()]
+        return sorted(rows, key=lambda r: r["pair_id"])
+
+    assert triplets(copy) == triplets(run_dir) != []
+
+
 def test_our_trainer_reads_the_export_without_a_reject(synth_run, tmp_path):
     from megapairs_ray.train.data import prepare_data
 

@@ -132,11 +132,17 @@ def list_files(uri: str, suffix: str = "", include_hidden: bool = False) -> list
     """Files recursively under ``uri`` ending with ``suffix``, sorted, as URIs. Hidden names
     (``.tmp-*`` left by a writer that died) are skipped unless asked for."""
     fs, path = filesystem(uri)
+    return sorted(with_scheme(fs, p) for p in _found(fs, path, suffix, include_hidden))
+
+
+def _found(fs: AbstractFileSystem, path: str, suffix: str, include_hidden: bool = False,
+           ) -> dict[str, dict[str, Any]]:
+    """One recursive listing under ``path``: each file ending with ``suffix`` and its details;
+    hidden names (``.tmp-*`` left by a writer that died) left out unless asked for."""
     if not fs.exists(path):
-        return []
-    found = fs.find(path)
-    return sorted(with_scheme(fs, p) for p in found if p.endswith(suffix)
-                  and (include_hidden or not posixpath.basename(p).startswith(".")))
+        return {}
+    return {p: info for p, info in fs.find(path, detail=True).items() if p.endswith(suffix)
+            and (include_hidden or not posixpath.basename(p).startswith("."))}
 
 
 @names_its_operation("listing")
@@ -227,7 +233,4 @@ def total_size(uri: str, suffix: str = "") -> int:
     """Bytes in the files under ``uri`` ending with ``suffix`` (hidden ones left out), from one
     listing; 0 when there is none."""
     fs, path = filesystem(uri)
-    if not fs.exists(path):
-        return 0
-    return sum(int(info["size"]) for p, info in fs.find(path, detail=True).items()
-               if p.endswith(suffix) and not posixpath.basename(p).startswith("."))
+    return sum(int(info["size"]) for info in _found(fs, path, suffix).values())

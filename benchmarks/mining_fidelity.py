@@ -9,8 +9,9 @@ query sample, as ``mine.query_fraction`` 0.02 draws it. Exact flat search is the
 Reported per setting: recall@k of the neighbour lists; the share of exact mining's pairs it
 mines; the share of its own pairs whose true similarity (float64 inner product of the stored fp16
 vectors) lies outside their window; the largest error of a recorded similarity; build time,
-search time and queries/s; bytes on disk, bytes a memory-mapped shard leaves on disk (mapped),
-and a mapped shard's resident memory measured in a fresh process (RSS less file-backed pages).
+search time and queries/s; bytes on disk (the unrefined setting searches the refined file's PQ
+part, so its figure is that file's), and a memory-mapped shard's resident memory and touched
+file-backed pages, measured in a fresh process after it searches every query.
 
 The vectors: real embeddings cluster at many scales, and mining lives at the top of each
 neighbour list, so each cluster draws its own spread (within-cluster cosines from ~0.65 to

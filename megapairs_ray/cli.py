@@ -66,18 +66,27 @@ def _run_owns(path: str) -> bool:
                for p in _forms(path) for r in _RUN_DIRS for d in _forms(r))
 
 
+def _errno(e: OSError) -> int | None:
+    """The error's errno; s3fs raises ``FileNotFoundError(path)`` with none."""
+    if e.errno is None and isinstance(e, FileNotFoundError):
+        return errno.ENOENT
+    return e.errno
+
+
 def _storage_error(e: OSError) -> tuple[str, str | None, bool]:
     """(operation and path, the path, whether the user named it) of a storage failure, as far
     as the error tells (``storage.names_its_operation``)."""
     operation, uri, user_named = getattr(e, "megapairs_operation", ("", None, False))
-    path = uri or (str(e.filename) if e.filename else None)
+    named = e.filename or (e.args[0] if _errno(e) == errno.ENOENT and e.errno is None and e.args
+                           else None)
+    path = uri or (str(named) if named else None)
     return (f"{operation} {path}".strip() if path else ""), path, user_named
 
 
 def is_internal_fault(e: BaseException) -> bool:
     """A missing file the run wrote or was about to write (or one the error does not name)."""
     e = _cause(e)
-    if not isinstance(e, OSError) or e.errno != errno.ENOENT or isinstance(e, MegapairsError):
+    if not isinstance(e, OSError) or _errno(e) != errno.ENOENT or isinstance(e, MegapairsError):
         return False
     _, path, user_named = _storage_error(e)
     return path is None or (_run_owns(path) and not user_named)
@@ -88,10 +97,11 @@ def user_error_message(e: BaseException) -> str | None:
     e = _cause(e)
     if isinstance(e, MegapairsError):
         return str(e)
-    if isinstance(e, OSError) and e.errno in _USER_ERRNOS and not is_internal_fault(e):
-        where = _storage_error(e)[0]
-        return f"{_USER_ERRNOS[e.errno]}: {where}" if where else \
-            f"{_USER_ERRNOS[e.errno]}: {e.strerror or e}"
+    code = _errno(e) if isinstance(e, OSError) else None
+    if code in _USER_ERRNOS and not is_internal_fault(e):
+        where = _storage_error(e)[0]  # type: ignore[arg-type]
+        return f"{_USER_ERRNOS[code]}: {where}" if where else \
+            f"{_USER_ERRNOS[code]}: {getattr(e, 'strerror', None) or e}"
     module = type(e).__module__ or ""
     if module.startswith(("botocore", "aiobotocore")):  # credentials, endpoint, bucket
         return f"storage: {type(e).__name__}: {e}"
@@ -161,10 +171,13 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 
 def _load(config: Path, overrides: list[str] | None,
-          schema: type[ConfigT] = RunConfig) -> ConfigT:  # type: ignore[assignment]
+          schema: type[ConfigT] = RunConfig,  # type: ignore[assignment]
+          writes_run_dir: bool = True) -> ConfigT:
+    """The config, validated; ``writes_run_dir``: its ``run_dir`` is where this command writes
+    (a run's, a gallery's), not an input it only reads (the probe's finished run)."""
     cfg = load_config(config, overrides or [], schema=schema)
     run_dir = getattr(cfg, "run_dir", None)
-    if isinstance(run_dir, str):
+    if writes_run_dir and isinstance(run_dir, str):
         _RUN_DIRS.append(run_dir)
     return cfg
 
@@ -340,7 +353,7 @@ def probe(config: ConfigOpt, set_: SetOpt = None) -> None:
     (untrained, aligned, aligned + MMRet, shuffled-target control), the project's metrics."""
     from megapairs_ray.train.probe import ProbeConfig, rows_of, run_probe
 
-    cfg = _load(config, set_, ProbeConfig)
+    cfg = _load(config, set_, ProbeConfig, writes_run_dir=False)
     report = run_probe(cfg, log=console.print)
     rows = rows_of(report)
     table = Table(title=f"data probe of {cfg.run_dir}: {report['held_out_triplets']} held-out "

@@ -285,8 +285,9 @@ class IndexConfig(Strict):
     pq_m: int = Field(default=16, gt=0)
     pq_nbits: int = Field(default=8, gt=0, le=16)
     # Keep every vector beside the PQ codes (fp16, lossless for the embed stage's vectors) and
-    # re-score each shard's k x pq_refine_k_factor best PQ candidates with them: the scores the
-    # miner sees are then exact, and recall rises. A run refuses IVF-PQ without it.
+    # re-score each shard's (k + 16) x pq_refine_k_factor best PQ candidates with them (16: the
+    # tie margin a shard fetches beyond k): the scores the miner sees are then exact, and recall
+    # rises. A run refuses IVF-PQ without it.
     pq_refine: bool = True
     pq_refine_k_factor: int = Field(default=8, ge=1, json_schema_extra=SEARCH_TIME)
     hnsw_m: int = Field(default=32, gt=1)

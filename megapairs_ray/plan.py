@@ -669,7 +669,8 @@ def _rates(res: Results, gpu: str, cfg: RunConfig, i: dict[str, Figure],
                                              "cpu_decode_img_per_s / cpu_decode_threads "
                                              "(Pillow decode + resize)", decode_all, threads),
              **_cpu_rates(res)}
-    rates["refine_dims_per_core_s"] = _refine_rate(res)
+    if cfg.index.kind == "ivf_pq":  # only re-scoring reads it
+        rates["refine_dims_per_core_s"] = _refine_rate(res)
     gpu_index = f"{gpu}/index_gpu_1shards.json"
     if res.file(gpu_index).is_file():
         g = res.doc(gpu_index)
@@ -948,7 +949,7 @@ def _check_memory(c: _Ctx) -> None:
         c.warnings.append(f"mine: the shards' memory-mapped part ({mapped:,.0f} GB) is more "
                           "than the page cache the nodes have left, so part of it is read from "
                           "local disk: one random read per re-scored candidate (index.shards × "
-                          "mine.k × pq_refine_k_factor a query and space)")
+                          f"(mine.k + {TIE_MARGIN}) × pq_refine_k_factor a query and space)")
     card = c.gpu_memory_gib
     for space, figs in c.index.items():
         on_gpu = figs.get("gpu_memory_per_shard")

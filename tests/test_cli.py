@@ -126,6 +126,16 @@ def test_a_missing_file_the_user_named_is_their_error_and_names_path_and_operati
               f"not found: reading {missing}")
 
 
+def test_on_s3_too_a_missing_file_is_the_user_s_or_the_run_s_by_where_it_is(bucket):
+    """s3fs raises FileNotFoundError(path) with no errno: still one line, still classified."""
+    run_dir = f"s3://{bucket}/cli-run"
+    _one_line(runner.invoke(_storage_app(), ["read", run_dir, f"s3://{bucket}/else/doc.json"]),
+              1, f"not found: reading s3://{bucket}/else/doc.json")
+    _one_line(runner.invoke(_storage_app(), ["read", run_dir, "shards.json", "--inside"]), 1,
+              "internal fault", f"reading {run_dir}/shards.json: no such file",
+              f"traceback in {run_dir}/_logs/internal-error-")
+
+
 def test_a_missing_file_under_the_run_directory_is_an_internal_fault(tmp_path, monkeypatch):
     """The run wrote (or was about to write) it: never the user's mistake. One line says so and
     where the traceback went; MEGAPAIRS_TRACEBACK=1 prints it instead."""

@@ -419,14 +419,18 @@ def test_pipeline_cluster_idles_as_its_head(path: Path) -> None:
         assert group["minReplicas"] == 0 <= group["maxReplicas"]
 
 
-def test_mining_shard_actors_have_a_disk_to_map_their_shards_from(paper: RunConfig) -> None:
-    """The shard actors (CPU pods) copy each index shard to index.local_cache_dir and memory-map
-    it there: the folder is a volume, not the container's small writable layer."""
-    cpu = _group(_cluster_spec(RAYJOB), "cpu")["template"]["spec"]
-    mounts = {m["mountPath"]: m["name"] for m in cpu["containers"][0]["volumeMounts"]}
+@pytest.mark.parametrize("group", ["cpu", "gpu"])
+def test_mining_shard_actors_have_a_disk_to_map_their_shards_from(paper: RunConfig,
+                                                                  group: str) -> None:
+    """The shard actors (CPU pods; GPU pods in the exact mode) copy each index shard to
+    index.local_cache_dir and memory-map it there: the folder is a disk volume large enough
+    for two of the paper profile's largest shards, not the container's writable layer."""
+    pod = _group(_cluster_spec(RAYJOB), group)["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
     assert paper.index.mmap and paper.index.local_cache_dir in mounts
-    (volume,) = [v for v in cpu["volumes"] if v["name"] == mounts[paper.index.local_cache_dir]]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mounts[paper.index.local_cache_dir]]
     assert "medium" not in volume["emptyDir"]  # disk, not memory
+    assert volume["emptyDir"]["sizeLimit"] == "300Gi"  # 2 x 128 GB refine vectors (dino, 1e9)
 
 
 @pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=lambda p: p.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -38,14 +39,17 @@ def names_its_operation(operation: str, user_named: bool = False,
     type (callers' ``except FileNotFoundError`` still works); the attribute survives pickling
     into a Ray task's error."""
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        first = next(iter(inspect.signature(fn).parameters))
+
         @functools.wraps(fn)
         def tagged(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 return fn(*args, **kwargs)
             except OSError as e:
                 if not hasattr(e, "megapairs_operation"):
+                    uri = args[0] if args else kwargs.get(first)
                     e.megapairs_operation = (  # type: ignore[attr-defined]
-                        operation, str(args[0]), user_named)
+                        operation, str(uri), user_named)
                 raise
         return tagged
     return wrap
@@ -93,11 +97,15 @@ def local_copy(uri: str, cache_dir: str, version: str = "", file: bool = False) 
     tmp = f"{local}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     fs, path = filesystem(uri)
-    if file:
-        os.makedirs(tmp)
-        fs.get(path, os.path.join(tmp, name))
-    else:
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    try:
+        if file:
+            os.makedirs(tmp)
+            fs.get(path, os.path.join(tmp, name))
+        else:
+            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a dead source leaves nothing
+        raise
     open(os.path.join(tmp, "_complete"), "w").close()
     try:
         os.rename(tmp, local)

@@ -99,8 +99,10 @@ def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
     for space in cfg.mine.spaces:
         meta = read_meta(layout.index_dir(cfg.run_dir, space))
         actors[space] = [
+            # Spread over the nodes: each maps its shard's bulk through its node's page cache.
             actor_cls.options(num_cpus=cfg.index.shard_num_cpus,
-                              num_gpus=cfg.index.shard_num_gpus).remote(
+                              num_gpus=cfg.index.shard_num_gpus,
+                              scheduling_strategy="SPREAD").remote(
                 layout.index_dir(cfg.run_dir, space), s, cfg.index, mmap=cfg.index.mmap,
                 local_cache_dir=cfg.index.local_cache_dir)
             for s in range(meta["shards"])
@@ -117,7 +119,9 @@ def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
             f"{n} index shard actors ({cfg.index.shard_num_cpus} CPU, "
             f"{cfg.index.shard_num_gpus} GPU each) did not start within "
             f"{cfg.index.actor_start_timeout_s:.0f}s; the cluster has "
-            f"{ray.cluster_resources()}: lower index.shard_num_cpus or index.shards") from None
+            f"{ray.cluster_resources()}: lower index.shard_num_cpus or index.shards, or, when "
+            "the run is on s3 (each actor copies its shard to local disk first), raise "
+            "index.actor_start_timeout_s") from None
     except Exception:
         stop_actors(actors)
         raise

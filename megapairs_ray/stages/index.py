@@ -253,8 +253,9 @@ class IndexShard:
         self._gpu_norm = norm
 
     def reconstruct(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
-        """The stored vectors of those of ``ids`` this shard holds (an IVF-PQ shard's are its
-        decoded codes). The IVF direct map is built on first use."""
+        """The stored vectors of those of ``ids`` this shard holds (a refined IVF-PQ shard's are
+        its exact fp16 refine vectors; an unrefined one's, its decoded codes). The IVF direct
+        map is built on first use."""
         import faiss
 
         out: dict[int, np.ndarray] = {}

@@ -77,8 +77,8 @@ def _storage_error(e: OSError) -> tuple[str, str | None, bool]:
     """(operation and path, the path, whether the user named it) of a storage failure, as far
     as the error tells (``storage.names_its_operation``)."""
     operation, uri, user_named = getattr(e, "megapairs_operation", ("", None, False))
-    named = e.filename or (e.args[0] if _errno(e) == errno.ENOENT and e.errno is None and e.args
-                           else None)
+    # s3fs's errno-less FileNotFoundError carries the path as its one argument.
+    named = e.filename or (e.args[0] if e.errno is None and e.args else None)
     path = uri or (str(named) if named else None)
     return (f"{operation} {path}".strip() if path else ""), path, user_named
 

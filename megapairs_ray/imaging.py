@@ -110,15 +110,35 @@ def _is_unusual(im: Image.Image) -> bool:
     return im.mode not in PLAIN_MODES or "transparency" in im.info
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB from any Pillow mode: alpha composited on white, 16-bit scaled, CMYK converted."""
+# What becomes of transparent pixels. "white" composites them on white: a transparent logo
+# looks as it does on a web page, which is what the pipeline's own encoders and our towers
+# family are fed. "drop" is Pillow's plain ``convert("RGB")``, the conversion CLIP's released
+# processor applies: alpha is ignored (each pixel keeps its stored colour, often black) and a
+# paletted image's transparent entries show their palette colour. A model trained on one sees
+# the other as different pixels, so each retriever family names the one its weights expect.
+TRANSPARENCY_MODES = ("white", "drop")
+
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(im: Image.Image, transparency: str = "white") -> Image.Image:
+    """8-bit RGB from any Pillow mode: 16-bit and wider greyscale scaled to 8 bits (whichever
+    ``transparency``: Pillow's own conversion clips them, turning most pixels white), CMYK and the
+    rest converted, transparency as ``transparency`` says (``TRANSPARENCY_MODES``)."""
+    if transparency not in TRANSPARENCY_MODES:
+        raise ValueError(f"transparency must be one of {TRANSPARENCY_MODES}, not {transparency!r}")
     if im.mode == "RGB" and "transparency" not in im.info:
         return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if im.mode in _WIDE_GREY_MODES:
         arr = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
+    if transparency == "drop":
+        try:
+            return im.convert("RGB")
+        except ValueError:  # a premultiplied mode Pillow converts only by way of RGBA
+            return im.convert("RGBA").convert("RGB")
     if im.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -126,8 +146,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_rgb(data: bytes, min_short_side: int | None = None) -> np.ndarray:
-    """Decode to an HxWx3 uint8 array, shrunk (never below ``min_short_side``) where cheap.
+def decode_rgb(data: bytes, min_short_side: int | None = None, transparency: str = "white",
+               ) -> np.ndarray:
+    """Decode to an HxWx3 uint8 array, shrunk (never below ``min_short_side``) where cheap;
+    transparent pixels as ``transparency`` says (``to_rgb``).
 
     JPEG uses DCT-domain scaling (``draft``); other formats are box-reduced by an integer factor.
     Both keep the shorter side >= ``min_short_side`` so the model-side resize only ever shrinks.
@@ -140,7 +162,7 @@ def decode_rgb(data: bytes, min_short_side: int | None = None) -> np.ndarray:
     im.load()
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)
-    im = to_rgb(im)
+    im = to_rgb(im, transparency)
     if min_short_side:
         factor = min(im.size) // min_short_side
         if factor >= 2:

@@ -7,7 +7,8 @@ batched call); anything else, and any JPEG nvJPEG refuses, falls back to Pillow 
 Preprocess: torchvision's eval transform (resize the short side to S / crop_fraction, centre-crop
 S x S, normalise), reproduced as tensor ops. Images that share a shape are stacked and resized in
 one call, so a corpus resized upstream (img2dataset's usual 256 or 512) costs one interpolate per
-batch, not one per image.
+batch, not one per image. An ``ImageSpec`` can instead ask for the pixels of a processor that
+works on 8-bit Pillow images (CLIP's released one): a floored crop offset and an 8-bit resize.
 """
 
 from __future__ import annotations
@@ -27,13 +28,23 @@ from PIL import Image
 
 from megapairs_ray.imaging import decode_rgb
 
+CROP_OFFSETS = ("round", "floor")
+
 
 @dataclass(frozen=True)
 class ImageSpec:
     """How one image model wants its pixels, as torchvision's eval transforms define it:
     ``shortest`` resizes the short side to ``size / crop_fraction`` and centre-crops
     ``size`` x ``size``; ``squash`` resizes straight to ``size`` x ``size``. Then normalised with
-    ``mean``/``std`` (in [0, 1] units)."""
+    ``mean``/``std`` (in [0, 1] units).
+
+    ``crop_offset``: where the centre crop starts when the margin is odd. ``round`` rounds half
+    the margin (torchvision's CenterCrop); ``floor`` floors it (the Hugging Face image
+    processors): a one-pixel shift between the two on about a quarter of non-square images.
+
+    ``resize_8bit``: resize as Pillow resizes an 8-bit image (the PIL-based processors, which
+    produced the released CLIP models' numbers): the horizontal pass, then the vertical one,
+    each rounded to whole levels and clamped to 0..255. Off: one float pass, nothing rounded."""
 
     size: int
     crop_fraction: float
@@ -41,6 +52,13 @@ class ImageSpec:
     std: tuple[float, float, float]
     resize_mode: str = "shortest"
     interpolation: str = "bicubic"
+    crop_offset: str = "round"
+    resize_8bit: bool = False
+
+    def __post_init__(self) -> None:
+        if self.crop_offset not in CROP_OFFSETS:
+            raise ValueError(f"crop_offset must be one of {CROP_OFFSETS}, "
+                             f"not {self.crop_offset!r}")
 
     @property
     def min_source_side(self) -> int:
@@ -112,15 +130,16 @@ def decode_peak_bytes(data: bytes, min_short_side: int) -> int:
 
 
 def decode_cpu(images: Sequence[bytes], min_short_side: int, pool: ThreadPoolExecutor | None,
-               ) -> list[torch.Tensor | Exception]:
+               transparency: str = "white") -> list[torch.Tensor | Exception]:
     """HWC uint8 tensors (or the exception that stopped each image), decoded within this
-    process's ``DecodeBudget``."""
+    process's ``DecodeBudget``; transparent pixels as ``transparency`` says
+    (``imaging.TRANSPARENCY_MODES``)."""
 
     def one(data: bytes) -> torch.Tensor | Exception:
         peak = decode_peak_bytes(data, min_short_side)
         try:
             with _budget.hold(peak):
-                return torch.from_numpy(decode_rgb(data, min_short_side))
+                return torch.from_numpy(decode_rgb(data, min_short_side, transparency))
         except Exception as e:  # counted as a reject by the caller
             return e
         finally:
@@ -132,8 +151,9 @@ def decode_cpu(images: Sequence[bytes], min_short_side: int, pool: ThreadPoolExe
 
 def decode_gpu(images: Sequence[bytes], jpeg_mask: Sequence[bool], min_short_side: int,
                device: torch.device, pool: ThreadPoolExecutor | None,
-               ) -> list[torch.Tensor | Exception]:
-    """HWC uint8 tensors on ``device``: nvJPEG for plain JPEGs, Pillow for the rest."""
+               transparency: str = "white") -> list[torch.Tensor | Exception]:
+    """HWC uint8 tensors on ``device``: nvJPEG for plain JPEGs (which have no transparency),
+    Pillow for the rest."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     out: list[torch.Tensor | Exception | None] = [None] * len(images)
@@ -153,7 +173,8 @@ def decode_gpu(images: Sequence[bytes], jpeg_mask: Sequence[bool], min_short_sid
                 except RuntimeError:
                     cpu_idx.append(i)
     if cpu_idx:
-        for i, t in zip(cpu_idx, decode_cpu([images[i] for i in cpu_idx], min_short_side, pool)):
+        decoded_cpu = decode_cpu([images[i] for i in cpu_idx], min_short_side, pool, transparency)
+        for i, t in zip(cpu_idx, decoded_cpu):
             out[i] = t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
     return out  # type: ignore[return-value]
 
@@ -172,15 +193,39 @@ def to_model_input(images: Sequence[torch.Tensor], spec: ImageSpec, dtype: torch
         stack = torch.stack([images[i] for i in idx]) if len(idx) > 1 else images[idx[0]][None]
         x = stack.permute(0, 3, 1, 2).float()
         new_h, new_w = resized_size(h, w, spec)
-        if (new_h, new_w) != (h, w):
+        if spec.resize_8bit:
+            x = _resize_8bit(x, new_h, new_w, spec.interpolation)
+        elif (new_h, new_w) != (h, w):
             x = F.interpolate(x, size=(new_h, new_w), mode=spec.interpolation, antialias=True,
                               align_corners=False)
-        # torchvision's CenterCrop offsets, so results match its transforms pixel for pixel.
-        top = round((new_h - spec.size) / 2.0)
-        left = round((new_w - spec.size) / 2.0)
+        top, left = crop_offsets(new_h, new_w, spec)
         x = x[:, :, top : top + spec.size, left : left + spec.size]
         out[torch.tensor(idx, device=device)] = ((x.clamp_(0, 255) - mean) / std).to(dtype)
     return out
+
+
+def _resize_8bit(x: torch.Tensor, new_h: int, new_w: int, mode: str) -> torch.Tensor:
+    """Pillow's resize of an 8-bit image, on a float batch: the same antialiased kernel (torch's
+    antialiased bicubic is Pillow's, a = -0.5), applied as Pillow does, horizontally and then
+    vertically, each pass rounded half up to whole levels and clamped. The rounding between the
+    passes is what matters: a bicubic overshoot clipped after the first pass changes the second,
+    by up to 3 levels on a photo where one float pass is used. A dimension that keeps its size is
+    not resampled (Pillow skips that pass too)."""
+    h, w = x.shape[-2:]
+    if new_w != w:
+        x = F.interpolate(x, size=(h, new_w), mode=mode, antialias=True, align_corners=False)
+        x = x.clamp_(0, 255).add_(0.5).floor_()
+    if new_h != h:
+        x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
+        x = x.clamp_(0, 255).add_(0.5).floor_()
+    return x
+
+
+def crop_offsets(new_h: int, new_w: int, spec: ImageSpec) -> tuple[int, int]:
+    """(top, left) of the centre crop of a resized ``new_h`` x ``new_w`` image."""
+    if spec.crop_offset == "floor":
+        return (new_h - spec.size) // 2, (new_w - spec.size) // 2
+    return round((new_h - spec.size) / 2.0), round((new_w - spec.size) / 2.0)
 
 
 def resized_size(h: int, w: int, spec: ImageSpec) -> tuple[int, int]:

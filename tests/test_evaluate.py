@@ -3,8 +3,9 @@
 The job's numbers are checked against an independent computation: queries built from the
 published templates here in the test, brute-force ranking with NumPy, then the metric functions
 (themselves checked against hand-computed cases). The job's pixels are checked separately
-against torchvision's CLIP eval transform: a random model's rankings are too fragile to survive
-even last-bit pixel differences, so the ranking check shares the job's embedder.
+against the released CLIP image processor (tests/test_pixel_parity.py checks them on awkward
+images): a random model's rankings are too fragile to survive even last-bit pixel differences,
+so the ranking check shares the job's embedder.
 """
 
 from __future__ import annotations
@@ -100,16 +101,14 @@ def make_fashioniq(root: Path, ext: str = "png") -> Path:
 
 
 def _embed_images(model, paths):
-    from torchvision.transforms import v2
+    """The pixels Hugging Face's Pillow CLIP processor (what the released checkpoints were
+    evaluated with) makes of these files, at the test checkpoint's 32 px."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tf = v2.Compose([v2.Resize(32, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                     v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True),
-                     v2.Normalize(MEAN.ravel().tolist(), STD.ravel().tolist())])
-    arrs = []
-    for p in paths:
-        im = np.asarray(Image.open(io.BytesIO(Path(p).read_bytes())).convert("RGB"))
-        arrs.append(tf(torch.from_numpy(im.copy()).permute(2, 0, 1)))
-    return torch.stack(arrs)
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                 image_mean=MEAN.ravel().tolist(), image_std=STD.ravel().tolist())
+    return torch.cat([proc(Image.open(io.BytesIO(Path(p).read_bytes())),
+                           return_tensors="pt")["pixel_values"] for p in paths])
 
 
 def _reference_rankings(checkpoint, ref_paths, texts, gallery_paths, gallery_keys):
@@ -126,7 +125,8 @@ def test_eval_pixels_are_the_clip_transform(tmp_path, checkpoint):
     ours = Embedder(checkpoint)._pixels([str(p) for p in paths])
     ref = _embed_images(None, paths)
     assert ours.shape == ref.shape == (6, 3, 32, 32)
-    assert (ours - ref).abs().max() < 0.05  # within about one grey level
+    # Equal to float rounding on these; test_pixel_parity bounds the rare rounding ties.
+    assert (ours - ref).abs().max() < 0.015  # under one 8-bit level
 
 
 def test_circo_matches_an_independent_computation(tmp_path, checkpoint):

@@ -45,10 +45,7 @@ class MMRetCLIP(Retriever):
 
     @property
     def model_input(self) -> ModelInput:
-        conf = self.clip.config
-        return ModelInput(image_size=conf.vision_config.image_size,
-                          max_text_len=conf.text_config.max_position_embeddings,
-                          mean=self.mean_std[0], std=self.mean_std[1])  # type: ignore[arg-type]
+        return clip_model_input(self.clip.config, self.mean_std)
 
     def freeze(self, image_tower: bool, text_layers: int | None) -> None:
         """Freeze the vision tower (``image_tower``) and all but the top ``text_layers`` layers
@@ -89,6 +86,20 @@ class MMRetCLIP(Retriever):
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         return self.clip.text_projection(out.pooler_output)
+
+
+def clip_model_input(config: object,
+                     mean_std: tuple[tuple[float, ...], tuple[float, ...]]) -> ModelInput:
+    """The model input of a CLIP config: its image size and text length, with the pixels CLIP's
+    released image processor makes (``CLIPImageProcessor`` as the BGE-VL / MMRet checkpoints
+    ship it): Pillow's plain RGB conversion (alpha dropped, a palette's transparent entries
+    shown as their colours), the short side resized to the input size with Pillow's 8-bit
+    bicubic, the centre crop's offset floored. Released checkpoints are only ranked as their
+    authors ranked them if their pixels are these."""
+    return ModelInput(image_size=config.vision_config.image_size,  # type: ignore[attr-defined]
+                      max_text_len=config.text_config.max_position_embeddings,  # type: ignore[attr-defined]
+                      mean=mean_std[0], std=mean_std[1],  # type: ignore[arg-type]
+                      transparency="drop", crop_offset="floor", resize_8bit=True)
 
 
 def clip_mean_std(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 from megapairs_ray.models.family import load_retriever
-from megapairs_ray.pixels import ImageSpec, decode_cpu, to_model_input
+from megapairs_ray.pixels import decode_cpu, to_model_input
 
 # Where an s3 checkpoint is copied to be loaded, once per node.
 CHECKPOINT_CACHE = os.path.join(tempfile.gettempdir(), "megapairs", "checkpoints")
@@ -95,9 +95,10 @@ class RetrieverEncoder:
         model_input = self.model.model_input
         self.max_len = model_input.max_text_len
         self.dim = self.model.dim
-        # CLIP's processor: short side to the input size, centre crop.
-        self.spec = ImageSpec(size=model_input.image_size, crop_fraction=1.0,
-                              mean=model_input.mean, std=model_input.std)
+        # The family's own preprocessing (models/inputs.py): for CLIP checkpoints, the released
+        # processor's pixels, so released models rank here as they do in their authors' code.
+        self.spec = model_input.image_spec()
+        self.transparency = model_input.transparency
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(threads)
 
@@ -105,7 +106,7 @@ class RetrieverEncoder:
 
     def decode(self, images: Sequence[bytes]) -> list[torch.Tensor | Exception]:
         """HWC uint8 tensors, or the exception that stopped each image."""
-        return decode_cpu(images, 0, self.pool)
+        return decode_cpu(images, 0, self.pool, self.transparency)
 
     def pixels(self, decoded: Sequence[torch.Tensor]) -> torch.Tensor:
         return to_model_input([d.to(self.device) for d in decoded], self.spec, self.dtype)

@@ -180,12 +180,15 @@ class MMRetTowers(Retriever):
 
 
 def towers_model_input(config: dict[str, Any]) -> Any:
-    """Square pixels at the image tower's size and statistics; the text tower's length."""
+    """Square pixels at the image tower's size and statistics; the text tower's length. The
+    family's own preprocessing, a timm-style eval transform on tensors: transparency composited
+    on white, one float bicubic resize, torchvision's rounded centre-crop offset."""
     from megapairs_ray.models.inputs import ModelInput
 
     return ModelInput(image_size=int(config["image_size"]),
                       max_text_len=int(config["max_text_len"]),
-                      mean=tuple(config["image_mean"]), std=tuple(config["image_std"]))
+                      mean=tuple(config["image_mean"]), std=tuple(config["image_std"]),
+                      transparency="white", crop_offset="round", resize_8bit=False)
 
 
 def image_statistics(image_model: str, model: nn.Module | None = None,

@@ -40,7 +40,7 @@ from megapairs_ray.io.shards import LOCATION_COLUMNS, fetch_bytes_tolerant
 from megapairs_ray.io.stepstate import StepState, stored_fingerprint
 from megapairs_ray.io.triplets import ImageStore, triplet_problem
 from megapairs_ray.models.inputs import ModelInput
-from megapairs_ray.pixels import ImageSpec, decode_cpu, to_model_input
+from megapairs_ray.pixels import decode_cpu, to_model_input
 from megapairs_ray.reasons import Reason
 from megapairs_ray.train.config import HeldOutSplit, TrainConfig, TrainDataConfig
 
@@ -404,9 +404,9 @@ class TripletLoader:
         self.store = ImageStore(image_root(data))
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.input = model_input
-        # Identity normalisation: resized, cropped pixels stay in 0..255 and travel as uint8.
-        self.spec = ImageSpec(size=model_input.image_size, crop_fraction=1.0, mean=(0.0, 0.0, 0.0),
-                              std=(1 / 255, 1 / 255, 1 / 255))
+        # Identity normalisation: resized, cropped pixels stay in 0..255 and travel as uint8;
+        # the family's preprocessing otherwise, as eval and the service prepare them.
+        self.spec = model_input.image_spec(normalise=False)
         self.pool = ThreadPoolExecutor(data.decode_threads)
         self.rng = np.random.default_rng([data.seed, os.getpid()])
         self.tally = ray.get_actor(tally) if tally else None
@@ -428,8 +428,8 @@ class TripletLoader:
         unique = sorted({p for row in per_row for p in row})
         raw = dict(zip(unique, self.store.read_many(unique)))
         ok_paths = [p for p in unique if isinstance(raw[p], bytes)]
-        decoded = dict(zip(ok_paths, decode_cpu([raw[p] for p in ok_paths],
-                                                self.input.image_size, self.pool)))
+        decoded = dict(zip(ok_paths, decode_cpu([raw[p] for p in ok_paths], self.input.image_size,
+                                                self.pool, self.input.transparency)))
         keep, dropped = [], Counter()
         for i, row in enumerate(per_row):
             bad = next((p for p in row if not isinstance(decoded.get(p), torch.Tensor)), None)
@@ -479,8 +479,7 @@ class CaptionLoader:
         _, self.input_cfg = ingested_images(str(data.captions_from), "data.captions_from")
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.input = model_input
-        self.spec = ImageSpec(size=model_input.image_size, crop_fraction=1.0, mean=(0.0, 0.0, 0.0),
-                              std=(1 / 255, 1 / 255, 1 / 255))
+        self.spec = model_input.image_spec(normalise=False)
         self.pool = ThreadPoolExecutor(data.decode_threads)
         self.tally = ray.get_actor(tally) if tally else None
 
@@ -488,7 +487,8 @@ class CaptionLoader:
         n = len(batch["caption"])
         rows = [{c: batch[c][i] for c in LOCATION_COLUMNS} for i in range(n)]
         raw = fetch_bytes_tolerant(rows, self.input_cfg)
-        decoded = decode_cpu([r or b"\0" for r in raw], self.input.image_size, self.pool)
+        decoded = decode_cpu([r or b"\0" for r in raw], self.input.image_size, self.pool,
+                             self.input.transparency)
         keep = [i for i in range(n) if isinstance(decoded[i], torch.Tensor)]
         if len(keep) < n:
             dropped = Counter("unreadable_image" if not raw[i] else "undecodable_image"

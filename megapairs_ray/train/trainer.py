@@ -39,7 +39,7 @@ from megapairs_ray.models.encoders import resolve_model_path
 from megapairs_ray.models.family import checkpoint_family, load_retriever
 from megapairs_ray.models.fusion import FeatureCache
 from megapairs_ray.models.inputs import ModelInput
-from megapairs_ray.models.mmret import MMRetCLIP, clip_mean_std
+from megapairs_ray.models.mmret import MMRetCLIP, clip_mean_std, clip_model_input
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.models.towers import MMRetTowers, image_statistics, towers_model_input
 from megapairs_ray.train.config import TrainConfig
@@ -98,15 +98,13 @@ def model_input_for(cfg: TrainConfig) -> ModelInput:
             if ref is not None:
                 resolve_model_path(ref, f"model.towers.{field}")
         mean, std = image_statistics(t.image_model)
-        return ModelInput(image_size=t.image_size, max_text_len=t.max_text_len,
-                          mean=mean, std=std)  # type: ignore[arg-type]
+        return towers_model_input({"image_size": t.image_size, "max_text_len": t.max_text_len,
+                                   "image_mean": mean, "image_std": std})
     else:
         from transformers import CLIPConfig
 
         conf, (mean, std) = CLIPConfig(**m.config_overrides), clip_mean_std("")
-    return ModelInput(image_size=conf.vision_config.image_size,
-                      max_text_len=conf.text_config.max_position_embeddings,
-                      mean=mean, std=std)  # type: ignore[arg-type]
+    return clip_model_input(conf, (mean, std))
 
 
 def tokenizer_source(cfg: TrainConfig) -> str | None:

@@ -382,28 +382,45 @@ def train_toy_data(
 def evaluate(
     checkpoint: Annotated[str, typer.Option(help="A checkpoint of either family (its "
                                                  "config.json says which) or a hub id.")],
-    benchmark: Annotated[str, typer.Option(help="circo, cirr, fashioniq or genecis.")],
+    benchmark: Annotated[str, typer.Option(help="circo, cirr, fashioniq, genecis or mmeb.")],
     data: Annotated[str, typer.Option(help="The benchmark's folder (local or s3://).")],
-    split: Annotated[str, typer.Option()] = "val",
+    split: Annotated[str | None, typer.Option(help="Default: val (CIR benchmarks), test "
+                                                   "(MMEB).")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     out: Annotated[str | None, typer.Option(help="Write the report as JSON here.")] = None,
     gpus: Annotated[float, typer.Option(help="Run on a Ray cluster node with this many "
-                                        "GPUs (0 and --cpus 0: in this process).")] = 0,
+                                        "GPUs (0 and --cpus 0: in this process); MMEB: "
+                                        "each embedding actor's GPUs.")] = 0,
     cpus: Annotated[float, typer.Option(help="Run on a Ray cluster node with this many "
-                                        "CPUs (0: 1 if --gpus is set).")] = 0,
+                                        "CPUs (0: 1 if --gpus is set); MMEB: each embedding "
+                                        "actor's CPUs (0: 1).")] = 0,
+    images: Annotated[str | None, typer.Option(help="MMEB: the unpacked images folder "
+                                               "(default: DATA/eval_images).")] = None,
+    datasets: Annotated[str | None, typer.Option(help="MMEB: comma-separated dataset "
+                                                 "names (default: every folder).")] = None,
+    work: Annotated[str | None, typer.Option(help="MMEB: keep each finished dataset's "
+                                             "result here; a rerun recomputes nothing "
+                                             "finished (default: OUT.parts with --out).")] = None,
+    actors: Annotated[int, typer.Option(min=1, help="MMEB: most embedding actors.")] = 1,
 ) -> None:
-    """Zero-shot composed-image-retrieval metrics of a checkpoint (a folder of either retriever
-    family, local or s3://, a hub id, or a `megapairs train` run folder: its last
-    checkpoint)."""
+    """Zero-shot metrics of a checkpoint (a folder of either retriever family, local or s3://,
+    a hub id, or a `megapairs train` run folder: its last checkpoint): the four
+    composed-image-retrieval benchmarks, or MMEB's 36 datasets."""
     from megapairs_ray.io import storage
     from megapairs_ray.models.retriever import resolve_checkpoint
+
+    if benchmark == "mmeb":
+        _evaluate_mmeb(resolve_checkpoint(checkpoint), data, split or "test", images,
+                       datasets, work or (f"{out}.parts" if out else None), out, device,
+                       precision, batch_size, gpus, cpus, actors)
+        return
     from megapairs_ray.train.evaluate import run_eval
 
     kwargs = {"checkpoint": resolve_checkpoint(checkpoint), "benchmark": benchmark,
-              "root": data, "split": split, "device": device, "batch_size": batch_size,
-              "precision": precision}
+              "root": data, "split": split or "val", "device": device,
+              "batch_size": batch_size, "precision": precision}
     if gpus > 0 or cpus > 0:
         # On a cluster the driver sits on the head, which takes no work: the evaluation goes
         # to a worker node with the resources asked for.
@@ -425,6 +442,39 @@ def evaluate(
         Console().print(table)
     if "mean" in report:
         console.print("mean: " + ", ".join(f"{k}={v:.2f}" for k, v in report["mean"].items()))
+    if out:
+        storage.write_json(out, report)
+
+
+def _evaluate_mmeb(checkpoint: str, data: str, split: str, images: str | None,
+                   datasets: str | None, work: str | None, out: str | None, device: str,
+                   precision: str, batch_size: int, gpus: float, cpus: float,
+                   actors: int) -> None:
+    """MMEB on Ray Data actor pools: a table per dataset, then the aggregates."""
+    from megapairs_ray.config import RayConfig
+    from megapairs_ray.io import storage
+    from megapairs_ray.runtime import init_ray
+    from megapairs_ray.train.mmeb import METRIC, EncoderSettings, run_mmeb
+
+    init_ray(RayConfig())
+    enc = EncoderSettings(device=device, precision=precision, batch_size=batch_size,
+                          num_gpus=gpus, num_cpus=cpus or 1, max_actors=actors)
+    names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
+    report = run_mmeb(checkpoint, data, images, split, names, work, enc, log=console.print)
+    table = Table(title=f"MMEB {split}: {report['datasets']} datasets, {METRIC}")
+    for col in ("dataset", "meta-task", "split", "rows", METRIC, "problems"):
+        table.add_column(col)
+    for r in report["results"]:
+        p1 = r["metrics"][METRIC]
+        table.add_row(r["benchmark"], r["meta_task"], r["distribution"], str(r["queries"]),
+                      "-" if p1 is None else f"{p1:.2f}",
+                      ", ".join(f"{k}={v}" for k, v in r["problems"].items()))
+    Console().print(table)
+    means = Table(title="MMEB means over the datasets scored")
+    for k in report["mean"]:
+        means.add_column(k)
+    means.add_row(*(f"{v:.2f}" for v in report["mean"].values()))
+    Console().print(means)
     if out:
         storage.write_json(out, report)
 

@@ -151,15 +151,34 @@ class RetrieverEncoder:
 
     def _query_batch(self, images: Sequence[bytes | None], texts: Sequence[str | None],
                      ) -> np.ndarray:
-        n = len(images)
-        with_image = [i for i in range(n) if images[i] is not None]
+        with_image = [i for i in range(len(images)) if images[i] is not None]
+        px = self.pixels_of([images[i] for i in with_image]) if with_image else None  # type: ignore[misc]
+        return self._compose(with_image, px, texts)
+
+    @torch.no_grad()
+    def queries_of_decoded(self, decoded: Sequence[torch.Tensor | None],
+                           texts: Sequence[str | None]) -> np.ndarray:
+        """``queries`` for images already decoded (HWC uint8 tensors, or None: no image), so a
+        caller that had to decode them to find the bad ones does not decode them again."""
+        out = []
+        for s in range(0, len(decoded), self.batch_size):
+            chunk = decoded[s : s + self.batch_size]
+            with_image = [i for i, d in enumerate(chunk) if d is not None]
+            px = self.pixels([chunk[i] for i in with_image]) if with_image else None  # type: ignore[misc]
+            out.append(self._compose(with_image, px, texts[s : s + self.batch_size]))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def _compose(self, with_image: list[int], px: torch.Tensor | None,
+                 texts: Sequence[str | None]) -> np.ndarray:
+        """Score fusion of one batch: row i sums its image's features (``px`` holds the pixels
+        of the rows ``with_image``, in order) and its text's, then is normalised."""
+        n = len(texts)
         with_text = [i for i in range(n) if texts[i] is not None]
-        missing = [i for i in range(n) if images[i] is None and texts[i] is None]
+        missing = sorted(set(range(n)) - set(with_image) - set(with_text))
         if missing:
             raise ValueError(f"query {missing[0]} has neither an image nor a text")
         total = torch.zeros((n, self.dim), dtype=torch.float32, device=self.device)
-        if with_image:
-            px = self.pixels_of([images[i] for i in with_image])  # type: ignore[misc]
+        if px is not None:
             total[with_image] += self.model.image_features(px).float()
         if with_text:
             ids, mask = self.tokens([texts[i] for i in with_text])  # type: ignore[misc]

@@ -383,7 +383,8 @@ def load_benchmarks(name: str, root: str, split: str = "val",
         _genecis_split(split)
         return [load_genecis(root, t, split) for t in GENECIS_TASKS
                 if storage.exists(storage.join(root, "genecis", f"{t}.json"))]
-    raise BenchmarkError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    raise BenchmarkError(f"unknown benchmark {name!r}; choose from "
+                         f"{', '.join((*BENCHMARKS, 'mmeb'))}")
 
 
 def run_eval(checkpoint: str, benchmark: str, root: str, split: str = "val",

@@ -193,30 +193,41 @@ def to_model_input(images: Sequence[torch.Tensor], spec: ImageSpec, dtype: torch
         stack = torch.stack([images[i] for i in idx]) if len(idx) > 1 else images[idx[0]][None]
         x = stack.permute(0, 3, 1, 2).float()
         new_h, new_w = resized_size(h, w, spec)
-        if spec.resize_8bit:
-            x = _resize_8bit(x, new_h, new_w, spec.interpolation)
-        elif (new_h, new_w) != (h, w):
-            x = F.interpolate(x, size=(new_h, new_w), mode=spec.interpolation, antialias=True,
-                              align_corners=False)
         top, left = crop_offsets(new_h, new_w, spec)
-        x = x[:, :, top : top + spec.size, left : left + spec.size]
+        if spec.resize_8bit:  # its columns come back cropped
+            x = _resize_8bit(x, new_h, new_w, spec.interpolation, left, spec.size)
+            x = x[:, :, top : top + spec.size]
+        else:
+            if (new_h, new_w) != (h, w):
+                x = F.interpolate(x, size=(new_h, new_w), mode=spec.interpolation,
+                                  antialias=True, align_corners=False)
+            x = x[:, :, top : top + spec.size, left : left + spec.size]
         out[torch.tensor(idx, device=device)] = ((x.clamp_(0, 255) - mean) / std).to(dtype)
     return out
 
 
-def _resize_8bit(x: torch.Tensor, new_h: int, new_w: int, mode: str) -> torch.Tensor:
-    """Pillow's resize of an 8-bit image, on a float batch: the same antialiased kernel (torch's
-    antialiased bicubic is Pillow's, a = -0.5), applied as Pillow does, horizontally and then
-    vertically, each pass rounded half up to whole levels and clamped. The rounding between the
-    passes is what matters: a bicubic overshoot clipped after the first pass changes the second,
-    by up to 3 levels on a photo where one float pass is used. A dimension that keeps its size is
-    not resampled (Pillow skips that pass too)."""
+def _resize_8bit(x: torch.Tensor, new_h: int, new_w: int, mode: str, left: int, width: int,
+                 ) -> torch.Tensor:
+    """Pillow's resize of an 8-bit image, on a float batch, keeping only the columns
+    ``left:left + width`` of the result (the crop's, the only ones used): the same antialiased
+    kernel (torch's antialiased bicubic is Pillow's, a = -0.5), applied as Pillow does,
+    horizontally and then vertically, each pass rounded half up to whole levels and clamped.
+
+    The rounding between the passes is what matters: a bicubic overshoot clipped after the first
+    pass changes the second, by up to 3 levels on a photo where one float pass is used. Columns
+    are cropped between the passes, since the vertical pass treats each column alone: a wide
+    image's second pass then costs what a square one's does. A dimension that keeps its size is
+    not resampled (Pillow skips that pass too). float32, not Pillow's fixed point: a value that
+    is exactly a half (frequent when enlarging by a simple ratio) may round the other way, a
+    level off on a few pixels (float64 would avoid it at half the speed)."""
     h, w = x.shape[-2:]
     if new_w != w:
         x = F.interpolate(x, size=(h, new_w), mode=mode, antialias=True, align_corners=False)
         x = x.clamp_(0, 255).add_(0.5).floor_()
+    x = x[..., left : left + width]
     if new_h != h:
-        x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(new_h, x.shape[-1]), mode=mode, antialias=True,
+                          align_corners=False)
         x = x.clamp_(0, 255).add_(0.5).floor_()
     return x
 

@@ -59,6 +59,9 @@ class Reason:
     TARGET_IS_QUERY = "target_is_query"
     HELD_OUT = "held_out"
     NO_CAPTION = "no_caption"
+    # MMEB-train rows the retriever families cannot train on (``io/triplets.from_mmeb_train``)
+    TEXT_TARGET = "text_target"  # the positive has no image
+    TEXT_QUERY = "text_query"  # the query has no image
 
 
 ALL = frozenset(v for k, v in vars(Reason).items() if k.isupper())

@@ -126,3 +126,46 @@ def test_a_line_that_is_not_utf8_is_a_counted_reject_not_a_crash(tmp_path):
     rejects = storage.read_parquet_dir(layout.rejects_dir(
         str(tmp_path / "store" / "run"), "prepare")).to_pylist()
     assert {r["reason"] for r in rejects} == {"bad_json"} and len(rejects) == 2
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_mmeb_train_rows_are_read_beside_megapairs_triplets(tmp_path):
+    """MMEB-train's parquet form (the paper's second stage trains on it) in the same folder as
+    MegaPairs triplets: its image rows become triplets, the rows these families cannot train
+    (a text-only positive or query) are counted rejects by reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ann = write_toy_dataset(tmp_path / "toy", repeats=1)
+    toy = [json.loads(line) for line in ann.read_text().splitlines()]
+    q, t, neg = toy[0]["q_img"], toy[0]["t_img"], toy[0]["hns"][1]
+    img = "<|image_1|>\n"
+    rows = [
+        {"qry": f"{img}Find a red one", "qry_image_path": q, "pos_text": f"{img}Represent it",
+         "pos_image_path": t, "neg_text": "", "neg_image_path": neg},
+        {"qry": f"{img}Find a blue one", "qry_image_path": q, "pos_text": "",
+         "pos_image_path": t, "neg_text": "", "neg_image_path": ""},
+        {"qry": f"{img}Represent the image for classification", "qry_image_path": q,
+         "pos_text": "a square", "pos_image_path": "", "neg_text": "", "neg_image_path": ""},
+        {"qry": "Find an image of a square", "qry_image_path": "", "pos_text": img,
+         "pos_image_path": t, "neg_text": "", "neg_image_path": ""},
+        {"qry": f"{img}Find it", "qry_image_path": q, "pos_text": img,
+         "pos_image_path": "no/such.jpg", "neg_text": "", "neg_image_path": ""},
+    ]
+    (tmp_path / "toy" / "CIRR").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "toy" / "CIRR" / "original.parquet")
+    cfg = TrainConfig.model_validate(train_config(
+        str(tmp_path / "toy"), str(tmp_path / "store"), "run", data={"num_hard_negatives": 1}))
+    out, counts = data.prepare_data(cfg)
+    assert counts["rows"] == len(toy) + len(rows)
+    assert counts["usable"] == len(toy) + 2
+    assert counts["reject:text_target"] == 1 and counts["reject:text_query"] == 1
+    assert counts["reject:missing_image"] == 1
+    prepared = storage.read_parquet_dir(out).to_pylist()
+    mmeb = sorted((r for r in prepared if r["q_text"][0].startswith("Find a")),
+                  key=lambda r: r["q_text"][0])
+    # The placeholder is gone; hns[0] is the query image, as in the MegaPairs form.
+    assert [r["q_text"] for r in mmeb] == [["Find a blue one"], ["Find a red one"]]
+    assert [r["hns"] for r in mmeb] == [[q], [q, neg]]
+    assert all(r["q_img"] == q and r["t_img"] == t for r in mmeb)

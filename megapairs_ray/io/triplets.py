@@ -6,6 +6,10 @@ Images live in tar shards: the path ``images/00003/ab12.jpg`` is the member ``ab
 ``images/00003.tar``, so extracting each tar into a folder of its own name yields plain files at
 exactly the annotated paths. ``ImageStore`` reads either layout, local or s3://, and reads tar
 members by byte range from an index of the tar's headers — never the whole archive per image.
+
+MMEB's training sets (TIGER-Lab/MMEB-train: ``qry``, ``qry_image_path``, ``pos_text``,
+``pos_image_path``, and optionally ``neg_text``/``neg_image_path``) are read into the same form
+by ``from_mmeb_train``, as the paper's second stage trains on them beside MegaPairs triplets.
 """
 
 from __future__ import annotations
@@ -20,6 +24,44 @@ from megapairs_ray.io import storage
 from megapairs_ray.reasons import Reason
 
 TRIPLET_FIELDS = ("q_img", "q_text", "t_img", "hns")
+MMEB_TRAIN_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+# MMEB marks where a text's image goes with the Phi-3-V token; a CLIP-family retriever embeds the
+# image beside the text, so the token is removed and the rest used as given.
+IMAGE_PLACEHOLDER = "<|image_1|>"
+
+
+def without_placeholder(text: str) -> str:
+    """An MMEB text as a CLIP-family retriever embeds it: no image placeholder, trimmed."""
+    return text.replace(IMAGE_PLACEHOLDER, " ").strip()
+
+
+def is_mmeb_train(row: Mapping[str, Any]) -> bool:
+    # Parquet files of both forms read together share one schema, the other form's columns
+    # null: a row is MMEB's when it has a value in one of MMEB's own columns.
+    return any(row.get(f) is not None for f in MMEB_TRAIN_FIELDS)
+
+
+def from_mmeb_train(row: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """An MMEB-train row as a triplet record, or why it cannot train this project's families.
+
+    The query is its image and its text (placeholder removed); the target is the positive's
+    image; a negative image, where the row has one, is the one hard negative. The retriever
+    families here embed candidates as images, so a row whose positive is text only
+    (classification labels, VQA answers, image-to-text retrieval) and a row whose query has no
+    image (text-to-image retrieval) are counted rejects, by reason. The positive's own
+    instruction text is not used: candidates are embedded as images alone. As in the MegaPairs
+    form, ``hns[0]`` is the query image, so ``keep_query_negative`` means the same for both."""
+    for field in MMEB_TRAIN_FIELDS:
+        if row.get(field) is None:
+            return None, Reason.INVALID_RECORD
+    q_img, t_img = str(row["qry_image_path"]).strip(), str(row["pos_image_path"]).strip()
+    if not t_img:
+        return None, Reason.TEXT_TARGET
+    if not q_img:
+        return None, Reason.TEXT_QUERY
+    neg = str(row.get("neg_image_path") or "").strip()
+    return {"q_img": q_img, "q_text": [without_placeholder(str(row["qry"]))], "t_img": t_img,
+            "hns": [q_img, neg] if neg else [q_img]}, None
 
 
 def image_path(shard: str, name: str) -> str:

@@ -27,7 +27,9 @@ class TrainDataConfig(Strict):
 
     annotations: list[str] = Field(
         default_factory=list,
-        description="JSON-lines or parquet files, folders or globs; local or s3://.")
+        description="JSON-lines or parquet files, folders or globs; local or s3://. Rows in "
+                    "the MegaPairs form, or MMEB-train's (qry, qry_image_path, pos_text, "
+                    "pos_image_path[, neg_*]), in one run.")
     # A pipeline run directory (local or s3://): its images tables' (image, caption) pairs train
     # the text queries onto the images (alignment, docs/method.md §4 "Towers").
     captions_from: str | None = None

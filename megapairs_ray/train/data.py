@@ -38,7 +38,12 @@ from megapairs_ray.io.rejects import reject_row, write_rejects
 from megapairs_ray.io.runs import ingested_images
 from megapairs_ray.io.shards import LOCATION_COLUMNS, fetch_bytes_tolerant
 from megapairs_ray.io.stepstate import StepState, stored_fingerprint
-from megapairs_ray.io.triplets import ImageStore, triplet_problem
+from megapairs_ray.io.triplets import (
+    ImageStore,
+    from_mmeb_train,
+    is_mmeb_train,
+    triplet_problem,
+)
 from megapairs_ray.models.inputs import ModelInput
 from megapairs_ray.pixels import decode_cpu, to_model_input
 from megapairs_ray.reasons import Reason
@@ -140,6 +145,9 @@ class CheckTriplets:
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols: dict[str, list[Any]] = {f: [] for f in PREPARED_SCHEMA.names}
         for rec, reason, source in _rows_from_batch(batch):
+            if rec is not None and is_mmeb_train(rec):
+                rec, mmeb_reason = from_mmeb_train(rec)
+                reason = mmeb_reason or reason
             if rec is not None and self.split is not None:
                 reason = self._without_held_out(rec)
             if rec is not None and not reason:
@@ -204,7 +212,8 @@ def prepare_state(cfg: TrainConfig) -> StepState:
     # The form of the prepared folder: 2 holds usable rows only, the rejects apart in the one
     # reject shape (1 kept them inline with a reason column): a folder of the other form is
     # prepared again.
-    settings: dict[str, Any] = {"prepared.form": 2}
+    # Form 3: MMEB-train rows are read (they were rejects before).
+    settings: dict[str, Any] = {"prepared.form": 3}
     settings.update({f"data.{k}": v for k, v in _data_settings(cfg.data).items()})
     upstream: dict[str, str] = {}
     if cfg.data.captions_from:

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
+from megapairs_ray.io.triplets import without_placeholder
 from megapairs_ray.reasons import Reason
 
 META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
@@ -64,7 +65,6 @@ MMEB_DATASETS: dict[str, tuple[str, str]] = {
     **{d: ("Grounding", "OOD") for d in ("RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing")},
 }
 COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
-IMAGE_PLACEHOLDER = "<|image_1|>"
 METRIC = "P@1"
 # Row problems (counted per dataset; the row is not scored).
 NO_CANDIDATES = "no_candidates"
@@ -98,8 +98,7 @@ class Subset:
 def query_text(text: str) -> str | None:
     """The text a CLIP-family retriever embeds: the published text without its image
     placeholder; None when nothing is left."""
-    out = text.replace(IMAGE_PLACEHOLDER, " ").strip()
-    return out or None
+    return without_placeholder(text) or None
 
 
 def dataset_folders(root: str, names: Sequence[str] | None = None) -> list[str]:

@@ -204,8 +204,18 @@ def test_malformed_datasets_are_counted_and_named(tmp_path, checkpoint, ray_clus
     _write(root, "OK-VQA", rows)
     # A missing image: the rows that need it are not scored, the others are.
     (root / "eval_images" / data["NIGHTS"][0]["qry_img_path"]).unlink()
+    # Candidates that are not lists; a query with neither an image nor a text.
+    _write(root, "GQA", [{"qry_text": "q", "qry_img_path": "", "tgt_text": "a",
+                          "tgt_img_path": ""}])
+    _write(root, "TextVQA", [{"qry_text": IMG, "qry_img_path": "", "tgt_text": ["a", "b"],
+                              "tgt_img_path": ["", ""]},
+                             {"qry_text": "what?", "qry_img_path": "", "tgt_text": ["a", "b"],
+                              "tgt_img_path": ["", ""]}])
     report = run_mmeb(checkpoint, str(root), log=lambda *_: None)
     by_name = {r["benchmark"]: r for r in report["results"]}
+    assert by_name["GQA"]["problems"] == {"candidates_not_lists": 1}
+    assert by_name["TextVQA"]["queries"] == 1
+    assert by_name["TextVQA"]["problems"] == {"no_content_items": 1, "rows_not_scored": 1}
     viz = by_name["VizWiz"]
     assert viz["metrics"]["P@1"] is None and viz["queries"] == 0
     assert viz["problems"] == {"missing_columns": 1}

@@ -83,8 +83,12 @@ def _offline(g: dict) -> dict:
     by_path = {r["file_uri"]: r["image_id"] for t in tables for r in t.to_pylist()}
     paths = sorted(by_path)
     emb = Embedder(g["checkpoint"])
+    # The gallery job stores its vectors as float16 (the embed stage's form), so the service
+    # scores against those: up to ~1e-4 from float32 per value, as much as the tolerance the
+    # scores are compared with. The eval side is rounded the same way.
+    gallery = emb.images(paths).astype(np.float16).astype(np.float32)
     return {"embedder": emb, "paths": paths, "ids": [str(by_path[p]) for p in paths],
-            "gallery": emb.images(paths), "id_of": {p: str(i) for p, i in by_path.items()}}
+            "gallery": gallery, "id_of": {p: str(i) for p, i in by_path.items()}}
 
 
 def _b64(data: bytes) -> str:

@@ -67,7 +67,10 @@ def _upstream(cfg: GalleryConfig) -> dict[str, str]:
 
 def _settings(cfg: GalleryConfig) -> dict[str, Any]:
     """What decides the vectors and the index: a change discards both."""
+    # pixels.form 2: each family's own preprocessing (CLIP's is its released processor's,
+    # docs/method.md §4); vectors made before it are not mixed with a service's new queries.
     return {"checkpoint": resolve_checkpoint(cfg.checkpoint), "images": _root(cfg),
+            "pixels.form": 2,
             **output_settings(cfg.encoder, prefix="encoder."),
             **{f"index.{k}": v for k, v in cfg.index.build_fields().items()}}
 

@@ -69,6 +69,7 @@ METRIC = "P@1"
 # Row problems (counted per dataset; the row is not scored).
 NO_CANDIDATES = "no_candidates"
 CANDIDATES_MISMATCH = "candidate_lists_differ"
+CANDIDATES_NOT_LISTS = "candidates_not_lists"
 MISSING_COLUMNS = "missing_columns"  # the whole dataset
 
 
@@ -148,7 +149,10 @@ def read_subset(root: str, name: str, split: str = "test") -> Subset:
         for r in storage.read_parquet(uri, list(COLUMNS)).to_pylist():
             texts, paths = r["tgt_text"] or [], r["tgt_img_path"] or []
             where = f"{uri}: query {r['qry_text']!r:.80}"
-            if not texts and not paths:
+            if not isinstance(texts, list) or not isinstance(paths, list):
+                sub.problem(CANDIDATES_NOT_LISTS, f"{where} (tgt_text and tgt_img_path must be "
+                                                  "lists)")
+            elif not texts and not paths:
                 sub.problem(NO_CANDIDATES, where)
             elif len(texts) != len(paths):
                 sub.problem(CANDIDATES_MISMATCH, f"{where} ({len(texts)} texts, "
@@ -200,7 +204,7 @@ class MMEBEncoder:
         ok = [i for i in range(n) if not status[i] and (paths[i] or texts[i] is not None)]
         empty = [i for i in range(n) if not paths[i] and texts[i] is None]
         for i in empty:
-            status[i] = "empty_item: neither an image nor a text"
+            status[i] = "no_content: neither an image nor a text"
         if ok:
             vectors[ok] = self.encoder.queries_of_decoded(
                 [decoded.get(i) for i in ok], [texts[i] for i in ok])

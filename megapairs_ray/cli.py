@@ -392,7 +392,8 @@ def evaluate(
     out: Annotated[str | None, typer.Option(help="Write the report as JSON here.")] = None,
     gpus: Annotated[float, typer.Option(help="Run on a Ray cluster node with this many "
                                         "GPUs (0 and --cpus 0: in this process); MMEB: "
-                                        "each embedding actor's GPUs.")] = 0,
+                                        "each embedding actor's GPUs (with --device "
+                                        "cuda).")] = 0,
     cpus: Annotated[float, typer.Option(help="Run on a Ray cluster node with this many "
                                         "CPUs (0: 1 if --gpus is set); MMEB: each embedding "
                                         "actor's CPUs (0: 1).")] = 0,

@@ -25,9 +25,10 @@ the model is loaded once per actor for the whole run, not once per dataset. Each
 scored as soon as its last item is back and its result written to the work folder, so a rerun
 with the same checkpoint recomputes nothing finished.
 
-Problems with a dataset are counted and named, never a crash: a parquet without the columns
-(the dataset is skipped), a row without candidates or with candidate lists of different lengths,
-and an image that is missing or does not decode (each row that needs it is not scored).
+Problems with a dataset are counted and named, never a crash: a parquet that cannot be read or
+lacks the columns (the dataset is skipped); a row without candidates, or with candidate lists
+of different lengths; an image that is missing, unreadable or undecodable (each row that needs
+it is not scored).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from megapairs_ray.errors import MegapairsError
@@ -71,6 +73,7 @@ NO_CANDIDATES = "no_candidates"
 CANDIDATES_MISMATCH = "candidate_lists_differ"
 CANDIDATES_NOT_LISTS = "candidates_not_lists"
 MISSING_COLUMNS = "missing_columns"  # the whole dataset
+UNREADABLE_PARQUET = "unreadable_parquet"  # the whole dataset
 
 
 class MMEBError(MegapairsError, ValueError):
@@ -111,7 +114,10 @@ def dataset_folders(root: str, names: Sequence[str] | None = None) -> list[str]:
         if missing:
             raise MMEBError(f"no dataset folder {', '.join(missing)} under {root}")
         return list(names)
-    found = [d for d in present if storage.list_files(storage.join(root, d), ".parquet")]
+    # One level deep: a recursive listing would walk the unpacked images (every file of them).
+    fs, base = storage.filesystem(root)
+    found = [d for d in present
+             if fs.glob(f"{base.rstrip('/')}/{d}/*.parquet")]
     order = list(MMEB_DATASETS)
     found.sort(key=lambda d: (order.index(d) if d in order else len(order), d))
     if not found:
@@ -139,15 +145,26 @@ def read_subset(root: str, name: str, split: str = "test") -> Subset:
         return index[key]
 
     for uri in sorted(files):
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as f:
-            schema = pq.read_schema(f)
-        missing = [c for c in COLUMNS if c not in schema.names]
-        if missing:
+        try:
+            fs, path = storage.filesystem(uri)
+            with fs.open(path, "rb") as f:
+                schema = pq.read_schema(f)
+            missing = [c for c in COLUMNS if c not in schema.names]
+            table = None if missing else storage.read_parquet(uri, list(COLUMNS))
+        except (OSError, pa.ArrowException) as e:  # e.g. a Git LFS pointer, not the parquet
+            sub.problem(UNREADABLE_PARQUET, f"{uri}: {type(e).__name__}: {e}"[:300])
+            return Subset(name, problems=sub.problems, examples=sub.examples)
+        if table is None:
             sub.problem(MISSING_COLUMNS, f"{uri} has no {', '.join(missing)}")
             return Subset(name, problems=sub.problems, examples=sub.examples)
-        for r in storage.read_parquet(uri, list(COLUMNS)).to_pylist():
-            texts, paths = r["tgt_text"] or [], r["tgt_img_path"] or []
+        for r in table.to_pylist():
+            texts, paths = r["tgt_text"], r["tgt_img_path"]
+            # A null list beside a full one: text-only (or image-only) candidates.
+            if texts is None and isinstance(paths, list):
+                texts = [""] * len(paths)
+            if paths is None and isinstance(texts, list):
+                paths = [""] * len(texts)
+            texts, paths = texts or [], paths or []
             where = f"{uri}: query {r['qry_text']!r:.80}"
             if not isinstance(texts, list) or not isinstance(paths, list):
                 sub.problem(CANDIDATES_NOT_LISTS, f"{where} (tgt_text and tgt_img_path must be "
@@ -183,7 +200,7 @@ class MMEBEncoder:
         try:
             fs, p = storage.filesystem(storage.join(self.images_root, path))
             return fs.cat_file(p)
-        except (FileNotFoundError, IsADirectoryError) as e:
+        except OSError as e:  # missing, a folder, unreadable: that item's rows are not scored
             return e
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -197,7 +214,9 @@ class MMEBEncoder:
         decoded = dict(zip(readable, self.encoder.decode([raw[i] for i in readable])))
         for i in with_image:
             if isinstance(raw[i], Exception):
-                status[i] = f"{Reason.MISSING_IMAGE}: {paths[i]}"
+                reason = (Reason.MISSING_IMAGE if isinstance(raw[i], FileNotFoundError)
+                          else Reason.UNREADABLE_IMAGE)
+                status[i] = f"{reason}: {paths[i]}: {raw[i]}"[:300]
             elif isinstance(decoded[i], Exception):
                 status[i] = f"{Reason.DECODE_FAILED}: {paths[i]}: {decoded[i]}"[:300]
         vectors = np.zeros((n, self.encoder.dim), dtype=np.float32)

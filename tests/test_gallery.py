@@ -110,3 +110,17 @@ def test_gallery_config_needs_exactly_one_source(tmp_path):
     with pytest.raises(ConfigError, match="exactly one gallery source"):
         gallery_config(tmp_path / "g", "ckpt", images_from="runs/x",
                        input={"uris": ["data/corpus"]})
+
+
+def test_a_clip_gallery_records_its_pixels_form_and_a_towers_gallery_does_not(
+        retriever_gallery, towers_gallery):
+    """CLIP's pixels changed to the released processor's (pixels.form 2): a CLIP gallery built
+    before lacks the setting, so its next build embeds again; the towers' pixels did not change,
+    so their galleries keep their books."""
+    from megapairs_ray.models.family import CLIP_PIXELS_FORM
+    from megapairs_ray.serve.gallery import read_gallery
+
+    clip = read_gallery(retriever_gallery["gallery_dir"])["settings"]
+    towers = read_gallery(towers_gallery["gallery_dir"])["settings"]
+    assert clip["pixels.form"] == CLIP_PIXELS_FORM
+    assert "pixels.form" not in towers

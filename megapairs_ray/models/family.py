@@ -61,6 +61,23 @@ def checkpoint_family(path: str) -> str:
     return MODEL_TYPES[model_type]
 
 
+def family_of(uri: str) -> str:
+    """The family of a checkpoint anywhere (a local folder, s3://, a hub id), read from its
+    ``config.json`` without loading it; a hub id or an unknown type is taken for CLIP, as
+    ``checkpoint_family`` takes it (loading the checkpoint names any real problem)."""
+    config = storage.join(uri, "config.json")
+    if not storage.exists(config):
+        return "clip"
+    doc = storage.read_json(config)
+    return MODEL_TYPES.get(doc.get("model_type") if isinstance(doc, dict) else None, "clip")
+
+
+# The CLIP family's pixels: 2 since they are the released processor's (docs/method.md §4). A
+# gallery records it, so one embedded with the earlier pixels is embedded again, and a service
+# started on an old one says so.
+CLIP_PIXELS_FORM = 2
+
+
 def load_retriever(path: str) -> Any:
     """The retriever a local checkpoint folder (or hub id) holds, whichever its family."""
     if checkpoint_family(path) == "towers":

@@ -25,6 +25,7 @@ from megapairs_ray.config import InputConfig, output_settings
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.runs import ingested_images, ingested_tables
 from megapairs_ray.io.stepstate import stored_fingerprint
+from megapairs_ray.models.family import CLIP_PIXELS_FORM, family_of
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.pipeline.embed import clear_partial, count_until_done
 from megapairs_ray.pipeline.engine import Stage, StageRun, run_stage
@@ -67,10 +68,11 @@ def _upstream(cfg: GalleryConfig) -> dict[str, str]:
 
 def _settings(cfg: GalleryConfig) -> dict[str, Any]:
     """What decides the vectors and the index: a change discards both."""
-    # pixels.form 2: each family's own preprocessing (CLIP's is its released processor's,
-    # docs/method.md §4); vectors made before it are not mixed with a service's new queries.
-    return {"checkpoint": resolve_checkpoint(cfg.checkpoint), "images": _root(cfg),
-            "pixels.form": 2,
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    # CLIP's pixels changed to the released processor's: its vectors made before are not
+    # mixed with a service's new queries. The towers' pixels did not change.
+    pixels = ({"pixels.form": CLIP_PIXELS_FORM} if family_of(checkpoint) == "clip" else {})
+    return {"checkpoint": checkpoint, "images": _root(cfg), **pixels,
             **output_settings(cfg.encoder, prefix="encoder."),
             **{f"index.{k}": v for k, v in cfg.index.build_fields().items()}}
 

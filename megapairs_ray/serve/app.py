@@ -33,6 +33,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from megapairs_ray.models.family import CLIP_PIXELS_FORM, family_of
 from megapairs_ray.serve import engine
 from megapairs_ray.serve.api import ApiError, Query, SearchCall, create_api
 from megapairs_ray.serve.config import SearchSection, ServeAppConfig, app_config
@@ -201,6 +202,12 @@ def build_app(args: dict[str, Any]) -> Any:
     cfg = app_config(args)
     gallery = read_gallery(cfg.gallery_dir)
     checkpoint = cfg.checkpoint or gallery["checkpoint"]
+    if (family_of(checkpoint) == "clip"
+            and gallery.get("settings", {}).get("pixels.form") != CLIP_PIXELS_FORM):
+        log.warning("gallery %s was embedded with CLIP pixels older than the released "
+                    "processor's (docs/method.md §4): its vectors and this service's queries "
+                    "differ slightly; rebuild it with `megapairs gallery -c CONFIG`",
+                    cfg.gallery_dir)
     if choose_layout(cfg, checkpoint) == "colocated":
         return Colocated.options(**cfg.colocated.options()).bind(
             checkpoint, cfg.model_dump(mode="json"))

@@ -30,3 +30,25 @@ def test_postprocess_tells_truncation_from_a_missing_list(tmp_path_factory):
     assert ok["reject_reason"] == "" and ok["instructions"][2] == "A red one."
     schema = instructions_schema(cfg)
     assert schema["minItems"] == 3 and schema["items"]["maxLength"] == 300
+
+
+def test_the_engine_stage_leaves_the_jobs_own_env_vars_to_the_job():
+    """``ray.data.llm`` hands the stage's runtime env to the driver's ``ray.init``, and Ray
+    refuses a driver env naming a variable the job's runtime env names (found by the cluster
+    soak: a job submitted with HF_HUB_OFFLINE failed at describe). Such a variable is left to
+    the job when both agree, and is one line naming both when they do not."""
+    import pytest
+
+    from megapairs_ray.cli import is_internal_fault
+    from megapairs_ray.synth.llm import RuntimeEnvConflict, stage_runtime_env
+
+    cfg = InstructConfig(model="x", env_vars={"HF_HUB_OFFLINE": "1",
+                                              "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert stage_runtime_env(cfg, {}) == {"env_vars": dict(cfg.env_vars)}
+    assert stage_runtime_env(cfg, {"HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL": "x"}) == {
+        "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    assert stage_runtime_env(cfg, dict(cfg.env_vars)) is None
+    with pytest.raises(RuntimeEnvConflict) as e:
+        stage_runtime_env(cfg, {"VLLM_CPU_KVCACHE_SPACE": "4"})
+    assert "instruct.env_vars.VLLM_CPU_KVCACHE_SPACE" in str(e.value)
+    assert "\n" not in str(e.value) and not is_internal_fault(e.value)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from megapairs_ray.config import LLMStageConfig
+from megapairs_ray.errors import MegapairsError
 
 Row = dict[str, Any]
 RowFn = Callable[[Row], Row]
@@ -215,6 +216,40 @@ def offline_batch_defaults(cfg: LLMStageConfig) -> dict[str, int]:
             "max_num_batched_tokens": 4096 * cfg.tensor_parallel_size}
 
 
+class RuntimeEnvConflict(MegapairsError, ValueError):
+    """A step's ``env_vars`` and the job's runtime env set one variable to two values."""
+
+
+def stage_runtime_env(cfg: LLMStageConfig, job_env_vars: dict[str, str],
+                      ) -> dict[str, Any] | None:
+    """The engine stage's runtime env: the section's ``env_vars`` less those the job's own
+    runtime env already sets (``ray job submit --runtime-env-json``).
+
+    ``ray.data.llm`` passes the stage's runtime env to ``ray.init`` in the driver, and Ray
+    refuses to merge a job's runtime env with a driver's that names the same variable, even with
+    the same value ("Failed to merge the Job's runtime env"): the step failed with a traceback
+    naming neither. The job's value already reaches every actor of the job, so a variable both
+    set alike is left to the job; set to different values, it is one line naming both."""
+    section = type(cfg).__name__.removesuffix("Config").lower()
+    clash = sorted(k for k, v in cfg.env_vars.items()
+                   if k in job_env_vars and str(job_env_vars[k]) != str(v))
+    if clash:
+        k = clash[0]
+        raise RuntimeEnvConflict(
+            f"{section}.env_vars.{k} is {cfg.env_vars[k]!r} but the job's runtime env sets "
+            f"{k}={job_env_vars[k]!r}: set it in one place")
+    env = {k: v for k, v in cfg.env_vars.items() if k not in job_env_vars}
+    return {"env_vars": env} if env else None
+
+
+def _job_env_vars() -> dict[str, str]:
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    return dict(ray.get_runtime_context().runtime_env.get("env_vars") or {})
+
+
 def build_llm_processor(cfg: LLMStageConfig, preprocess: RowFn, postprocess: RowFn,
                         engine_kwargs: dict[str, Any] | None = None) -> Any:
     """A ``ray.data.llm`` processor: preprocess and chat template (``render_row``) → vLLM →
@@ -240,7 +275,7 @@ def build_llm_processor(cfg: LLMStageConfig, preprocess: RowFn, postprocess: Row
         chat_template_stage={"enabled": False},
         tokenize_stage=False, detokenize_stage=False,
         placement_group_config={"bundle_per_worker": bundle},
-        runtime_env={"env_vars": dict(cfg.env_vars)} if cfg.env_vars else None)
+        runtime_env=stage_runtime_env(cfg, _job_env_vars()))
     return build_processor(
         config, preprocess=partial(_prepare, preprocess=preprocess, path=path,
                                    trust_remote_code=bool(kwargs.get("trust_remote_code"))),

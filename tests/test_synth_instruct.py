@@ -52,3 +52,17 @@ def test_the_engine_stage_leaves_the_jobs_own_env_vars_to_the_job():
         stage_runtime_env(cfg, {"VLLM_CPU_KVCACHE_SPACE": "4"})
     assert "instruct.env_vars.VLLM_CPU_KVCACHE_SPACE" in str(e.value)
     assert "\n" not in str(e.value) and not is_internal_fault(e.value)
+
+
+def test_a_tiny_models_path_is_absolute_for_the_processes_that_load_it(tmp_path, monkeypatch):
+    """Engine actors and preprocessing tasks have working directories of their own under
+    ``ray job submit``: a relative tiny-model folder was found by none of them."""
+    from pathlib import Path
+
+    from megapairs_ray.synth.llm import model_path
+
+    monkeypatch.chdir(tmp_path)
+    path = model_path(InstructConfig(model="tiny-random-llama", tiny_model_dir="models/llm"))
+    assert Path(path).is_absolute() and Path(path) == (tmp_path / "models" / "llm").resolve()
+    assert (Path(path) / "config.json").is_file()
+    assert model_path(InstructConfig(model="org/some-llm")) == "org/some-llm"  # hub ids as given

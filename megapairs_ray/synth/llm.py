@@ -44,7 +44,12 @@ IMAGE_PLACEHOLDERS = {
 
 
 def model_path(cfg: LLMStageConfig) -> str:
-    """The engine's model: an HF id or folder as given, or a tiny model built on first use."""
+    """The engine's model: an HF id or folder as given, or a tiny model built on first use.
+
+    A built model's path is absolute: the engine actors and the preprocessing tasks run in
+    other processes, which under ``ray job submit`` have working directories of their own (a
+    relative ``.cache/...`` was found by none of them; the cluster soak found it). Their node
+    must read that folder: on a cluster of several machines, a shared path."""
     from megapairs_ray.synth import tiny_models
 
     builders = {"tiny-random-llama": tiny_models.build_tiny_llm,
@@ -52,7 +57,7 @@ def model_path(cfg: LLMStageConfig) -> str:
                 "tiny-random-internvl2": tiny_models.build_tiny_internvl2,
                 "tiny-random-llama3": tiny_models.build_tiny_llama3}
     if cfg.model in builders:
-        return str(builders[cfg.model](cfg.tiny_model_dir))
+        return str(Path(builders[cfg.model](cfg.tiny_model_dir)).resolve())
     return cfg.model
 
 

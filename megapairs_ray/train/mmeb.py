@@ -309,11 +309,18 @@ def score_subset(sub: Subset, vectors: np.ndarray, status: Sequence[str]) -> dic
         sub.problems["rows_not_scored"] += len(sub.queries) - len(keep)
     hits = precision_at_1(vectors, [sub.queries[r] for r in keep],
                           [sub.candidates[r] for r in keep])
+    return result_of(sub, len(keep), 100.0 * float(np.mean(hits)) if hits else None,
+                     gallery=len(sub.items))
+
+
+def result_of(sub: Subset, scored_rows: int = 0, p1: float | None = None, gallery: int = 0,
+              ) -> dict[str, Any]:
+    """A dataset's result in the eval report's form, with its problems."""
     meta, dist = MMEB_DATASETS.get(sub.name, ("other", "other"))
     return {"benchmark": sub.name, "meta_task": meta, "distribution": dist,
-            "queries": len(keep), "gallery": len(sub.items),
-            "metrics": {METRIC: 100.0 * float(np.mean(hits)) if hits else None},
-            "problems": dict(sub.problems), "problem_examples": dict(sub.examples)}
+            "queries": scored_rows, "gallery": gallery,
+            "metrics": {METRIC: p1}, "problems": dict(sub.problems),
+            "problem_examples": dict(sub.examples)}
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -332,13 +339,6 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- the runner
-
-
-def _unscored(sub: Subset) -> dict[str, Any]:
-    meta, dist = MMEB_DATASETS.get(sub.name, ("other", "other"))
-    return {"benchmark": sub.name, "meta_task": meta, "distribution": dist, "queries": 0,
-            "gallery": 0, "metrics": {METRIC: None}, "problems": dict(sub.problems),
-            "problem_examples": dict(sub.examples)}
 
 
 def run_mmeb(checkpoint: str, root: str, images: str | None = None, split: str = "test",
@@ -363,7 +363,7 @@ def run_mmeb(checkpoint: str, root: str, images: str | None = None, split: str =
         if sub.queries:
             todo.append(sub)
         else:
-            results[name] = _unscored(sub)
+            results[name] = result_of(sub)
     # Written as each dataset finishes, so a run stopped midway keeps what it finished. A
     # dataset with nothing scored is not kept: a rerun reads it again (it may have been fixed).
     for sub, vectors, status in (embed_items(todo, checkpoint, images_root, enc) if todo

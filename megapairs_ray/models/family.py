@@ -7,7 +7,10 @@ they hold. A checkpoint says its own family in its ``config.json``, as ``transfo
 
 - ``clip``: ``model_type: clip``, a Hugging Face ``CLIPModel`` folder (OpenAI CLIP, BGE-VL-base /
   large, MMRet-CLIP, what this project trains on CLIP) or a hub id;
-- ``towers``: ``model_type: megapairs_towers`` (``models/towers.py``).
+- ``towers``: ``model_type: megapairs_towers`` (``models/towers.py``);
+- ``mllm``: ``model_type: llava_next`` (a released BGE-VL-MLLM, a twin), or a ``peft`` adapter
+  folder written by this project's training, which carries ``mmret_mllm.json``
+  (``models/mllm.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from typing import Any
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 
-FAMILIES = ("clip", "towers")
-MODEL_TYPES = {"clip": "clip", "megapairs_towers": "towers"}
+FAMILIES = ("clip", "towers", "mllm")
+MODEL_TYPES = {"clip": "clip", "megapairs_towers": "towers", "llava_next": "mllm"}
+# The mllm family's own settings: in every checkpoint it writes, adapter-only ones included
+# (those have no config.json).
+MLLM_SETTINGS = "mmret_mllm.json"
 
 
 def register_with_transformers() -> None:
@@ -44,8 +50,10 @@ class UnknownFamily(MegapairsError, ValueError):
 
 
 def checkpoint_family(path: str) -> str:
-    """``clip`` or ``towers`` for a local checkpoint folder; a hub id is taken for CLIP (the
-    released retrievers are), and ``transformers`` names it in its own error if it is not."""
+    """The family of a local checkpoint folder; a hub id is taken for CLIP (the released
+    CLIP retrievers are), and ``transformers`` names it in its own error if it is not."""
+    if (Path(path) / MLLM_SETTINGS).is_file():
+        return "mllm"
     config = Path(path) / "config.json"
     if not config.is_file():
         if storage.is_remote(path) or Path(path).exists():
@@ -65,6 +73,8 @@ def family_of(uri: str) -> str:
     """The family of a checkpoint anywhere (a local folder, s3://, a hub id), read from its
     ``config.json`` without loading it; a hub id or an unknown type is taken for CLIP, as
     ``checkpoint_family`` takes it (loading the checkpoint names any real problem)."""
+    if storage.exists(storage.join(uri, MLLM_SETTINGS)):
+        return "mllm"
     config = storage.join(uri, "config.json")
     if not storage.exists(config):
         return "clip"
@@ -78,12 +88,18 @@ def family_of(uri: str) -> str:
 CLIP_PIXELS_FORM = 2
 
 
-def load_retriever(path: str) -> Any:
-    """The retriever a local checkpoint folder (or hub id) holds, whichever its family."""
-    if checkpoint_family(path) == "towers":
+def load_retriever(path: str, trainable: bool = False) -> Any:
+    """The retriever a local checkpoint folder (or hub id) holds, whichever its family.
+    ``trainable``: an mllm LoRA adapter stays an adapter, to train on (resume)."""
+    family = checkpoint_family(path)
+    if family == "towers":
         from megapairs_ray.models.towers import MMRetTowers
 
         return MMRetTowers.from_pretrained(path)
+    if family == "mllm":
+        from megapairs_ray.models.mllm import MMRetMLLM
+
+        return MMRetMLLM.from_pretrained(path, trainable=trainable)
     from megapairs_ray.models.mmret import MMRetCLIP
 
     return MMRetCLIP.from_pretrained(path)

@@ -103,9 +103,14 @@ class Retriever(nn.Module):
 
     def forward(self, query_pixels: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None, candidate_pixels: torch.Tensor,
-                image_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                image_keys: torch.Tensor | None = None, part: str = "both") -> Any:
         """One training step's embeddings (``compose``); going through ``forward`` is what
-        lets DDP synchronise gradients."""
+        lets DDP synchronise gradients. ``part``: only the queries, or only the candidates
+        (GradCache embeds them in chunks of their own, without the feature cache)."""
+        if part == "queries":
+            return fuse_queries(self, query_pixels, input_ids, attention_mask)
+        if part == "candidates":
+            return self.embed_candidates(candidate_pixels)
         return compose(self, query_pixels, input_ids, attention_mask, candidate_pixels,
                        image_keys)
 

@@ -4,7 +4,8 @@ consumer uses it.
 ``megapairs eval`` (benchmark galleries and queries), the gallery job (candidate embeddings) and
 the query-encoder deployment of the service all embed through this one class, so a served
 ranking is the offline ranking: same decode, same preprocessing, same tokenisation, same
-composition (``normalize(proj_image + proj_text)``, docs/method.md §4).
+composition (``normalize(proj_image + proj_text)``, docs/method.md §4; the mllm family embeds
+each query as one prompt instead).
 
 Images arrive as encoded bytes. They are decoded whole (no reduced-scale JPEG decoding): the
 protocol's pixels, not a faster approximation of them. A batch may mix composed, image-only and
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import storage
 from megapairs_ray.models.family import load_retriever
+from megapairs_ray.models.inputs import tokenize_queries
 from megapairs_ray.pixels import decode_cpu, to_model_input
 
 # Where an s3 checkpoint is copied to be loaded, once per node.
@@ -93,6 +95,7 @@ class RetrieverEncoder:
         self.model = load_retriever(checkpoint).eval().to(self.device, self.dtype)
         self.tokenizer = load_tokenizer(checkpoint)
         model_input = self.model.model_input
+        self.model_input = model_input
         self.max_len = model_input.max_text_len
         self.dim = self.model.dim
         # The family's own preprocessing (models/inputs.py): for CLIP checkpoints, the released
@@ -177,6 +180,13 @@ class RetrieverEncoder:
         missing = sorted(set(range(n)) - set(with_image) - set(with_text))
         if missing:
             raise ValueError(f"query {missing[0]} has neither an image nor a text")
+        if self.model_input.query_formats is not None:  # one prompt per query (mllm)
+            has_image = set(with_image)
+            ids_np, mask_np = tokenize_queries(self.tokenizer, self.model_input, texts,
+                                               [i in has_image for i in range(n)])
+            ids = torch.from_numpy(ids_np).to(self.device)
+            mask = torch.from_numpy(mask_np).to(self.device)
+            return self.model.embed_queries(px, ids, mask).float().cpu().numpy()
         total = torch.zeros((n, self.dim), dtype=torch.float32, device=self.device)
         if px is not None:
             total[with_image] += self.model.image_features(px).float()

@@ -13,8 +13,10 @@ from __future__ import annotations
 import gzip
 import json
 import tempfile
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerBase
 
@@ -53,3 +55,35 @@ def _openai_clip_bpe() -> PreTrainedTokenizerBase:
         (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
         return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt",
                              pad_token="<|endoftext|>")
+
+
+def bpe_tokenizer(texts: Sequence[str], vocab_size: int, chat_template: str,
+                  extra_specials: tuple[str, ...] = (),
+                  specials: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>"),
+                  unk: str | None = "<unk>", bos: str = "<s>", eos: str = "</s>",
+                  pad: str | None = "<pad>", add_bos: bool = False) -> Any:
+    """A byte-level BPE trained here on ``texts`` (no hub download), for the tiny random twins:
+    any text tokenizes (the byte alphabet), the words it was trained on in few tokens.
+    ``add_bos``: the tokenizer puts ``bos`` before every text it encodes, as Llama's, Mistral's
+    and InternLM2's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=[*specials, *extra_specials],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tok.token_to_id(bos))])
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token=unk, bos_token=bos, eos_token=eos,
+        pad_token=pad, extra_special_tokens=list(extra_specials) or None)
+    hf_tok.chat_template = chat_template
+    return hf_tok
+
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from megapairs_ray.models.tokenizer import bpe_tokenizer
 from megapairs_ray.synth.prompts import DESCRIBE_INSTRUCTION, INSTRUCT_HEADER, demonstration_pool
 
 # Enough to give a byte-level BPE the prompts' vocabulary.
@@ -44,27 +45,9 @@ def _tokenizer(vocab_size: int, chat_template: str, extra_specials: tuple[str, .
                specials: tuple[str, ...] = tuple(_SPECIALS), unk: str | None = "<unk>",
                bos: str = "<s>", eos: str = "</s>", pad: str | None = "<pad>",
                add_bos: bool = False) -> Any:
-    """A byte-level BPE trained here on the prompts' own words (no hub download). ``add_bos``:
-    the tokenizer puts ``bos`` before every text it encodes, as Llama 3's and InternLM2's do."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
-                                  special_tokens=[*specials, *extra_specials],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_training_text(), trainer)
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, tok.token_to_id(bos))])
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token=unk, bos_token=bos, eos_token=eos,
-        pad_token=pad, extra_special_tokens=list(extra_specials) or None)
-    hf_tok.chat_template = chat_template
-    return hf_tok
+    """A byte-level BPE trained here on the prompts' own words (``tokenizer.bpe_tokenizer``)."""
+    return bpe_tokenizer(_training_text(), vocab_size, chat_template, extra_specials,
+                         specials=specials, unk=unk, bos=bos, eos=eos, pad=pad, add_bos=add_bos)
 
 
 def build_tiny_llm(out: str | Path, vocab_size: int = 1024, hidden: int = 64, layers: int = 2,

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from megapairs_ray.config import RayConfig, Strict
+from megapairs_ray.models import mllm
 
 
 class HeldOutSplit(Strict):
@@ -76,16 +77,58 @@ class TowersSpec(Strict):
     projection_dim: int = Field(default=256, gt=0)
 
 
+class LoraSpec(Strict):
+    """The ``mllm`` family's LoRA (``peft``) on the language model. The paper's MMRet-MLLM
+    trains r = 32; alpha and dropout are VLM2Vec's LLaVA-NeXT recipe's."""
+
+    r: int = Field(default=32, gt=0)
+    alpha: int = Field(default=64, gt=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    # A regex over module names (peft's form), or a list of module-name suffixes.
+    target_modules: str | list[str] = mllm.DEFAULT_LORA_TARGETS
+
+
+class MLLMPromptSpec(Strict):
+    """The prompts (``models/mllm.py``); the defaults are the released BGE-VL-MLLM's."""
+
+    query: str = mllm.RELEASED_QUERY
+    text_query: str = mllm.RELEASED_TEXT_QUERY
+    image_query: str = mllm.RELEASED_IMAGE_QUERY
+    candidate: str = mllm.RELEASED_CANDIDATE
+    instruction: str = mllm.RELEASED_INSTRUCTION
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> MLLMPromptSpec:
+        mllm.MLLMPrompts(**self.model_dump()).check()
+        return self
+
+
+class MLLMSpec(Strict):
+    """The ``mllm`` family's settings for a LLaVA-NeXT ``model.init`` that carries none of its
+    own (a released checkpoint); a checkpoint this project wrote keeps its own."""
+
+    prompts: MLLMPromptSpec = MLLMPromptSpec()
+    image_size: int = Field(default=mllm.RELEASED_IMAGE_SIZE, ge=28)
+    max_text_len: int = Field(default=3072, gt=0)
+    lora: LoraSpec = LoraSpec()
+
+    def settings(self) -> mllm.MLLMSettings:
+        return mllm.MLLMSettings(prompts=mllm.MLLMPrompts(**self.prompts.model_dump()),
+                                 image_size=self.image_size, max_text_len=self.max_text_len)
+
+
 class TrainModelConfig(Strict):
     # A checkpoint of any family (its config.json says which): an HF CLIP folder or hub id
     # (openai/clip-vit-base-patch16, BAAI/BGE-VL-base), a towers checkpoint, or a previous
     # `megapairs train` run folder (its last checkpoint). Null builds a new model of ``family``.
     init: str | None = None
-    family: Literal["clip", "towers"] = "clip"
+    family: Literal["clip", "towers", "mllm"] = "clip"
     # clip with init null: the random-initialised CLIP to build.
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     # towers with init null: the pretrained towers to put projections on.
     towers: TowersSpec = TowersSpec()
+    # mllm: prompts, image size and LoRA (model.init must be a LLaVA-NeXT).
+    mllm: MLLMSpec = MLLMSpec()
     # What trains: the image tower or not, and the top N layers of the text tower (null: all).
     freeze_image_tower: bool = False
     text_layers_trained: int | None = Field(default=None, ge=0)
@@ -95,6 +138,14 @@ class TrainModelConfig(Strict):
     # A folder with tokenizer files; default: the checkpoint's own, else the family's (CLIP:
     # OpenAI's BPE; towers: the text tower's).
     tokenizer: str | None = None
+
+    @model_validator(mode="after")
+    def _mllm_needs_a_backbone(self) -> TrainModelConfig:
+        if self.init is None and self.family == "mllm":
+            raise ValueError("model.family is mllm, so model.init must name a LLaVA-NeXT "
+                             "checkpoint (a released BGE-VL-MLLM, llava-v1.6-mistral-7b-hf, a "
+                             "twin)")
+        return self
 
     @model_validator(mode="after")
     def _random_needs_a_config(self) -> TrainModelConfig:
@@ -121,6 +172,11 @@ class OptimConfig(Strict):
     # Recompute activations in the backward pass: about a third more compute for several
     # times the batch per GPU (the paper's 256 queries x 6 images per GPU need it).
     gradient_checkpointing: bool = False
+    # GradCache: embed the micro-batch's queries and candidates this many at a time, first
+    # without a graph, then again chunk by chunk with the loss's gradients: the contrastive
+    # batch (batch_size, and every worker's candidates) no longer has to fit in memory at once,
+    # for the price of a second forward pass. Null: one pass over the whole micro-batch.
+    grad_cache_chunk: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> OptimConfig:

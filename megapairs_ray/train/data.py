@@ -44,7 +44,7 @@ from megapairs_ray.io.triplets import (
     is_mmeb_train,
     triplet_problem,
 )
-from megapairs_ray.models.inputs import ModelInput
+from megapairs_ray.models.inputs import ModelInput, tokenize_queries
 from megapairs_ray.pixels import decode_cpu, to_model_input
 from megapairs_ray.reasons import Reason
 from megapairs_ray.train.config import HeldOutSplit, TrainConfig, TrainDataConfig
@@ -458,15 +458,15 @@ class TripletLoader:
                  .round_().to(torch.uint8).numpy() if needed else
                  np.zeros((0, 3, self.input.image_size, self.input.image_size), np.uint8))
         s, h = self.input.image_size, self.data.num_hard_negatives
-        tok = self.tokenizer([texts[i] for i in keep], padding="max_length", truncation=True,
-                             max_length=self.input.max_text_len, return_tensors="np")
+        ids, mask = tokenize_queries(self.tokenizer, self.input, [texts[i] for i in keep],
+                                     [True] * len(keep))
         return {
             "query_pixels": stack[[slot[per_row[i][0]] for i in keep]].reshape(-1, 3, s, s),
             "target_pixels": stack[[slot[per_row[i][1]] for i in keep]].reshape(-1, 3, s, s),
             "negative_pixels": stack[[slot[p] for i in keep for p in per_row[i][2:]]]
             .reshape(len(keep), h, 3, s, s),
-            "input_ids": tok["input_ids"].astype(np.int64),
-            "attention_mask": tok["attention_mask"].astype(np.int64),
+            "input_ids": ids,
+            "attention_mask": mask,
             # Each image's name as a stable 64-bit key (a frozen tower's feature cache).
             "query_keys": image_ids("", [per_row[i][0] for i in keep]),
             "target_keys": image_ids("", [per_row[i][1] for i in keep]),
@@ -508,13 +508,11 @@ class CaptionLoader:
         s = self.input.image_size
         pixels = (to_model_input([decoded[i] for i in keep], self.spec, torch.float32)  # type: ignore[misc]
                   .round_().to(torch.uint8).numpy() if keep else np.zeros((0, 3, s, s), np.uint8))
-        tok = self.tokenizer([str(batch["caption"][i]) for i in keep], padding="max_length",
-                             truncation=True, max_length=self.input.max_text_len,
-                             return_tensors="np")
+        ids, mask = tokenize_queries(self.tokenizer, self.input,
+                                     [str(batch["caption"][i]) for i in keep], [False] * len(keep))
         return {"target_pixels": pixels,
                 "target_keys": np.asarray(batch["image_id"], np.int64)[keep],
-                "input_ids": tok["input_ids"].astype(np.int64),
-                "attention_mask": tok["attention_mask"].astype(np.int64)}
+                "input_ids": ids, "attention_mask": mask}
 
 
 def training_dataset(cfg: TrainConfig, prepared: str, model_input: ModelInput,

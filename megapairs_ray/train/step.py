@@ -6,11 +6,19 @@ pixels on the device, runs query and candidate images through the image tower in
 the gathered InfoNCE loss and back-propagates (an alignment batch of captions and their images:
 text-only queries and the symmetric loss, images to captions too); every ``grad_accum_steps``
 calls it clips, steps AdamW and the linear warm-up/decay schedule.
+
+With ``optim.grad_cache_chunk`` the micro-batch goes through GradCache (Gao et al., 2021)
+instead: every query and candidate is embedded in chunks without a graph, the loss (gathered
+across workers as ever) gives the gradient of each embedding, and each chunk is embedded again
+with its graph and back-propagated from that gradient. The parameters' gradients are the
+one-pass step's (a test checks it); memory holds one chunk's activations, not the batch's.
+Each chunk's random state is replayed in its second pass, so dropout masks match.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -41,6 +49,7 @@ class TrainStep:
                  rank: int = 0, world_size: int = 1) -> None:
         self.model, self.optim, self.h = model, optim, num_hard_negatives
         self.rank, self.world = rank, world_size
+        self.device = device
         self.mean = torch.tensor(model_input.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(model_input.std, device=device).view(1, 3, 1, 1)
         trainable = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
@@ -80,19 +89,16 @@ class TrainStep:
         if "target_keys" in batch:  # names of the images, for a frozen tower's feature cache
             keys = batch["target_keys"] if aligning else torch.cat([
                 batch["query_keys"], batch["target_keys"], batch["negative_keys"].flatten()])
-        with sync:
-            with self.autocast:
-                queries, candidates = self.model(q_px, batch["input_ids"],
-                                                 batch["attention_mask"], c_px, keys)
-            (b, d), h = queries.shape, 0 if aligning else self.h
-            queries, candidates = queries.float(), candidates.float()
-            loss = mmret_loss(queries, candidates[:b], candidates[b:].view(b, h, d),
-                              self.optim.temperature, rank=self.rank, world_size=self.world)
-            if aligning:  # symmetric, as CLIP and LiT train: images also find their captions
-                loss = (loss + mmret_loss(candidates, queries, queries[:0].view(b, 0, d),
-                                          self.optim.temperature, rank=self.rank,
-                                          world_size=self.world)) / 2
-            (loss / self.optim.grad_accum_steps).backward()
+        if self.optim.grad_cache_chunk:
+            loss = self._grad_cache(q_px, batch["input_ids"], batch["attention_mask"], c_px,
+                                    aligning, last_micro)
+        else:
+            with sync:
+                with self.autocast:
+                    queries, candidates = self.model(q_px, batch["input_ids"],
+                                                     batch["attention_mask"], c_px, keys)
+                loss = self._loss(queries.float(), candidates.float(), aligning)
+                (loss / self.optim.grad_accum_steps).backward()
         self._loss_sum += loss.detach()
         self._micro += 1
         if not last_micro:
@@ -107,6 +113,57 @@ class TrainStep:
         self._loss_sum = 0.0
         return mean_loss  # type: ignore[return-value]
 
+    def _loss(self, queries: torch.Tensor, candidates: torch.Tensor, aligning: bool
+              ) -> torch.Tensor:
+        (b, d), h = queries.shape, 0 if aligning else self.h
+        loss = mmret_loss(queries, candidates[:b], candidates[b:].view(b, h, d),
+                          self.optim.temperature, rank=self.rank, world_size=self.world)
+        if aligning:  # symmetric, as CLIP and LiT train: images also find their captions
+            loss = (loss + mmret_loss(candidates, queries, queries[:0].view(b, 0, d),
+                                      self.optim.temperature, rank=self.rank,
+                                      world_size=self.world)) / 2
+        return loss
+
+    def _grad_cache(self, q_px: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor,
+                    c_px: torch.Tensor, aligning: bool, last_micro: bool) -> torch.Tensor:
+        """One micro-batch by GradCache (module docstring); returns its loss."""
+        n = self.optim.grad_cache_chunk or len(ids)
+        q_chunks = [(None if q_px is None else q_px[i : i + n], ids[i : i + n], mask[i : i + n])
+                    for i in range(0, len(ids), n)]
+        c_chunks = [c_px[i : i + n] for i in range(0, len(c_px), n)]
+
+        def embed(chunk: Any, queries: bool) -> torch.Tensor:
+            with self.autocast:
+                if queries:
+                    out = self.model(chunk[0], chunk[1], chunk[2], None, part="queries")
+                else:
+                    out = self.model(None, ids[:0], None, chunk, part="candidates")
+            return out.float()
+
+        # 1. Every embedding without a graph, each chunk's random state kept for its replay.
+        states, reps = [], []
+        with torch.no_grad():
+            for chunk, is_query in [(c, True) for c in q_chunks] + [(c, False) for c in c_chunks]:
+                states.append(_RandomState(self.device))
+                reps.append(embed(chunk, is_query))
+        # 2. The loss over the cached embeddings, and its gradient for each of them.
+        queries = torch.cat(reps[: len(q_chunks)]).requires_grad_()
+        candidates = torch.cat(reps[len(q_chunks) :]).requires_grad_()
+        loss = self._loss(queries, candidates, aligning)
+        (loss / self.optim.grad_accum_steps).backward()
+        grads = (list(queries.grad.split([len(c[1]) for c in q_chunks]))  # type: ignore[union-attr]
+                 + list(candidates.grad.split([len(c) for c in c_chunks])))  # type: ignore[union-attr]
+        # 3. Each chunk again, with its graph, back-propagated from its cached gradient. DDP
+        # synchronises once, on the micro-batch's very last backward of an optimiser step.
+        chunks = [(c, True) for c in q_chunks] + [(c, False) for c in c_chunks]
+        for i, ((chunk, is_query), state, grad) in enumerate(zip(chunks, states, grads)):
+            sync_now = last_micro and i == len(chunks) - 1
+            sync = (nullcontext() if sync_now or not hasattr(self.model, "no_sync")
+                    else self.model.no_sync())
+            with sync, state.replay():
+                embed(chunk, is_query).backward(grad)
+        return loss.detach()
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step}
@@ -115,3 +172,21 @@ class TrainStep:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+
+
+class _RandomState:
+    """The random state of this moment (CPU, and the GPU when training on one), to run a chunk
+    again with the same dropout masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device if device.type == "cuda" else None
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if self.cuda is not None else None
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[self.cuda] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda_state, self.cuda)
+            yield

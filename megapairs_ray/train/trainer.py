@@ -39,6 +39,7 @@ from megapairs_ray.models.encoders import resolve_model_path
 from megapairs_ray.models.family import checkpoint_family, load_retriever
 from megapairs_ray.models.fusion import FeatureCache
 from megapairs_ray.models.inputs import ModelInput
+from megapairs_ray.models.mllm import MMRetMLLM, checkpoint_model_input
 from megapairs_ray.models.mmret import MMRetCLIP, clip_mean_std, clip_model_input
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.models.towers import MMRetTowers, image_statistics, towers_model_input
@@ -65,10 +66,13 @@ def build_model(cfg: TrainConfig, checkpoint_dir: str | None = None) -> Any:
     family; a train run folder gives its last checkpoint), else a new model of
     ``model.family``; then frozen where the config says."""
     m = cfg.model
+    path = checkpoint_dir or (resolve_checkpoint(m.init) if m.init is not None else None)
+    if path is not None and checkpoint_family(path) == "mllm":
+        return _build_mllm(cfg, path)
     if checkpoint_dir is not None:
-        model = load_retriever(checkpoint_dir)
+        model = load_retriever(checkpoint_dir, trainable=True)
     elif m.init is not None:
-        model = load_retriever(resolve_checkpoint(m.init))
+        model = load_retriever(resolve_checkpoint(m.init), trainable=True)
     elif m.family == "towers":
         model = MMRetTowers.from_towers(**m.towers.model_dump(), seed=cfg.data.seed)
     else:
@@ -80,12 +84,29 @@ def build_model(cfg: TrainConfig, checkpoint_dir: str | None = None) -> Any:
     return model
 
 
+def _build_mllm(cfg: TrainConfig, path: str) -> MMRetMLLM:
+    """A LLaVA-NeXT under LoRA: the checkpoint's own adapter (resume, or a run's checkpoint as
+    init), else a fresh one on the weights; in bf16 when training in bf16 (the adapter's own
+    weights stay fp32: peft keeps them so)."""
+    m = cfg.model
+    dtype = torch.bfloat16 if cfg.optim.precision == "bf16" else torch.float32
+    torch.manual_seed(cfg.data.seed)
+    model = MMRetMLLM.from_pretrained(path, trainable=True, dtype=dtype,
+                                      settings=m.mllm.settings())
+    if not model.is_lora:
+        model.add_lora(**m.mllm.lora.model_dump())
+    model.freeze(m.freeze_image_tower, m.text_layers_trained)
+    return model
+
+
 def model_input_for(cfg: TrainConfig) -> ModelInput:
     """Image size, text length and pixel statistics of the model being trained, read without
     building it (the driver only feeds the loaders)."""
     m = cfg.model
     if m.init is not None:
         path = resolve_checkpoint(m.init)
+        if checkpoint_family(path) == "mllm":
+            return checkpoint_model_input(path, m.mllm.settings())
         if checkpoint_family(path) == "towers":
             return towers_model_input(json.loads((Path(path) / "config.json").read_text()))
         from transformers import CLIPConfig

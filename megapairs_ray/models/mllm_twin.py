@@ -11,9 +11,16 @@ are random: what it proves is the plumbing, and, trained, that the plumbing lear
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from megapairs_ray.models.tokenizer import bpe_tokenizer
+
+# ``model.init`` / ``--checkpoint`` by this name is the twin, built on first use under the
+# working directory of the process that resolves it (the driver), and passed on by absolute path.
+TWIN_NAME = "tiny-random-llava-next"
+TWIN_DIR = ".cache/megapairs/tiny-llava-next"
 
 IMAGE_TOKEN = "<image>"
 # LLaVA-1.6-Mistral's conversation form: user turns in [INST] ... [/INST], images first.
@@ -40,7 +47,7 @@ _WORDS = (
 
 def build_tiny_llava_next(out: str | Path, vocab_size: int = 512, hidden: int = 64,
                           layers: int = 2, tile_size: int = 28, patch_size: int = 14,
-                          seed: int = 0) -> Path:
+                          init_range: float = 0.02, seed: int = 0) -> Path:
     """Write the twin to ``out`` with ``save_pretrained`` (model, processor, tokenizer, chat
     template). ``tile_size`` plays 336: each tile is ``(tile_size / patch_size)**2`` tokens, and
     a square image of two tiles a side is 4 tiles plus the whole image. Attention heads are 32
@@ -76,7 +83,8 @@ def build_tiny_llava_next(out: str | Path, vocab_size: int = 512, hidden: int = 
         vision_config=vision, text_config=text,
         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=(tile_size // patch_size) ** 2)
+        vision_feature_select_strategy="default", image_seq_length=(tile_size // patch_size) ** 2,
+        initializer_range=init_range)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
     images = LlavaNextImageProcessor(
@@ -86,7 +94,17 @@ def build_tiny_llava_next(out: str | Path, vocab_size: int = 512, hidden: int = 
                                    vision_feature_select_strategy="default",
                                    chat_template=MISTRAL_LLAVA_CHAT_TEMPLATE,
                                    image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    # Written aside and renamed into place: a process that finds the folder finds it whole.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def twin_path() -> str:
+    """The twin's folder (absolute), built if it is not there yet."""
+    return str(build_tiny_llava_next(Path(TWIN_DIR).resolve()))

@@ -42,7 +42,12 @@ class CheckpointNotFound(MegapairsError, FileNotFoundError):
 def resolve_checkpoint(path: str) -> str:
     """An HF-form checkpoint folder (or hub id) as given, or, for a `megapairs train` run
     folder (``storage_path/name``), the checkpoint that run reported last (its
-    ``summary.json``)."""
+    ``summary.json``); ``tiny-random-llava-next``, the mllm family's twin (built on first
+    use)."""
+    from megapairs_ray.models.mllm_twin import TWIN_NAME, twin_path
+
+    if path == TWIN_NAME:
+        return twin_path()
     if storage.exists(posixpath.join(path, "config.json")):
         return path
     summary = posixpath.join(path, "summary.json")

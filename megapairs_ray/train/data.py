@@ -374,8 +374,13 @@ def _shuffle_targets(prepared: str, seed: int) -> None:
 
 
 def _read_usable(batch: dict[str, np.ndarray]) -> pa.Table:
-    """One prepared parquet file: its rows, all usable (triplets or captioned images)."""
-    return storage.read_parquet(str(batch["file"][0]))
+    """One prepared parquet file: its rows, all usable (triplets or captioned images), in a
+    fresh random order on every pass. Annotation files are often sorted (by query image, as
+    the export writes them), and a batch of one query image's triplets teaches the contrast
+    between its instructions only; a retriever slow to read text then learns nothing at all
+    (the mllm twin on the toy set did not, until its rows were shuffled)."""
+    table = storage.read_parquet(str(batch["file"][0]))
+    return table.take(np.random.default_rng().permutation(table.num_rows))
 
 
 @ray.remote(num_cpus=0)

@@ -39,7 +39,8 @@ from megapairs_ray.models.encoders import resolve_model_path
 from megapairs_ray.models.family import checkpoint_family, load_retriever
 from megapairs_ray.models.fusion import FeatureCache
 from megapairs_ray.models.inputs import ModelInput
-from megapairs_ray.models.mllm import MMRetMLLM, checkpoint_model_input
+from megapairs_ray.models.mllm import MMRetMLLM, NotLlavaNext, checkpoint_model_input
+from megapairs_ray.models.mllm_twin import TWIN_NAME
 from megapairs_ray.models.mmret import MMRetCLIP, clip_mean_std, clip_model_input
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.models.towers import MMRetTowers, image_statistics, towers_model_input
@@ -105,6 +106,9 @@ def model_input_for(cfg: TrainConfig) -> ModelInput:
     m = cfg.model
     if m.init is not None:
         path = resolve_checkpoint(m.init)
+        if m.family == "mllm" and checkpoint_family(path) != "mllm":
+            raise NotLlavaNext(f"model.init {m.init}: a {checkpoint_family(path)} checkpoint, "
+                               f"not the LLaVA-NeXT that model.family mllm needs")
         if checkpoint_family(path) == "mllm":
             return checkpoint_model_input(path, m.mllm.settings())
         if checkpoint_family(path) == "towers":
@@ -286,9 +290,12 @@ def run_dir(cfg: TrainConfig) -> str:
 
 def _with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local model paths made absolute: Ray Train's workers do not run in the driver's working
-    directory, where a relative ``model.init`` would name nothing (and pass for a hub id)."""
+    directory, where a relative ``model.init`` would name nothing (and pass for a hub id). The
+    mllm twin's name becomes its folder, built here."""
     model = {k: str(Path(v).resolve()) for k in ("init", "tokenizer")
              if (v := getattr(cfg.model, k)) and not storage.is_remote(v) and Path(v).exists()}
+    if cfg.model.init == TWIN_NAME:
+        model["init"] = resolve_checkpoint(TWIN_NAME)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update=model)}) if model else cfg
 
 

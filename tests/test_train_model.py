@@ -120,3 +120,67 @@ def test_real_gloo_collectives_match_one_process():
     assert torch.allclose(out[0][1] / 2, p.grad[:4], atol=1e-5)
     assert torch.allclose(out[1][1] / 2, p.grad[4:], atol=1e-5)
     manager.shutdown()
+
+
+def _step_batch(seed: int, b: int = 4, h: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    px = lambda *s: torch.randint(0, 256, s, generator=g, dtype=torch.uint8)  # noqa: E731
+    ids = torch.randint(1, 98, (b, 16), generator=g)
+    return {"query_pixels": px(b, 3, 32, 32), "target_pixels": px(b, 3, 32, 32),
+            "negative_pixels": px(b, h, 3, 32, 32), "input_ids": ids,
+            "attention_mask": torch.ones_like(ids)}
+
+
+def _grad_cache_step(world: int, rank: int, chunk: int | None, batch: dict[str, torch.Tensor],
+                     ) -> dict[str, torch.Tensor]:
+    """One TrainStep on the tiny CLIP, under DDP when ``world`` > 1; the parameters'
+    gradients in it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from megapairs_ray.models.inputs import ModelInput
+    from megapairs_ray.train.config import OptimConfig
+    from megapairs_ray.train.step import TrainStep
+
+    torch.manual_seed(0)
+    core = MMRetCLIP.from_config(**TINY).train()
+    model = DistributedDataParallel(core) if world > 1 else core
+    # An optimiser step that moves nothing (lr ~ 0, no clipping) and keeps the gradients: the
+    # micro-batch's last backward is the one DDP synchronises (averages) in.
+    cfg = OptimConfig(max_steps=4, batch_size=len(batch["input_ids"]), lr=1e-30,
+                      max_grad_norm=None, grad_cache_chunk=chunk, temperature=0.05)
+    step = TrainStep(model, core, cfg, 2, ModelInput(32, 16), torch.device("cpu"),
+                     rank=rank, world_size=world)
+    step.optimizer.zero_grad = lambda **kw: None  # type: ignore[method-assign]
+    step(batch)
+    return {n: p.grad.clone() for n, p in core.named_parameters() if p.grad is not None}
+
+
+def _grad_cache_worker(rank, port, out):
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    out[rank] = _grad_cache_step(2, rank, 3, _step_batch(rank + 1))
+    dist.destroy_process_group()
+
+
+def test_grad_cache_on_two_gloo_workers_equals_one_process_on_the_whole_batch():
+    """GradCache in chunks of 3 on two DDP workers, each scoring its queries against both
+    workers' candidates: the averaged gradients are one process's on the whole batch, in one
+    pass."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.get_context("spawn").Manager()
+    out = manager.dict()
+    mp.spawn(_grad_cache_worker, args=(port, out), nprocs=2, join=True)
+    halves = [_step_batch(1), _step_batch(2)]
+    whole = {k: torch.cat([halves[0][k], halves[1][k]]) for k in halves[0]}
+    want = _grad_cache_step(1, 0, None, whole)
+    assert out[0].keys() == want.keys() and len(want) > 10
+    for name, g in want.items():
+        assert torch.allclose(out[0][name], g, atol=1e-6, rtol=1e-4), name
+        assert torch.allclose(out[1][name], g, atol=1e-6, rtol=1e-4), name
+    manager.shutdown()

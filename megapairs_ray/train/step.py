@@ -154,14 +154,15 @@ class TrainStep:
         grads = (list(queries.grad.split([len(c[1]) for c in q_chunks]))  # type: ignore[union-attr]
                  + list(candidates.grad.split([len(c) for c in c_chunks])))  # type: ignore[union-attr]
         # 3. Each chunk again, with its graph, back-propagated from its cached gradient. DDP
-        # synchronises once, on the micro-batch's very last backward of an optimiser step.
+        # is kept out of it (a candidates-only chunk leaves the text tower's gradients unset,
+        # which its reducer would wait for); the workers' gradients are averaged once, below.
         chunks = [(c, True) for c in q_chunks] + [(c, False) for c in c_chunks]
-        for i, ((chunk, is_query), state, grad) in enumerate(zip(chunks, states, grads)):
-            sync_now = last_micro and i == len(chunks) - 1
-            sync = (nullcontext() if sync_now or not hasattr(self.model, "no_sync")
-                    else self.model.no_sync())
-            with sync, state.replay():
+        no_sync = getattr(self.model, "no_sync", nullcontext)
+        for (chunk, is_query), state, grad in zip(chunks, states, grads):
+            with no_sync(), state.replay():
                 embed(chunk, is_query).backward(grad)
+        if last_micro and self.world > 1:
+            _average_across_workers(self.params, self.world)
         return loss.detach()
 
     def state_dict(self) -> dict[str, Any]:
@@ -172,6 +173,31 @@ class TrainStep:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+
+
+def _average_across_workers(params: list[torch.Tensor], world: int,
+                            bucket_elements: int = 1 << 24) -> None:
+    """Every parameter's gradient averaged over the workers (what DDP's synchronised backward
+    does), in flat buckets of up to ``bucket_elements`` so a large model costs few collectives.
+    A parameter no chunk reached counts as a zero gradient."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for i, p in enumerate(params):
+        bucket.append(p.grad)  # type: ignore[arg-type]
+        size += p.numel()
+        if size >= bucket_elements or i == len(params) - 1:
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat /= world
+            for g, avg in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g.copy_(avg)
+            bucket, size = [], 0
 
 
 class _RandomState:

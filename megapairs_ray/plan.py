@@ -960,7 +960,10 @@ def _check_memory(c: _Ctx) -> None:
 
 def _train_stage(res: Results, gpu: str, t: TrainConfig, label: str, cl: _Cluster,
                  warnings: list[str]) -> StagePlan:
-    """Training: the measured train-step triplets/s per GPU for the model's size."""
+    """Training: the measured train-step triplets/s per GPU for the model's size (the mllm
+    family: its step's FLOPs at an assumed utilisation, until a GPU measures it)."""
+    if t.model.family == "mllm":
+        return _mllm_train_stage(res, gpu, t, label, cl, warnings)
     init = (t.model.init or "").lower()
     model = "l14" if "large" in init or "l14" in init else "b16"
     rel = f"{gpu}/train_gpu_{model}.json"
@@ -993,6 +996,68 @@ def _train_stage(res: Results, gpu: str, t: TrainConfig, label: str, cl: _Cluste
                             f"scaling the measured {peak.value:.1f} GiB at {measured_batch} "
                             f"({rel}), above the card's {card:,.0f} GiB: set "
                             "optim.gradient_checkpointing or lower optim.batch_size")
+    return _stage("train", cl, gpu_h, cpu_h, workers, None, separate=True)
+
+
+# LLaVA-1.6-Mistral-7B as BGE-VL-MLLM releases it, and LLaVA-NeXT's tiles (models/mllm.py).
+MLLM_PARAMS, MLLM_HIDDEN, MLLM_LAYERS = 7.57e9, 4096, 32
+MLLM_TILE, MLLM_PATCH = 336, 14
+MLLM_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+BF16_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0}  # dense bf16, the vendor's figure
+
+
+def _mllm_train_stage(res: Results, gpu: str, t: TrainConfig, label: str, cl: _Cluster,
+                      warnings: list[str]) -> StagePlan:
+    """MMRet-MLLM on GPUs: DDP with LoRA, each GPU holding the bf16 backbone. The per-GPU rate
+    is the step's FLOPs (forward passes of 2·params·tokens) at an assumed utilisation: no GPU
+    has measured this family's step yet (benchmarks/run_gpu_mllm.sh will)."""
+    from megapairs_ray.models.mllm import image_token_count
+
+    o, s, m = t.optim, t.scaling, t.model.mllm
+    params = assumed(MLLM_PARAMS, "parameters", "LLaVA-1.6-Mistral-7B, as BGE-VL-MLLM is "
+                     "released (7.57 B)")
+    image_tokens = image_token_count(m.image_size, MLLM_PINPOINTS, MLLM_TILE, MLLM_PATCH)
+    prompt = assumed(60, "tokens", "the prompt's words and an instruction, beside the image")
+    tokens = derive(image_tokens + prompt.value, "tokens", "image tokens at "
+                    "model.mllm.image_size (LLaVA-NeXT anyres) + prompt", prompt,
+                    Figure(0, "", (f"config: {label} model.mllm.image_size",)))
+    sequences = 2 + t.data.num_hard_negatives
+    # Forward-pass equivalents: GradCache's pass without a graph, the pass with one, the
+    # backward (activation gradients only: the frozen weights take none), and checkpointing's
+    # recompute.
+    passes = (2 if o.grad_cache_chunk else 1) + 1 + (1 if o.gradient_checkpointing else 0)
+    flops = derive(passes * 2 * params.value * tokens.value * sequences, "FLOP/triplet",
+                   f"{passes} forward equivalents × 2·params·tokens × (2 + "
+                   "num_hard_negatives) sequences", params, tokens,
+                   Figure(0, "", (f"config: {label} optim.grad_cache_chunk, "
+                                  "gradient_checkpointing, data.num_hard_negatives",)))
+    peak = assumed(BF16_PEAK_TFLOPS.get(gpu, 989.0), "TFLOP/s", f"{gpu} dense bf16 peak")
+    mfu = assumed(0.35, "", "35 % of peak: long sequences, LoRA, bf16 (not measured)")
+    rate = derive(mfu.value * peak.value * 1e12 / flops.value, "triplets/s/GPU",
+                  "utilisation × peak / FLOP per triplet", mfu, peak, flops)
+    triplets = Figure(o.max_steps * o.batch_size * o.grad_accum_steps * s.num_workers,
+                      "triplets", (f"config: {label} optim.max_steps × batch_size × "
+                                   "grad_accum_steps × scaling.num_workers",))
+    gpu_h = derive(triplets.value / rate.value / HOUR, "GPU-h", "triplets / triplets/s per GPU "
+                   "/ 3600", triplets, rate)
+    workers = _cap(s.num_workers * (s.gpus_per_worker or 1.0), "GPUs",
+                   "scaling.num_workers × gpus_per_worker", f"{label} scaling.num_workers")
+    held = s.num_workers * s.cpus_per_worker + t.data.loader_actors * t.data.loader_num_cpus
+    wall = gpu_h.value / min(workers.value, cl.gpus.value)
+    cpu_h = derive(wall * held, "core-h", "wall × (workers' CPUs + loader actors' CPUs)", gpu_h,
+                   workers)
+    # Memory: the bf16 weights, the adapter's fp32 weights, gradients and Adam moments, and
+    # one chunk's activations at each layer boundary (checkpointing) or all of them.
+    lora = 2 * m.lora.r * (4 * MLLM_HIDDEN + 2 * MLLM_HIDDEN // 4 + 3 * (MLLM_HIDDEN + 14336))
+    chunk = o.grad_cache_chunk or o.batch_size * sequences
+    per_layer = chunk * tokens.value * MLLM_HIDDEN * 2
+    act = per_layer * MLLM_LAYERS * (1 if o.gradient_checkpointing else 12)
+    need = (2 * params.value + 16 * lora * MLLM_LAYERS + act) / 2**30
+    card = _gpu_memory_gib(res, gpu)
+    if card and need > card:
+        warnings.append(f"train: ≈{need:,.0f} GiB a GPU (bf16 weights, LoRA states, "
+                        f"{chunk} sequences' activations) is above the card's {card:,.0f} GiB: "
+                        "set optim.grad_cache_chunk lower or optim.gradient_checkpointing")
     return _stage("train", cl, gpu_h, cpu_h, workers, None, separate=True)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -298,14 +299,24 @@ def test_a_wrong_config_fails_fast_with_the_cause_in_the_job_logs(cluster, tmp_p
     assert "does not upload what .gitignore lists" in result.stdout + result.stderr
 
 
-def test_training_on_two_nodes_survives_losing_one_and_restores_its_checkpoint(
+def test_mllm_training_on_two_nodes_survives_losing_one_and_restores_its_checkpoint(
         cluster, tmp_path, bucket, s3_endpoint):
+    """The paper's strongest retriever, as a cluster trains it: the mllm family (the LLaVA-NeXT
+    twin under LoRA) on two gloo workers on two nodes, GradCache in chunks of 2 with every
+    worker's candidates gathered. A node is lost after the first checkpoint; the run restores
+    it on the node that replaces it, learns the toy set, and its checkpoint (a LoRA adapter
+    on s3) is evaluated as a user submits it."""
     import s3fs
 
     annotations = write_toy_dataset(tmp_path / "toy")
-    steps, every = 24, 4
+    steps, every = 48, 8
     doc = train_config(str(annotations), f"s3://{bucket}/train", "multi",
-                       optim={"max_steps": steps, "warmup_steps": 0},
+                       model={"init": "tiny-random-llava-next", "family": "mllm",
+                              "mllm": {"image_size": 56, "max_text_len": 96,
+                                       "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}},
+                       data={"num_hard_negatives": 1},
+                       optim={"max_steps": steps, "warmup_steps": 2, "lr": 3e-3,
+                              "grad_cache_chunk": 2},
                        scaling={"num_workers": 2, "cpus_per_worker": 1.5},
                        checkpoint={"every_steps": every, "log_every_steps": 1,
                                    "max_failures": 1})
@@ -343,7 +354,9 @@ def test_training_on_two_nodes_survives_losing_one_and_restores_its_checkpoint(
 
     summary = json.loads(fs.cat_file(f"{bucket}/train/multi/summary.json"))
     assert summary["metrics"]["step"] == steps
-    assert fs.exists(f"{bucket}/train/multi/step_{steps:08d}")
+    # The checkpoint is the adapter (the base is named, not copied) with the family's settings.
+    assert {"adapter_model.safetensors", "mmret_mllm.json"} <= {
+        p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/train/multi/step_{steps:08d}")}
     rows = [json.loads(line) for line in
             fs.cat_file(f"{bucket}/train/multi/metrics.jsonl").decode().splitlines()]
     logged = [r["step"] for r in rows if "loss" in r]
@@ -357,7 +370,8 @@ def test_training_on_two_nodes_survives_losing_one_and_restores_its_checkpoint(
                                       for b in restarts), logged
     assert logged[-1] == steps and set(logged) == set(range(1, steps + 1)), logged
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses  # it learns across the restore
+    # It learns across the restore: chance is ln(8 targets + 8 negatives) = 2.77.
+    assert sum(losses[-4:]) / 4 < min(math.log(16) - 0.2, sum(losses[:3]) / 3), losses
     assert {node for _, node in workers} - before <= set(cluster.worker_nodes)
 
     # Then the evaluation, as a user submits it: the run folder on s3 (its last checkpoint),

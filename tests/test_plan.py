@@ -214,6 +214,25 @@ def test_train_gpu_hours_from_the_measured_step(billion: Plan, train_cfg: TrainC
                                       if not s.separate))
 
 
+def test_the_mllm_training_row_is_its_step_flops_at_the_stated_utilisation(
+        paper: RunConfig) -> None:
+    """configs/train-paper-mllm.yaml: 144 queries a step on 8 GPUs, each query 5 sequences of
+    2,928 image tokens + 60 prompt tokens, 4 forward equivalents (GradCache's two passes, the
+    LoRA backward, checkpointing's recompute) of 2 FLOP per parameter and token, at 35 % of
+    989 TFLOP/s."""
+    t = load_config(ROOT / "configs" / "train-paper-mllm.yaml", schema=TrainConfig)
+    train = _plan(paper, t).stage("train")
+    flops = 4 * 2 * 7.57e9 * (2928 + 60) * 5
+    triplets = 2000 * 18 * 8
+    assert train.gpu_hours.value == pytest.approx(triplets * flops / (0.35 * 989e12) / 3600)
+    assert train.wall_hours.value == pytest.approx(train.gpu_hours.value / 8)
+    assert any(s.startswith("assumption: 35 % of peak") for s in train.gpu_hours.sources)
+    plain = t.model_copy(update={"optim": t.optim.model_copy(update={
+        "grad_cache_chunk": None, "gradient_checkpointing": False})})
+    assert _plan(paper, plain).stage("train").gpu_hours.value == pytest.approx(
+        train.gpu_hours.value * 2 / 4)
+
+
 def test_every_figure_names_its_sources(billion: Plan) -> None:
     figures = billion.figures()
     assert len(figures) > 80

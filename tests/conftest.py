@@ -114,3 +114,21 @@ def towers_gallery(retriever_gallery: dict[str, Any], tmp_path_factory: pytest.T
     return {"checkpoint": checkpoint, "gallery_dir": cfg.run_dir,
             "images_from": retriever_gallery["gallery_dir"],
             "images": retriever_gallery["images"], "record": record, "config": cfg}
+
+
+@pytest.fixture(scope="session")
+def mllm_gallery(retriever_gallery: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
+                 ) -> dict[str, object]:
+    """The same photos as ``retriever_gallery``'s, embedded by the mllm family's twin."""
+    from megapairs_ray.pipeline.gallery import run_gallery
+
+    from .serve_helpers import gallery_config, make_mllm_checkpoint
+
+    root = tmp_path_factory.mktemp("mllm")
+    checkpoint = make_mllm_checkpoint(root / "checkpoint")
+    cfg = gallery_config(root / "gallery", checkpoint,
+                         images_from=retriever_gallery["gallery_dir"])
+    record = run_gallery(cfg)
+    return {"checkpoint": checkpoint, "gallery_dir": cfg.run_dir,
+            "images_from": retriever_gallery["gallery_dir"],
+            "images": retriever_gallery["images"], "record": record, "config": cfg}

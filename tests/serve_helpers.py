@@ -52,6 +52,20 @@ def make_towers_checkpoint(folder: Path, seed: int = 3) -> str:
     return str(folder)
 
 
+def make_mllm_checkpoint(folder: Path) -> str:
+    """The mllm family's twin (a random LLaVA-NeXT) with its settings at test size: squares of
+    two 28-pixel tiles a side, prompts of up to 96 tokens."""
+    import json
+
+    from megapairs_ray.models.mllm import MLLMSettings
+    from megapairs_ray.models.mllm_twin import build_tiny_llava_next
+
+    build_tiny_llava_next(folder)
+    (folder / "mmret_mllm.json").write_text(
+        json.dumps(MLLMSettings(image_size=56, max_text_len=96).to_dict()))
+    return str(folder)
+
+
 def write_gallery_folder(root: Path, n: int = 36) -> list[Path]:
     """``n`` distinct photos of several sizes, each with a caption file beside it (the folder
     layout ingest reads)."""

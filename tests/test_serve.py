@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def service(retriever_gallery, towers_gallery, tmp_path_factory):
+def service(retriever_gallery, towers_gallery, mllm_gallery, tmp_path_factory):
     from ray import serve
 
     from megapairs_ray.serve.deploy import deploy
@@ -52,10 +52,11 @@ def service(retriever_gallery, towers_gallery, tmp_path_factory):
                        "max_ongoing_requests": 2, "max_queued_requests": 2,
                        "retry_after_s": 3, "precision": "fp32"})),
         ("towers", "/towers", app_args(towers_gallery["gallery_dir"])),
+        ("mllm", "/mllm", app_args(mllm_gallery["gallery_dir"])),
     ])
     urls = deploy(path)
     assert urls == [f"http://127.0.0.1:{port}{p}" for p in ("/", "/split/", "/secured/",
-                                                            "/towers/")]
+                                                            "/towers/", "/mllm/")]
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=120) as client:
         yield {"base": base, "client": client, **g}
@@ -70,6 +71,11 @@ def offline(retriever_gallery):
 @pytest.fixture(scope="module")
 def offline_towers(towers_gallery):
     return _offline(towers_gallery)
+
+
+@pytest.fixture(scope="module")
+def offline_mllm(mllm_gallery):
+    return _offline(mllm_gallery)
 
 
 def _offline(g: dict) -> dict:
@@ -150,13 +156,12 @@ def test_auto_layout_follows_the_configured_replica_memory(retriever_gallery):
     assert reserved.colocated.options()["ray_actor_options"]["memory"] == 3 * 1024**3
 
 
-@pytest.mark.parametrize("app", ["colocated", "split", "towers"])
+@pytest.mark.parametrize("app", ["colocated", "split", "towers", "mllm"])
 @pytest.mark.parametrize("kind", ["composed", "image", "text"])
-def test_served_ranking_equals_the_offline_eval_ranking(service, offline, offline_towers, kind,
-                                                        app):
-    if app == "towers":
-        offline = offline_towers
-    prefix = {"colocated": "", "split": "/split", "towers": "/towers"}[app]
+def test_served_ranking_equals_the_offline_eval_ranking(service, offline, offline_towers,
+                                                        offline_mllm, kind, app):
+    offline = {"towers": offline_towers, "mllm": offline_mllm}.get(app, offline)
+    prefix = {"colocated": "", "split": "/split", "towers": "/towers", "mllm": "/mllm"}[app]
     c, emb = service["client"], offline["embedder"]
     ref = offline["paths"][7]
     text = "make it purple and brighter"
@@ -168,6 +173,8 @@ def test_served_ranking_equals_the_offline_eval_ranking(service, offline, offlin
     r = c.post(f"{prefix}/search", json=body)
     if kind == "composed":
         q = emb.queries([ref], [text])
+    elif kind == "image" and app == "mllm":  # one prompt for an image-only query: not a candidate's
+        q = RetrieverEncoder.queries(emb, [Path(ref).read_bytes()], [None])
     elif kind == "image":
         q = emb.images([ref])
     else:

@@ -62,7 +62,8 @@ def build_model(shape: str, folder: Path, dtype: torch.dtype, device: str) -> MM
     from megapairs_ray.models.tokenizer import load_tokenizer
 
     twin = build_tiny_llava_next(folder / "twin")
-    settings = MLLMSettings(image_size=TWIN_SIDE if shape == "twin" else 512, max_text_len=3072)
+    settings = (MLLMSettings(image_size=TWIN_SIDE, max_text_len=96) if shape == "twin"
+                else MLLMSettings(image_size=512, max_text_len=3072))
     if shape == "twin":
         model = MMRetMLLM.from_pretrained(twin, trainable=True, settings=settings)
     else:
@@ -194,7 +195,8 @@ def bench_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def photos(folder: Path, n: int) -> list[Path]:
-    """``n`` JPEGs of several sizes from the bundled corpus (``make demo``), else generated."""
+    """``n`` JPEGs of several sizes from the bundled corpus (``make demo``), else generated, each
+    with a caption file beside it (the folder layout ingest reads)."""
     import tarfile
 
     from PIL import Image
@@ -216,6 +218,7 @@ def photos(folder: Path, n: int) -> list[Path]:
     for i, data in enumerate(datas):
         p = folder / f"{i:06d}.jpg"
         p.write_bytes(data)
+        p.with_suffix(".txt").write_text(f"photo {i}")  # ingest requires a caption
         paths.append(p)
     return paths
 

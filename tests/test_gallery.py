@@ -124,3 +124,16 @@ def test_a_clip_gallery_records_its_pixels_form_and_a_towers_gallery_does_not(
     towers = read_gallery(towers_gallery["gallery_dir"])["settings"]
     assert clip["pixels.form"] == CLIP_PIXELS_FORM
     assert "pixels.form" not in towers
+
+
+def test_an_input_ingest_refused_whole_names_ingests_reasons(tmp_path, retriever_gallery):
+    """Every image without the caption ingest requires: the gallery has nothing to embed, and
+    its one line says why (ingest's rejects), not only that the input looks empty."""
+    folder = tmp_path / "uncaptioned"
+    folder.mkdir()
+    for p in retriever_gallery["images"][:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    cfg = gallery_config(tmp_path / "g", retriever_gallery["checkpoint"],
+                         input={"uris": [str(folder)], "format": "folder"})
+    with pytest.raises(GalleryError, match=r"rejects: \{'missing_caption': 3\}"):
+        run_gallery(cfg)

@@ -133,6 +133,11 @@ def _run(ctx: StageRun[GalleryConfig], todo: list[str]) -> None:
         slugs = [slug for slug, *_ in sources]
         tally = state.sum_counts(slugs)
         if tally["embedded"] == 0:
+            # Ingest's rejects too: an input whose every image ingest refused (no caption,
+            # say) reaches this stage empty, and its reasons are ingest's.
+            markers = layout.markers_dir(_root(cfg), INGEST.name)
+            for marker in storage.list_files(markers, ".json"):
+                tally.update(storage.read_json(marker).get("counts", {}))
             rejects = {k[7:]: n for k, n in tally.items() if k.startswith("reject:")}
             raise GalleryError(f"no gallery image could be embedded (rejects: "
                                f"{rejects or 'none'}; is the input empty?)")

@@ -98,37 +98,38 @@ def retriever_gallery(ray_cluster: None, tmp_path_factory: pytest.TempPathFactor
             "record": record, "config": cfg}
 
 
-@pytest.fixture(scope="session")
-def towers_gallery(retriever_gallery: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
-                   ) -> dict[str, object]:
-    """The same photos as ``retriever_gallery``'s, embedded by a towers-family checkpoint."""
+def _same_photos_gallery(retriever_gallery: dict[str, Any], root: Path, checkpoint: str,
+                         ) -> dict[str, object]:
+    """A gallery of ``retriever_gallery``'s photos (its ingested images) for ``checkpoint``."""
     from megapairs_ray.pipeline.gallery import run_gallery
 
-    from .serve_helpers import gallery_config, make_towers_checkpoint
+    from .serve_helpers import gallery_config
 
-    root = tmp_path_factory.mktemp("towers")
-    checkpoint = make_towers_checkpoint(root / "checkpoint")
     cfg = gallery_config(root / "gallery", checkpoint,
                          images_from=retriever_gallery["gallery_dir"])
     record = run_gallery(cfg)
     return {"checkpoint": checkpoint, "gallery_dir": cfg.run_dir,
             "images_from": retriever_gallery["gallery_dir"],
             "images": retriever_gallery["images"], "record": record, "config": cfg}
+
+
+@pytest.fixture(scope="session")
+def towers_gallery(retriever_gallery: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
+                   ) -> dict[str, object]:
+    """The same photos as ``retriever_gallery``'s, embedded by a towers-family checkpoint."""
+    from .serve_helpers import make_towers_checkpoint
+
+    root = tmp_path_factory.mktemp("towers")
+    return _same_photos_gallery(retriever_gallery, root,
+                                make_towers_checkpoint(root / "checkpoint"))
 
 
 @pytest.fixture(scope="session")
 def mllm_gallery(retriever_gallery: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
                  ) -> dict[str, object]:
     """The same photos as ``retriever_gallery``'s, embedded by the mllm family's twin."""
-    from megapairs_ray.pipeline.gallery import run_gallery
-
-    from .serve_helpers import gallery_config, make_mllm_checkpoint
+    from .serve_helpers import make_mllm_checkpoint
 
     root = tmp_path_factory.mktemp("mllm")
-    checkpoint = make_mllm_checkpoint(root / "checkpoint")
-    cfg = gallery_config(root / "gallery", checkpoint,
-                         images_from=retriever_gallery["gallery_dir"])
-    record = run_gallery(cfg)
-    return {"checkpoint": checkpoint, "gallery_dir": cfg.run_dir,
-            "images_from": retriever_gallery["gallery_dir"],
-            "images": retriever_gallery["images"], "record": record, "config": cfg}
+    return _same_photos_gallery(retriever_gallery, root,
+                                make_mllm_checkpoint(root / "checkpoint"))

@@ -9,6 +9,9 @@ B queries with 1 positive and H hard negatives, the same GradCache chunk:
 - ``train_step``: ``TrainStep`` as Ray Train runs it: uint8 squares tiled on the device, the
   gathered loss, GradCache with replayed random state, clipping, AdamW, the schedule.
 
+**vllm** (CPU): vLLM's pooling runner on the twin against this family's transformers path, the
+same squares: embeddings must agree (cosine), and the faster one is what the gallery should run.
+
 **gallery** (CPU, Ray): ``run_gallery`` on folders of N/2 and N photos, against
 ``RetrieverEncoder`` on the same files in this process (read, decode, embed; one thread). Rates
 are marginal, (N - N/2) / (t_N - t_N/2), so start-up costs (Ray, actors, the model load) cancel:
@@ -17,6 +20,8 @@ what is left is what Ray adds per image.
     python benchmarks/mllm_bench.py --part train --out benchmarks/results/cpu-2core/mllm_train.json
     python benchmarks/mllm_bench.py --part gallery --images 1200 \
         --out benchmarks/results/cpu-2core/mllm_gallery.json
+    VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/mllm_bench.py --part vllm --images 1024 \
+        --out benchmarks/results/cpu-2core/mllm_vllm.json
     # a GPU: a LLaVA-NeXT of Mistral-7B's shape, random weights, bf16 (benchmarks/run_gpu_mllm.sh)
     python benchmarks/mllm_bench.py --part train --device cuda --shape 7b --batch 8 --chunk 2
 """
@@ -282,9 +287,58 @@ def bench_gallery(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     "rates cancel start-up costs"}
 
 
+def bench_vllm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """vLLM's pooling runner (LLaVA-NeXT converted to an embedding model: last token,
+    normalised) against this family's transformers path, on the twin, the same squares."""
+    from PIL import Image
+    from vllm import LLM
+
+    from megapairs_ray.models.mllm import RELEASED_CANDIDATE
+    from megapairs_ray.models.mllm_twin import build_tiny_llava_next
+
+    twin = build_tiny_llava_next(work / "twin")
+    (twin / "mmret_mllm.json").write_text(json.dumps(
+        MLLMSettings(image_size=TWIN_SIDE, max_text_len=96).to_dict()))
+    rng = np.random.default_rng(0)
+    squares = [Image.fromarray((rng.random((TWIN_SIDE, TWIN_SIDE, 3)) * 255).astype("uint8"))
+               for _ in range(args.images)]
+    requests = [{"prompt": RELEASED_CANDIDATE, "multi_modal_data": {"image": im}}
+                for im in squares]
+    llm = LLM(model=str(twin), runner="pooling", convert="embed", max_model_len=256,
+              dtype="float32", limit_mm_per_prompt={"image": 1}, enforce_eager=True)
+    model = MMRetMLLM.from_pretrained(twin).eval()
+    pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float()
+                          for im in squares])
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def ours() -> np.ndarray:
+        with torch.no_grad():
+            return np.concatenate([model.embed_candidates(pixels[i : i + args.batch_size]).numpy()
+                                   for i in range(0, len(pixels), args.batch_size)])
+
+    def theirs() -> np.ndarray:
+        return np.array([o.outputs.embedding for o in llm.embed(requests, use_tqdm=False)])
+
+    cosine = (ours() * theirs()).sum(1)
+    seconds: dict[str, list[float]] = {"vllm": [], "transformers": []}
+    for _ in range(args.repeats):
+        for name, fn in (("vllm", theirs), ("transformers", ours)):
+            t0 = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - t0)
+    rate = {k: args.images / min(v) for k, v in seconds.items()}
+    return {"machine": machine("cpu"), "model": "mllm twin (random LLaVA-NeXT, 28-px tiles)",
+            "images": args.images, "seconds": seconds, "img_per_s": rate,
+            "vllm_vs_transformers": rate["vllm"] / rate["transformers"],
+            "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
+            "note": "the candidates' embedding on the same squares: vLLM's pooling runner "
+                    "(its own processor on the PIL squares) against the family's transformers "
+                    "path (tiles made on the tensors), all cores each"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("train", "gallery"), required=True)
+    ap.add_argument("--part", choices=("train", "gallery", "vllm"), required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shape", choices=("twin", "7b"), default="twin")
     ap.add_argument("--batch", type=int, default=8)
@@ -299,7 +353,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        result = (bench_train if args.part == "train" else bench_gallery)(args, Path(d))
+        bench = {"train": bench_train, "gallery": bench_gallery, "vllm": bench_vllm}[args.part]
+        result = bench(args, Path(d))
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,7 @@ def build_tiny_llava_next(out: str | Path, vocab_size: int = 512, hidden: int = 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    published_llava_layout(tmp / "model.safetensors")
     try:
         tmp.rename(out)
     except OSError:  # another process got there first
@@ -108,3 +109,17 @@ def build_tiny_llava_next(out: str | Path, vocab_size: int = 512, hidden: int = 
 def twin_path() -> str:
     """The twin's folder (absolute), built if it is not there yet."""
     return str(build_tiny_llava_next(Path(TWIN_DIR).resolve()))
+
+
+def published_llava_layout(weights: Path) -> None:
+    """transformers 5 saves a LLaVA's vision tower weights without the ``vision_model.`` level
+    that the published llava-hf and BGE-VL checkpoints (and vLLM's loader) have; put it back.
+    transformers reads either."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    prefix = "vision_tower."
+    renamed = {(prefix + "vision_model." + k[len(prefix):]
+                if k.startswith(prefix) and not k.startswith(prefix + "vision_model.") else k): v
+               for k, v in tensors.items()}
+    save_file(renamed, weights, metadata={"format": "pt"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from megapairs_ray.models.mllm_twin import published_llava_layout
 from megapairs_ray.models.tokenizer import bpe_tokenizer
 from megapairs_ray.synth.prompts import DESCRIBE_INSTRUCTION, INSTRUCT_HEADER, demonstration_pool
 
@@ -120,21 +121,8 @@ def build_tiny_vlm(out: str | Path, vocab_size: int = 1024, hidden: int = 64, la
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    _published_llava_layout(out / "model.safetensors")
+    published_llava_layout(out / "model.safetensors")
     return out
-
-
-def _published_llava_layout(weights: Path) -> None:
-    """transformers 5 saves the vision tower's weights without the ``vision_model.`` level that
-    the published llava-hf checkpoints (and vLLM's loader) have; put it back."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(weights)
-    prefix = "vision_tower."
-    renamed = {(prefix + "vision_model." + k[len(prefix):]
-                if k.startswith(prefix) and not k.startswith(prefix + "vision_model.") else k): v
-               for k, v in tensors.items()}
-    save_file(renamed, weights, metadata={"format": "pt"})
 
 
 # --- The paper's families: InternVL2 (describe) and Llama 3 (instruct) -------------------------

@@ -230,3 +230,19 @@ def test_bad_mllm_settings_are_one_line_errors(twin, tmp_path):
         TrainConfig.model_validate(doc)
     with pytest.raises(MLLMConfigError, match="text_layers_trained does not apply"):
         m.freeze(False, 2)
+
+
+def test_gradient_checkpointing_keeps_the_gradients(twin):
+    """Activations recomputed in the backward pass (the 7B recipe's memory saving), under
+    GradCache: the same gradients."""
+    m = _model(twin, lora=True)
+    batch = _triplets()
+    ids, mask = tokenize_queries(load_tokenizer(twin), m.model_input, ["red", "blue", "a", "b"],
+                                 [True] * 4)
+    batch["input_ids"], batch["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+    _, plain = _grads(m, batch, 3)
+    m.gradient_checkpointing_enable()
+    assert m.base_llava().model.language_model.gradient_checkpointing
+    _, recomputed = _grads(m, batch, 3)
+    for name, g in plain.items():
+        assert torch.allclose(recomputed[name], g, atol=1e-6, rtol=1e-4), name

@@ -12,6 +12,9 @@ B queries with 1 positive and H hard negatives, the same GradCache chunk:
 **vllm** (CPU): vLLM's pooling runner on the twin against this family's transformers path, the
 same squares: embeddings must agree (cosine), and the faster one is what the gallery should run.
 
+**layout**: DDP with LoRA against FSDP for configs/train-paper-mllm.yaml, from the parameters
+counted on a LLaVA-NeXT of the 7B shape (meta device) under the recipe's LoRA.
+
 **gallery** (CPU, Ray): ``run_gallery`` on folders of N/2 and N photos, against
 ``RetrieverEncoder`` on the same files in this process (read, decode, embed; one thread). Rates
 are marginal, (N - N/2) / (t_N - t_N/2), so start-up costs (Ray, actors, the model load) cancel:
@@ -336,9 +339,51 @@ def bench_vllm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     "path (tiles made on the tensors), all cores each"}
 
 
+def bench_layout(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """DDP with LoRA or FSDP for the 7B recipe: the parameters counted on a LLaVA-NeXT of
+    LLaVA-1.6-Mistral-7B's shape (meta device: no memory, no weights) under the recipe's LoRA,
+    and what each layout sends between GPUs in one step of configs/train-paper-mllm.yaml."""
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, LlavaNextForConditionalGeneration
+
+    from megapairs_ray.models.mllm_twin import build_tiny_llava_next
+    from megapairs_ray.train.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(yaml.safe_load(Path(args.config).read_text()))
+    config = AutoConfig.from_pretrained(build_tiny_llava_next(work / "twin"))
+    for k, v in SHAPE_7B["text"].items():
+        setattr(config.text_config, k, v)
+    config.text_config.head_dim = 128
+    for k, v in SHAPE_7B["vision"].items():
+        setattr(config.vision_config, k, v)
+    with torch.device("meta"):
+        model = LlavaNextForConditionalGeneration(config)
+    total = sum(p.numel() for p in model.parameters())
+    lora = cfg.model.mllm.lora
+    peft_model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha,
+                                                  target_modules=lora.target_modules))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    o, h = cfg.optim, cfg.data.num_hard_negatives
+    chunk = o.grad_cache_chunk or o.batch_size * (2 + h)
+    chunks = -(-o.batch_size // chunk) + -(-o.batch_size * (1 + h) // chunk)
+    gathers = 3  # each chunk's weights: GradCache's pass without a graph, with one, backward
+    ddp_bytes = trainable * 4  # the adapter's fp32 gradients, all-reduced once a step
+    fsdp_bytes = chunks * gathers * total * 2 * (cfg.scaling.num_workers - 1) / (
+        cfg.scaling.num_workers)  # bf16 weights all-gathered per chunk and pass
+    return {"machine": machine("cpu"), "config": args.config, "parameters": total,
+            "lora_trainable": trainable, "bf16_weights_gib": total * 2 / 2**30,
+            "lora_states_gib": trainable * 16 / 2**30, "chunks_per_gpu_step": chunks,
+            "ddp_bytes_per_gpu_step": ddp_bytes, "fsdp_bytes_per_gpu_step": fsdp_bytes,
+            "fsdp_vs_ddp_traffic": fsdp_bytes / ddp_bytes,
+            "note": "counted on the real shape (meta device); FSDP's traffic is each chunk's "
+                    "weights gathered for three passes, DDP's the adapter's gradients once"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("train", "gallery", "vllm"), required=True)
+    ap.add_argument("--part", choices=("train", "gallery", "vllm", "layout"), required=True)
+    ap.add_argument("--config", default="configs/train-paper-mllm.yaml")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shape", choices=("twin", "7b"), default="twin")
     ap.add_argument("--batch", type=int, default=8)
@@ -353,7 +398,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        bench = {"train": bench_train, "gallery": bench_gallery, "vllm": bench_vllm}[args.part]
+        bench = {"train": bench_train, "gallery": bench_gallery, "vllm": bench_vllm,
+                 "layout": bench_layout}[args.part]
         result = bench(args, Path(d))
     print(json.dumps(result, indent=1))
     if args.out:

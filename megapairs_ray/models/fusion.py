@@ -95,6 +95,10 @@ class Retriever(nn.Module):
 
     feature_cache: FeatureCache | None = None
 
+    def prepare_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What the image tower takes, from normalised squares: the squares themselves."""
+        return pixels
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.project_image(self.image_pooled(pixel_values))  # type: ignore[attr-defined]
 

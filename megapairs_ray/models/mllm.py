@@ -324,8 +324,7 @@ class MMRetMLLM(nn.Module):
         kwargs: dict[str, Any] = {}
         if pixels is not None and len(pixels):
             dtype = next(p for p in self.base_llava().parameters()).dtype
-            kwargs["pixel_values"] = anyres(pixels.float(), self.grid, self.tile, self.mean,
-                                            self.std).to(dtype)
+            kwargs["pixel_values"] = self.prepare_pixels(pixels).to(dtype)
             side = self.settings.image_size
             kwargs["image_sizes"] = torch.tensor([[side, side]] * len(pixels),
                                                  device=input_ids.device)
@@ -337,6 +336,14 @@ class MMRetMLLM(nn.Module):
         last = (attention_mask.long() * positions).argmax(1)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return F.normalize(hidden[rows, last].float(), dim=-1)
+
+    def prepare_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Squares [B, 3, S, S] in levels -> LLaVA-NeXT's tiles [B, 1 + grid², 3, t, t]; tiles
+        pass as they are. The training step tiles a micro-batch once, not once per GradCache
+        pass."""
+        if pixels.dim() == 5:
+            return pixels
+        return anyres(pixels.float(), self.grid, self.tile, self.mean, self.std)
 
     def embed_candidates(self, pixel_values: torch.Tensor) -> torch.Tensor:
         ids = self.candidate_ids.expand(len(pixel_values), -1)

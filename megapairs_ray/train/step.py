@@ -47,7 +47,7 @@ class TrainStep:
     def __init__(self, model: nn.Module, core: nn.Module, optim: OptimConfig,
                  num_hard_negatives: int, model_input: ModelInput, device: torch.device,
                  rank: int = 0, world_size: int = 1) -> None:
-        self.model, self.optim, self.h = model, optim, num_hard_negatives
+        self.model, self.core, self.optim, self.h = model, core, optim, num_hard_negatives
         self.rank, self.world = rank, world_size
         self.device = device
         self.mean = torch.tensor(model_input.mean, device=device).view(1, 3, 1, 1)
@@ -70,7 +70,9 @@ class TrainStep:
         self._loss_sum: torch.Tensor | float = 0.0
 
     def _pixels(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(torch.float32) / 255.0 - self.mean) / self.std
+        """uint8 squares -> what the family's image input is (normalised squares, or tiles),
+        made once per micro-batch."""
+        return self.core.prepare_pixels((x.to(torch.float32) / 255.0 - self.mean) / self.std)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Train on one micro-batch; returns the mean loss of the accumulated micro-batches

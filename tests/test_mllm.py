@@ -246,3 +246,23 @@ def test_gradient_checkpointing_keeps_the_gradients(twin):
     _, recomputed = _grads(m, batch, 3)
     for name, g in plain.items():
         assert torch.allclose(recomputed[name], g, atol=1e-6, rtol=1e-4), name
+
+
+def test_a_hub_id_says_its_family_through_its_config(monkeypatch):
+    """llava-hf/llava-v1.6-mistral-7b-hf or BAAI/BGE-VL-MLLM-S1 as model.init: their config
+    (fetched, or from the hub cache) says llava_next; one that cannot be read is taken for CLIP,
+    whose loading then names the problem."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    types = {"org/llava": "llava_next", "org/clip": "clip"}
+
+    def config(hub_id: str, **kw: object) -> SimpleNamespace:
+        if hub_id not in types:
+            raise OSError(f"{hub_id} is not cached and the hub is offline")
+        return SimpleNamespace(model_type=types[hub_id])
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config)
+    assert [checkpoint_family(h) for h in ("org/llava", "org/clip", "org/gone")] == [
+        "mllm", "clip", "clip"]

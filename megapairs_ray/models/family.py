@@ -49,16 +49,27 @@ class UnknownFamily(MegapairsError, ValueError):
     """A checkpoint whose config names no retriever family this project knows."""
 
 
+def hub_family(hub_id: str) -> str:
+    """A hub id's family from its config (fetched, or from the local hub cache); CLIP when it
+    cannot be read (offline and not cached): loading it then names the real problem."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = getattr(AutoConfig.from_pretrained(hub_id), "model_type", None)
+    except (OSError, ValueError):
+        return "clip"
+    return MODEL_TYPES.get(model_type, "clip")  # type: ignore[arg-type]
+
+
 def checkpoint_family(path: str) -> str:
-    """The family of a local checkpoint folder; a hub id is taken for CLIP (the released
-    CLIP retrievers are), and ``transformers`` names it in its own error if it is not."""
+    """The family of a local checkpoint folder, or of a hub id (``hub_family``)."""
     if (Path(path) / MLLM_SETTINGS).is_file():
         return "mllm"
     config = Path(path) / "config.json"
     if not config.is_file():
         if storage.is_remote(path) or Path(path).exists():
             raise UnknownFamily(f"{path} is no checkpoint: it has no config.json")
-        return "clip"
+        return hub_family(path)
     try:
         model_type = json.loads(config.read_text()).get("model_type")
     except (ValueError, AttributeError) as e:
@@ -71,13 +82,13 @@ def checkpoint_family(path: str) -> str:
 
 def family_of(uri: str) -> str:
     """The family of a checkpoint anywhere (a local folder, s3://, a hub id), read from its
-    ``config.json`` without loading it; a hub id or an unknown type is taken for CLIP, as
-    ``checkpoint_family`` takes it (loading the checkpoint names any real problem)."""
+    ``config.json`` without loading it; an unknown type is taken for CLIP (loading the
+    checkpoint names any real problem)."""
     if storage.exists(storage.join(uri, MLLM_SETTINGS)):
         return "mllm"
     config = storage.join(uri, "config.json")
     if not storage.exists(config):
-        return "clip"
+        return "clip" if storage.is_remote(uri) or Path(uri).exists() else hub_family(uri)
     doc = storage.read_json(config)
     return MODEL_TYPES.get(doc.get("model_type") if isinstance(doc, dict) else None, "clip")
 

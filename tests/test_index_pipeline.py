@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import ray
 
 from megapairs_ray.config import config_from_dict
 from megapairs_ray.io import storage
@@ -12,7 +13,7 @@ from megapairs_ray.io.shards import list_shards
 from megapairs_ray.io.stepstate import StageInputError
 from megapairs_ray.pipeline.engine import run_stage
 from megapairs_ray.pipeline.index import INDEX, build_space
-from megapairs_ray.pipeline.mine import MINE
+from megapairs_ray.pipeline.mine import MINE, start_shard_actors, stop_actors
 from megapairs_ray.stages.index import IndexStageError, merge_topk
 from megapairs_ray.stages.mine import mine_batch
 from tests.helpers import good_samples, tiny_config, write_tar
@@ -72,6 +73,19 @@ def test_index_and_mine_on_ray_equal_one_exact_index(tmp_path, ray_cluster):
     assert [key(p) for p in got] == [key(p) for p in want]
     assert [p["hard_negatives"] for p in got] == [p["hard_negatives"] for p in want]
     assert [p["spaces"] for p in got] == [p["spaces"] for p in want]
+
+    # A shard actor that dies (its node lost) is started again and answers as it did: Ray
+    # restarts it and retries the call in flight.
+    actors = start_shard_actors(cfg)
+    try:
+        victim = actors["clip_image"][1]
+        queries = np.ascontiguousarray(stored["clip_image"][:4])
+        before = ray.get(victim.search.remote(queries, 5))
+        ray.kill(victim, no_restart=False)
+        after = ray.get(victim.search.remote(queries, 5), timeout=120)
+        assert np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0])
+    finally:
+        stop_actors(actors)
 
     # Reruns do nothing; search-time settings need no rebuild; other mining rules re-mine.
     assert run_stage(INDEX, cfg).counts["spaces_skipped_done"] == 3

@@ -100,9 +100,13 @@ def start_shard_actors(cfg: RunConfig) -> dict[str, list[Any]]:
         meta = read_meta(layout.index_dir(cfg.run_dir, space))
         actors[space] = [
             # Spread over the nodes: each maps its shard's bulk through its node's page cache.
+            # A shard actor holds nothing but its shard file, which it opens again, so Ray
+            # restarts it elsewhere when its node is lost and retries the calls it had: a lost
+            # node cost the whole run while the actors were starting (found by the soak).
             actor_cls.options(num_cpus=cfg.index.shard_num_cpus,
                               num_gpus=cfg.index.shard_num_gpus,
-                              scheduling_strategy="SPREAD").remote(
+                              scheduling_strategy="SPREAD", max_restarts=-1,
+                              max_task_retries=-1).remote(
                 layout.index_dir(cfg.run_dir, space), s, cfg.index, mmap=cfg.index.mmap,
                 local_cache_dir=cfg.index.local_cache_dir)
             for s in range(meta["shards"])

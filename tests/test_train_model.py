@@ -86,20 +86,17 @@ def test_loss_by_hand_and_it_prefers_the_positive():
     assert mmret_loss(p, p, n) < mmret_loss(q, p, n)  # queries equal to positives: lower loss
 
 
-def _worker(rank, port, out):
+def _gloo_worker(rank, port, out, work):
     import torch.distributed as dist
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    q, p, n = _batch(rank + 1)
-    p.requires_grad_(True)
-    loss = mmret_loss(q, p, n, rank=rank, world_size=2)
-    loss.backward()
-    out[rank] = (loss.item(), p.grad.clone())
+    out[rank] = work(rank)
     dist.destroy_process_group()
 
 
-def test_real_gloo_collectives_match_one_process():
+def on_two_gloo_workers(work):
+    """``work(rank)`` on two spawned processes joined in a gloo group; their results by rank."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -109,7 +106,22 @@ def test_real_gloo_collectives_match_one_process():
     # Ray driver with it, and that copy's exit can take the session's cluster down.
     manager = mp.get_context("spawn").Manager()
     out = manager.dict()
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(port, out, work), nprocs=2, join=True)
+    results = dict(out)
+    manager.shutdown()
+    return results
+
+
+def _gathered_loss(rank):
+    q, p, n = _batch(rank + 1)
+    p.requires_grad_(True)
+    loss = mmret_loss(q, p, n, rank=rank, world_size=2)
+    loss.backward()
+    return loss.item(), p.grad.clone()
+
+
+def test_real_gloo_collectives_match_one_process():
+    out = on_two_gloo_workers(_gathered_loss)
     (q0, p0, n0), (q1, p1, n1) = _batch(1), _batch(2)
     p = torch.cat([p0, p1]).requires_grad_(True)
     single = mmret_loss(torch.cat([q0, q1]), p, torch.cat([n0, n1]))
@@ -119,7 +131,6 @@ def test_real_gloo_collectives_match_one_process():
     # collective's backward), averaged as DDP averages, is the one-process gradient.
     assert torch.allclose(out[0][1] / 2, p.grad[:4], atol=1e-5)
     assert torch.allclose(out[1][1] / 2, p.grad[4:], atol=1e-5)
-    manager.shutdown()
 
 
 def _step_batch(seed: int, b: int = 4, h: int = 2) -> dict[str, torch.Tensor]:
@@ -155,27 +166,15 @@ def _grad_cache_step(world: int, rank: int, chunk: int | None, batch: dict[str, 
     return {n: p.grad.clone() for n, p in core.named_parameters() if p.grad is not None}
 
 
-def _grad_cache_worker(rank, port, out):
-    import torch.distributed as dist
-
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    out[rank] = _grad_cache_step(2, rank, 3, _step_batch(rank + 1))
-    dist.destroy_process_group()
+def _grad_cache_half(rank):
+    return _grad_cache_step(2, rank, 3, _step_batch(rank + 1))
 
 
 def test_grad_cache_on_two_gloo_workers_equals_one_process_on_the_whole_batch():
     """GradCache in chunks of 3 on two DDP workers, each scoring its queries against both
     workers' candidates: the averaged gradients are one process's on the whole batch, in one
     pass."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.get_context("spawn").Manager()
-    out = manager.dict()
-    mp.spawn(_grad_cache_worker, args=(port, out), nprocs=2, join=True)
+    out = on_two_gloo_workers(_grad_cache_half)
     halves = [_step_batch(1), _step_batch(2)]
     whole = {k: torch.cat([halves[0][k], halves[1][k]]) for k in halves[0]}
     want = _grad_cache_step(1, 0, None, whole)
@@ -183,4 +182,3 @@ def test_grad_cache_on_two_gloo_workers_equals_one_process_on_the_whole_batch():
     for name, g in want.items():
         assert torch.allclose(out[0][name], g, atol=1e-6, rtol=1e-4), name
         assert torch.allclose(out[1][name], g, atol=1e-6, rtol=1e-4), name
-    manager.shutdown()

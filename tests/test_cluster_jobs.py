@@ -309,7 +309,7 @@ def test_mllm_training_on_two_nodes_survives_losing_one_and_restores_its_checkpo
     import s3fs
 
     annotations = write_toy_dataset(tmp_path / "toy")
-    steps, every = 48, 8
+    steps, every = 64, 8
     doc = train_config(str(annotations), f"s3://{bucket}/train", "multi",
                        model={"init": "tiny-random-llava-next", "family": "mllm",
                               "mllm": {"image_size": 56, "max_text_len": 96,
@@ -370,8 +370,10 @@ def test_mllm_training_on_two_nodes_survives_losing_one_and_restores_its_checkpo
                                       for b in restarts), logged
     assert logged[-1] == steps and set(logged) == set(range(1, steps + 1)), logged
     losses = [r["loss"] for r in rows if "loss" in r]
-    # It learns across the restore: chance is ln(8 targets + 8 negatives) = 2.77.
-    assert sum(losses[-4:]) / 4 < min(math.log(16) - 0.2, sum(losses[:3]) / 3), losses
+    # It learns across the restore: chance is ln(8 targets + 8 negatives) = 2.77. A step's loss
+    # on 4 queries a worker swings by ±0.5, so the last quarter's steps are averaged.
+    late = sum(losses[-16:]) / 16
+    assert late < min(math.log(16) - 0.15, sum(losses[:3]) / 3), losses
     assert {node for _, node in workers} - before <= set(cluster.worker_nodes)
 
     # Then the evaluation, as a user submits it: the run folder on s3 (its last checkpoint),

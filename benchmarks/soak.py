@@ -57,10 +57,13 @@ def sh(args: list[str], env: dict[str, str], timeout: float = 1800,
 
 
 class Cluster:
-    """Head (no CPUs) + worker nodes of ``cpus`` CPUs, each with its own temp dir and /tmp."""
+    """Head (no CPUs) + worker nodes of ``cpus`` CPUs, each with its own temp dir and /tmp;
+    with ``shared_temp``, all in one temp dir and one /tmp, as plain ``ray start`` commands on
+    one machine leave them (the issue's first report)."""
 
-    def __init__(self, root: Path, env: dict[str, str], cpus: int) -> None:
-        self.root, self.env, self.cpus = root, env, cpus
+    def __init__(self, root: Path, env: dict[str, str], cpus: int,
+                 shared_temp: bool = False) -> None:
+        self.root, self.env, self.cpus, self.shared_temp = root, env, cpus, shared_temp
         self.gcs, self.dash = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.dash}"
         self.workers: list[str] = []  # node names (their temp dirs)
@@ -71,7 +74,8 @@ class Cluster:
                 f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
 
     def start(self, workers: int) -> None:
-        r = sh([str(BIN / "ray"), "start", "--head", f"--temp-dir={self.root}/head",
+        head = "shared" if self.shared_temp else "head"
+        r = sh([str(BIN / "ray"), "start", "--head", f"--temp-dir={self.root}/{head}",
                 f"--port={self.gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dash}", *self._ports()], self.env, 300)
         if r.returncode:
@@ -84,9 +88,11 @@ class Cluster:
         name = f"w{self.serial}"
         tmp = self.root / name / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        r = sh([str(BIN / "ray"), "start", f"--temp-dir={self.root}/{name}",
+        temp_dir, env = ((f"{self.root}/shared", self.env) if self.shared_temp
+                         else (f"{self.root}/{name}", {**self.env, "TMPDIR": str(tmp)}))
+        r = sh([str(BIN / "ray"), "start", f"--temp-dir={temp_dir}",
                 f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={self.cpus}", *self._ports()],
-               {**self.env, "TMPDIR": str(tmp)}, 300)
+               env, 300)
         if r.returncode:
             raise RuntimeError(f"ray start (worker) failed: {r.stderr[-2000:]}")
         self.workers.append(name)
@@ -202,15 +208,18 @@ def compare(got: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the soak
 
 
-def plan(runs: int, seed: int) -> list[dict[str, Any]]:
-    """At least a third of the runs killed and a third on s3; every fourth run resumed into
-    an earlier run's directory. Kills go to fresh runs only: a resume into a finished run ends
-    in seconds, before any kill lands (the first soak's fourth kill found its job done)."""
+def plan(runs: int, seed: int, kills: bool = True) -> list[dict[str, Any]]:
+    """At least a third of the runs killed (unless ``kills`` is off) and a third on s3; every
+    fourth run resumed into an earlier run's directory. Kills go to fresh runs only: a resume
+    into a finished run ends in seconds, before any kill lands (the first soak's fourth kill
+    found its job done)."""
     rng = random.Random(seed)
     fresh = [i for i in range(runs) if i % 4 != 3]
-    kills = set(rng.sample(fresh, min(len(fresh), max(1, runs // 3))))
+    killed = set(rng.sample(fresh, min(len(fresh), max(1, runs // 3))))
+    if not kills:
+        killed = set()
     s3 = set(rng.sample(range(runs), max(1, runs // 3)))
-    return [{"run": i, "kill": i in kills, "storage": "s3" if i in s3 else "local",
+    return [{"run": i, "kill": i in killed, "storage": "s3" if i in s3 else "local",
              "resume": i % 4 == 3} for i in range(runs)]
 
 
@@ -220,6 +229,10 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=3, help="corpus shards (100 images each)")
     ap.add_argument("--worker-cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared-temp-dir", action="store_true",
+                    help="all nodes in one Ray temp dir and one /tmp, as plain `ray start` on "
+                         "one machine leaves them; no kills (a node's processes can't be told "
+                         "apart by path)")
     ap.add_argument("--timeout", type=float, default=1800, help="per submission, seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -255,18 +268,19 @@ def main() -> None:
     reference = outputs(ref_dir)
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "cluster": {"worker_cpus": args.worker_cpus, "shared_temp_dir": args.shared_temp_dir},
         "corpus_images": len(reference["image_ids"]), "reference_seconds": time.time() - start,
         "reference_stage_seconds": reference["stage_seconds"],
         "reference_counts": {k: len(v) for k, v in reference.items() if isinstance(v, list)},
         "runs": []}
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}), flush=True)
 
-    cluster = Cluster(root / "ray", env, args.worker_cpus)
+    cluster = Cluster(root / "ray", env, args.worker_cpus, args.shared_temp_dir)
     rng = random.Random(args.seed)
     try:
         cluster.start(2)
         dirs: list[str] = []
-        for p in plan(args.runs, args.seed):
+        for p in plan(args.runs, args.seed, kills=not args.shared_temp_dir):
             earlier = [d for d in dirs if d.startswith("s3://") == (p["storage"] == "s3")]
             if p["resume"] and earlier:
                 run_dir = rng.choice(earlier)

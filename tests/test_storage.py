@@ -1,3 +1,6 @@
+import os
+import shutil
+
 import numpy as np
 import pytest
 import s3fs
@@ -52,3 +55,30 @@ def test_a_retried_writer_rewrites_the_same_files(tmp_path):
     assert {k: v.tolist() for k, v in first.items()} == {k: v.tolist() for k, v in again.items()}
     assert first["rows"].tolist() == [2, 3] and first["rejected"].tolist() == [0, 1]
     assert first["texts"].tolist() == [1, 2]
+
+
+def test_removing_works_where_the_working_directory_was_replaced(tmp_path):
+    """A ``ray job submit`` driver runs in the job's unpacked ``working_dir``, which a second
+    node on the same machine (one Ray temp dir for both) unpacks again: removed, then rewritten
+    at the same path. The driver's ``os.getcwd()`` then fails with ENOENT naming no path, and so
+    did every removal of a local folder (the soak's first run failed in index that way)."""
+    package, run = tmp_path / "pkg", tmp_path / "run"
+    (run / "staging" / "shard=0").mkdir(parents=True)
+    (run / "staging" / "shard=0" / "part.parquet").write_bytes(b"rows")
+    (run / "marker.json").write_text("{}")
+    package.mkdir()
+    before = os.getcwd()
+    try:
+        os.chdir(package)
+        shutil.rmtree(package)  # what the second node's runtime-env agent does
+        package.mkdir()
+        with pytest.raises(FileNotFoundError):
+            os.getcwd()
+        storage.remove(str(run / "staging"), recursive=True)
+        storage.remove(str(run / "marker.json"))
+        storage.remove(str(run / "never-written"), recursive=True)  # absent: nothing to do
+        with pytest.raises(IsADirectoryError):
+            storage.remove(str(run))
+    finally:
+        os.chdir(before)
+    assert sorted(p.name for p in run.iterdir()) == []

@@ -7,6 +7,7 @@ test server needs no code path of its own.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import inspect
@@ -131,8 +132,28 @@ def exists(uri: str) -> bool:
 @names_its_operation("removing")
 def remove(uri: str, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
-    if fs.exists(path):
+    if not is_remote(uri):
+        _remove_local(path, recursive)
+    elif fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+def _remove_local(path: str, recursive: bool) -> None:
+    """Remove a local file or folder without asking for the working directory.
+
+    fsspec's local ``rm`` compares the path with ``os.getcwd()``, which fails (``ENOENT``,
+    naming no path) in a process whose working directory was replaced beneath it. That is the
+    driver of a ``ray job submit`` whenever another node shares its machine's Ray temp dir (plain
+    ``ray start`` commands on one machine): each node's runtime-env agent unpacks the job's
+    ``working_dir`` afresh (``rmtree``, then unzip at the same path) the first time it runs one
+    of the job's tasks, under a driver started in the old copy. The index stage's first removal
+    then failed the run with ``not found: No such file or directory``."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        if not recursive:
+            raise IsADirectoryError(errno.EISDIR, "a folder: remove it recursively", path)
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 @names_its_operation("listing")

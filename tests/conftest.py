@@ -47,8 +47,10 @@ def s3_endpoint() -> Iterator[str]:
 def ray_cluster(s3_endpoint: str) -> Iterator[None]:
     import ray
 
+    from megapairs_ray.runtime import job_runtime_env
+
     ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
-             log_to_driver=False)
+             log_to_driver=False, runtime_env=job_runtime_env())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield

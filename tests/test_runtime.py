@@ -66,3 +66,68 @@ def test_ray_address_auto_joins_the_running_cluster(other_cluster, tmp_path):
                      object_store_memory=None)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Connecting to existing Ray cluster" in result.stderr
+
+
+def test_the_worker_setup_drops_only_vllm_s_known_shutdown_race():
+    """vLLM logs "AsyncLLM output_handler failed." with an ``EngineDeadError`` traceback when an
+    engine shuts down in order (its output loop outlives the engine process). The job's worker
+    setup drops that record when no request was outstanding, and keeps it when one was (an
+    engine that died mid-step) or for any other error."""
+    import logging
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    from megapairs_ray.runtime import worker_setup
+
+    def output_loop(output_processor: OutputProcessor, error: Exception) -> None:
+        try:
+            raise error
+        except Exception:
+            logging.getLogger("vllm.v1.engine.async_llm").exception(
+                "AsyncLLM output_handler failed.")
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger = logging.getLogger("vllm.v1.engine.async_llm")
+    logger.addHandler(handler)
+    try:
+        worker_setup()
+        idle, busy = OutputProcessor(None, log_stats=False), OutputProcessor(None, log_stats=False)
+        busy.request_states["pending"] = object()  # type: ignore[assignment]
+        output_loop(idle, EngineDeadError())  # the shutdown race: dropped
+        assert seen == []
+        output_loop(busy, EngineDeadError())  # a request lost: kept
+        output_loop(idle, RuntimeError("boom"))  # another failure: kept
+        logger.error("AsyncLLM output_handler failed.")  # no traceback to judge: kept
+        assert [r.exc_info[0] if r.exc_info else None for r in seen] == [
+            EngineDeadError, RuntimeError, None]
+    finally:
+        logger.removeHandler(handler)
+        logger.filters.clear()
+
+
+@pytest.mark.ray
+def test_the_worker_setup_runs_in_an_actor_with_a_runtime_env_of_its_own(ray_cluster):
+    """The vLLM engine stage's actors get ``env_vars`` of their own (``stage_runtime_env``);
+    the job's setup hook must still run in them, or the filter above never applies."""
+    import logging
+
+    import ray
+
+    from megapairs_ray.runtime import _engine_shutdown_race
+
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": {"MEGAPAIRS_PROBE": "1"}})
+    class Probe:
+        def filters(self) -> tuple[str, list[str]]:
+            return (os.environ.get("MEGAPAIRS_PROBE", ""),
+                    [getattr(f, "__name__", repr(f)) for f in
+                     logging.getLogger("vllm.v1.engine.async_llm").filters])
+
+    probe = Probe.remote()
+    try:
+        assert ray.get(probe.filters.remote(), timeout=120) == (
+            "1", [_engine_shutdown_race.__name__])
+    finally:
+        ray.kill(probe)

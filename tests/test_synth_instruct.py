@@ -40,14 +40,17 @@ def test_the_engine_stage_leaves_the_jobs_own_env_vars_to_the_job():
     import pytest
 
     from megapairs_ray.cli import is_internal_fault
-    from megapairs_ray.synth.llm import RuntimeEnvConflict, stage_runtime_env
+    from megapairs_ray.synth.llm import KEEP_CHILDREN, RuntimeEnvConflict, stage_runtime_env
 
     cfg = InstructConfig(model="x", env_vars={"HF_HUB_OFFLINE": "1",
                                               "VLLM_CPU_KVCACHE_SPACE": "1"})
-    assert stage_runtime_env(cfg, {}) == {"env_vars": dict(cfg.env_vars)}
+    keep = {KEEP_CHILDREN: "false"}
+    assert stage_runtime_env(cfg, {}) == {"env_vars": {**cfg.env_vars, **keep}}
     assert stage_runtime_env(cfg, {"HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL": "x"}) == {
-        "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
-    assert stage_runtime_env(cfg, dict(cfg.env_vars)) is None
+        "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", **keep}}
+    assert stage_runtime_env(cfg, dict(cfg.env_vars)) == {"env_vars": keep}
+    # The job's own choice of Ray's child-killing stands.
+    assert stage_runtime_env(cfg, {**cfg.env_vars, KEEP_CHILDREN: "true"}) == {"env_vars": {}}
     with pytest.raises(RuntimeEnvConflict) as e:
         stage_runtime_env(cfg, {"VLLM_CPU_KVCACHE_SPACE": "4"})
     assert "instruct.env_vars.VLLM_CPU_KVCACHE_SPACE" in str(e.value)

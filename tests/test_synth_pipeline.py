@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -270,3 +272,50 @@ def test_a_rerun_resumes_the_finished_tries(synth_run):
     assert counts["try_0_resumed"] > 0 and counts["try_1_resumed"] > 0
     assert "recomputed_changed_settings" not in counts
     assert pq.read_table(run_dir / "descriptions").sort_by("pair_id").equals(before)
+
+
+def _engine_actor_logs(timeout: float = 90.0) -> list[Path]:
+    """The log files of every worker that held a vLLM engine stage in this session (what Ray
+    forwards to the driver's log), once each such worker has exited: teardown writes last."""
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    files = [f for f in logs.glob("worker-*.*") if f.suffix in (".out", ".err")
+             and "vLLMEngineStageUDF" in f.read_text(errors="replace")]
+    pids = {int(f.stem.rsplit("-", 1)[-1]) for f in files}
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(1)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids), "engine actors still running"
+    return files
+
+
+def test_the_llm_steps_end_without_a_traceback_or_a_left_engine(synth_run):
+    """Each vLLM engine actor of the run (a describe try, its retry, instruct) shuts down in
+    order: its log holds no traceback (vLLM's output loop racing the engine's shutdown, the
+    resource tracker's KeyErrors) and no engine process outlives it."""
+    files = _engine_actor_logs()
+    assert len({f.stem for f in files}) >= 3  # describe's two tries and instruct
+    for f in files:
+        text = f.read_text(errors="replace")
+        assert "Traceback" not in text and "KeyError" not in text, f"{f.name}:\n{text[-3000:]}"
+    assert not _engines_of_this_ray(), "engine processes outlived their actors"
+
+
+def _engines_of_this_ray() -> list[int]:
+    """vLLM engine processes started under this session's raylet (a soak or another Ray on the
+    machine may run its own)."""
+    import ray
+
+    raylet = ray._private.worker.global_worker.node.all_processes["raylet"][0].process.pid
+    found = subprocess.run(["pgrep", "-f", "VLLM::EngineCore"], capture_output=True,
+                           text=True).stdout.split()
+    mine = []
+    for pid in map(int, found):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if f"RAY_RAYLET_PID={raylet}".encode() in env:
+            mine.append(pid)
+    return mine

@@ -221,6 +221,18 @@ def offline_batch_defaults(cfg: LLMStageConfig) -> dict[str, int]:
             "max_num_batched_tokens": 4096 * cfg.tensor_parallel_size}
 
 
+# Ray's core worker kills its direct children as it exits gracefully, before the interpreter's
+# exit finalizers run. The engine actor's children are vLLM's engine process (already ended by
+# then: Ray Data's ``__ray_shutdown__`` runs the stage's engine shutdown first) and Python's
+# shared-memory resource tracker. Killed early, the tracker is relaunched by the finalizers that
+# unregister the engine's shared memory and semaphores, and the new one prints a ``KeyError``
+# traceback for each name it never saw: a successful step's log said otherwise. Left alive, the
+# tracker sees its parent go and exits. Ray's setting never covered a crashed or SIGKILLed
+# worker (its docs: the raylet's subreaper or process groups do); the engine actor's graceful
+# exit ends its engine itself, which the synthesis test checks.
+KEEP_CHILDREN = "RAY_kill_child_processes_on_worker_exit"
+
+
 class RuntimeEnvConflict(MegapairsError, ValueError):
     """A step's ``env_vars`` and the job's runtime env set one variable to two values."""
 
@@ -234,7 +246,9 @@ def stage_runtime_env(cfg: LLMStageConfig, job_env_vars: dict[str, str],
     refuses to merge a job's runtime env with a driver's that names the same variable, even with
     the same value ("Failed to merge the Job's runtime env"): the step failed with a traceback
     naming neither. The job's value already reaches every actor of the job, so a variable both
-    set alike is left to the job; set to different values, it is one line naming both."""
+    set alike is left to the job; set to different values, it is one line naming both. The
+    engine's actors also keep their children at exit (``KEEP_CHILDREN``, below) unless the job
+    or the section says otherwise."""
     section = type(cfg).__name__.removesuffix("Config").lower()
     clash = sorted(k for k, v in cfg.env_vars.items()
                    if k in job_env_vars and str(job_env_vars[k]) != str(v))
@@ -244,7 +258,9 @@ def stage_runtime_env(cfg: LLMStageConfig, job_env_vars: dict[str, str],
             f"{section}.env_vars.{k} is {cfg.env_vars[k]!r} but the job's runtime env sets "
             f"{k}={job_env_vars[k]!r}: set it in one place")
     env = {k: v for k, v in cfg.env_vars.items() if k not in job_env_vars}
-    return {"env_vars": env} if env else None
+    if KEEP_CHILDREN not in job_env_vars:
+        env.setdefault(KEEP_CHILDREN, "false")
+    return {"env_vars": env}
 
 
 def _job_env_vars() -> dict[str, str]:

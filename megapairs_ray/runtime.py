@@ -19,6 +19,20 @@ import ray
 
 from megapairs_ray.config import RayConfig
 
+log = logging.getLogger(__name__)
+
+
+def _started_in() -> str:
+    """This process's working directory, from the shell's ``PWD`` if it is already gone."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return os.environ.get("PWD", "")
+
+
+# Where this process started: a job driver's unpacked ``working_dir`` (see reenter_working_dir).
+_STARTED_IN = _started_in()
+
 
 def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
@@ -71,3 +85,27 @@ def _engine_shutdown_race(record: logging.LogRecord) -> bool:
                 return True
         tb = tb.tb_next
     return True
+
+
+def reenter_working_dir() -> None:
+    """Step back into this process's working directory by its path when the directory itself
+    was replaced beneath it; called before each stage.
+
+    A ``ray job submit`` driver starts in the job's unpacked ``working_dir``. Every node's
+    runtime-env agent unpacks it afresh (``rmtree``, then unzip at the same path) the first time
+    it runs one of the job's tasks, so where nodes share one Ray temp dir (several ``ray start``
+    on one machine, without ``--temp-dir``) the driver is left in a deleted folder. Nothing the
+    driver opens by an absolute path notices; ``os.getcwd()`` and every relative path then fail
+    with ``ENOENT`` naming no file (the index stage's "not found: No such file or directory").
+    The new copy at the same path holds the same files."""
+    try:
+        os.getcwd()
+        return
+    except FileNotFoundError:
+        pass
+    if not _STARTED_IN or not os.path.isdir(_STARTED_IN):
+        return  # nothing to step back into: the first relative path will say so
+    os.chdir(_STARTED_IN)
+    log.warning("this process's working directory %s was replaced beneath it (Ray nodes on "
+                "one machine sharing a temp dir unpack a job's working_dir again): re-entered "
+                "it; start each node with its own --temp-dir", _STARTED_IN)

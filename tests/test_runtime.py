@@ -131,3 +131,32 @@ def test_the_worker_setup_runs_in_an_actor_with_a_runtime_env_of_its_own(ray_clu
             "1", [_engine_shutdown_race.__name__])
     finally:
         ray.kill(probe)
+
+
+def test_a_stage_steps_back_into_a_working_directory_replaced_beneath_it(tmp_path, monkeypatch,
+                                                                          caplog):
+    """Where Ray nodes on one machine share a temp dir, each node's agent unpacks the job's
+    working_dir afresh under the driver already running in it: ``os.getcwd()`` and every
+    relative path fail (ENOENT naming no file). Each stage first re-enters the folder by its
+    path, and says why in one warning."""
+    from megapairs_ray import runtime
+
+    package = tmp_path / "_ray_pkg_0123"
+    (package / "configs").mkdir(parents=True)
+    before = os.getcwd()
+    monkeypatch.setattr(runtime, "_STARTED_IN", str(package))
+    try:
+        os.chdir(package)
+        shutil.rmtree(package)  # what the agent does: remove, then unzip at the same path
+        (package / "configs").mkdir(parents=True)
+        (package / "configs" / "tiny.yaml").write_text("run_dir: runs/tiny\n")
+        with pytest.raises(FileNotFoundError):
+            Path("configs/tiny.yaml").resolve()
+        runtime.reenter_working_dir()
+        assert os.getcwd() == str(package)
+        assert Path("configs/tiny.yaml").read_text() == "run_dir: runs/tiny\n"
+        runtime.reenter_working_dir()  # nothing to do now: no second warning
+    finally:
+        os.chdir(before)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "megapairs_ray.runtime"]
+    assert len(warnings) == 1 and "--temp-dir" in warnings[0] and str(package) in warnings[0]

@@ -32,6 +32,7 @@ from megapairs_ray import manifest
 from megapairs_ray.io import layout, stepstate, storage
 from megapairs_ray.io.rejects import upgrade_rejects_file
 from megapairs_ray.io.stepstate import StepState
+from megapairs_ray.runtime import reenter_working_dir
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Stage(Generic[C]):
 
 def run_stage(stage: Stage[C], cfg: C) -> manifest.StageRecord:
     """Run one stage on ``cfg``'s run directory, resuming; returns its manifest record."""
+    reenter_working_dir()
     record = manifest.StageRecord(stage.name).start()
     for need in stage.needs:
         need.require_finished(cfg)

@@ -290,7 +290,9 @@ def main() -> None:
                 run_dir = (f"s3://{BUCKET}/{name}" if p["storage"] == "s3"
                            else str(root / "runs" / name))
                 dirs.append(run_dir)
-            record: dict[str, Any] = {**p, "run_dir": run_dir, "submissions": []}
+            # A resume with no earlier run on its storage is a fresh run: say so.
+            record: dict[str, Any] = {**p, "resume": bool(p["resume"] and earlier),
+                                      "run_dir": run_dir, "submissions": []}
             start = time.time()
             for attempt in range(2):
                 job = submit(cluster, [f"run_dir={run_dir}", "ray.address=auto", *common],

@@ -81,11 +81,14 @@ def test_the_worker_setup_drops_only_vllm_s_known_shutdown_race():
     from megapairs_ray.runtime import worker_setup
 
     def output_loop(output_processor: OutputProcessor, error: Exception) -> None:
-        try:
-            raise error
-        except Exception:
-            logging.getLogger("vllm.v1.engine.async_llm").exception(
-                "AsyncLLM output_handler failed.")
+        def output_handler() -> None:  # as in vLLM: the processor is a closure's free variable
+            try:
+                output_processor.get_num_unfinished_requests()
+                raise error
+            except Exception:
+                logging.getLogger("vllm.v1.engine.async_llm").exception(
+                    "AsyncLLM output_handler failed.")
+        output_handler()
 
     seen: list[logging.LogRecord] = []
     handler = logging.Handler()

@@ -247,7 +247,7 @@ def stage_runtime_env(cfg: LLMStageConfig, job_env_vars: dict[str, str],
     the same value ("Failed to merge the Job's runtime env"): the step failed with a traceback
     naming neither. The job's value already reaches every actor of the job, so a variable both
     set alike is left to the job; set to different values, it is one line naming both. The
-    engine's actors also keep their children at exit (``KEEP_CHILDREN``, below) unless the job
+    engine's actors also keep their children at exit (``KEEP_CHILDREN``, above) unless the job
     or the section says otherwise."""
     section = type(cfg).__name__.removesuffix("Config").lower()
     clash = sorted(k for k, v in cfg.env_vars.items()

@@ -15,6 +15,7 @@ import json
 import subprocess
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -274,13 +275,15 @@ def test_a_rerun_resumes_the_finished_tries(synth_run):
     assert pq.read_table(run_dir / "descriptions").sort_by("pair_id").equals(before)
 
 
-def _engine_actor_logs(timeout: float = 90.0) -> list[Path]:
+def _engine_actor_logs(since: float, timeout: float = 90.0) -> list[Path]:
     """The log files of every worker that held a vLLM engine stage in this session (what Ray
-    forwards to the driver's log), once each such worker has exited: teardown writes last."""
+    forwards to the driver's log) and wrote after ``since`` (other modules' engines ended
+    before), once each such worker has exited: teardown writes last."""
     import ray
 
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     files = [f for f in logs.glob("worker-*.*") if f.suffix in (".out", ".err")
+             and f.stat().st_mtime >= since
              and "vLLMEngineStageUDF" in f.read_text(errors="replace")]
     pids = {int(f.stem.rsplit("-", 1)[-1]) for f in files}
     deadline = time.time() + timeout
@@ -294,7 +297,9 @@ def test_the_llm_steps_end_without_a_traceback_or_a_left_engine(synth_run):
     """Each vLLM engine actor of the run (a describe try, its retry, instruct) shuts down in
     order: its log holds no traceback (vLLM's output loop racing the engine's shutdown, the
     resource tracker's KeyErrors) and no engine process outlives it."""
-    files = _engine_actor_logs()
+    doc = synth_run[3]
+    since = datetime.fromisoformat(doc["stages"]["describe"]["started_at"]).timestamp() - 1
+    files = _engine_actor_logs(since)
     assert len({f.stem for f in files}) >= 3  # describe's two tries and instruct
     for f in files:
         text = f.read_text(errors="replace")

@@ -44,7 +44,10 @@ def _build(tmp_path, cfg, ids, x, trained=None, mmap=False):
 
 
 def _exact(x, q, ids, k):
-    sims = q @ x.T
+    # einsum's own loop, not BLAS: a pair's score must not depend on where the vector sits in
+    # the matrix (OpenBLAS's AVX2 sgemm rounds a tile's edge apart from its middle, so
+    # ``q @ x.T`` broke exact ties by an ulp of noise on such a machine).
+    sims = np.einsum("qd,nd->qn", q, x)
     order = np.lexsort((np.broadcast_to(ids, sims.shape), -sims), axis=1)[:, :k]
     return np.take_along_axis(sims, order, 1), ids[order]
 
@@ -210,7 +213,11 @@ def test_a_score_depends_on_the_pair_alone_on_this_machine():
     """The premise of id tie-breaking across shards: a bit-identical vector scores bit-identically
     against a query whatever the index's size, its position in it, the query batch's size (FAISS
     switches from a SIMD loop to BLAS at 20 queries), the thread count and the index kind.
-    Measured true for FAISS 1.15 on OpenBLAS; a BLAS that breaks it fails here first."""
+    Measured true for FAISS 1.15 on OpenBLAS; a BLAS that breaks it fails here first.
+
+    Not HNSW: on an AVX2 build its batched distance kernel (four vectors at a time) rounds
+    differently from its one-vector kernel, so there a pair's score depends on the graph walk
+    by an ulp (measured). HNSW shards then break exact ties by that noise, not by id."""
     import faiss
 
     rng = np.random.default_rng(41)
@@ -221,7 +228,7 @@ def test_a_score_depends_on_the_pair_alone_on_this_machine():
         for pos in sorted({0, n // 2, n - 1}):
             x = rng.standard_normal((n, 64)).astype(np.float32)
             x[pos] = dup
-            for spec in ("Flat", "HNSW16,Flat", "IVF1,Flat")[: 1 if n > 300 else 3]:
+            for spec in ("Flat", "IVF1,Flat")[: 1 if n > 300 else 2]:
                 index = faiss.index_factory(64, spec, faiss.METRIC_INNER_PRODUCT)
                 index.train(x)
                 index.add(x)

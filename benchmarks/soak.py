@@ -25,6 +25,7 @@ instructed pair).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -102,13 +103,35 @@ class Cluster:
     def kill_worker(self, rng: random.Random) -> str:
         """SIGKILL every process of one worker node, then join a new one in its place."""
         name = rng.choice(self.workers)
-        subprocess.run(["pkill", "-9", "-f", f"{self.root}/{name}"], check=False)
+        kill_tree(f"{self.root}/{name}")
         self.workers.remove(name)
         self.add_worker()
         return name
 
     def stop(self) -> None:
-        subprocess.run(["pkill", "-9", "-f", str(self.root)], check=False)
+        kill_tree(str(self.root))
+
+
+def kill_tree(pattern: str) -> None:
+    """SIGKILL every process whose command line holds ``pattern`` and all their descendants:
+    a node's agents and vLLM's engine processes don't name the node's folder, and a pod's loss
+    takes them too."""
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    pids = {int(p) for p in found.split()} - {os.getpid()}
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    todo = list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in pids:
+                pids.add(child)
+                todo.append(child)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+            os.kill(pid, 9)
 
 
 def submit(cluster: Cluster, overrides: list[str], env_vars: dict[str, str]) -> str:

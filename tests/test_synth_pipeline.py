@@ -75,7 +75,11 @@ def synth_run(tmp_path_factory, ray_cluster, tiny_synth_models):
               "-s", f"describe.tiny_model_dir={tiny_synth_models['describe']}",
               "-s", f"instruct.tiny_model_dir={tiny_synth_models['instruct']}",
               # Every image a query: 30 images give the demo's real spaces about 20 pairs.
-              "-s", "mine.query_fraction=1.0"]
+              "-s", "mine.query_fraction=1.0",
+              # One try for instruct: describe's two exercise the tries (both steps run the
+              # same loop, pipeline/synth.py run_tries), and a vLLM engine's start is about
+              # 40 s of this machine (three processes, each importing torch and vLLM).
+              "-s", "instruct.retries=0"]
     _cli("run", *common, "--stages", "ingest,embed,index,mine")
     pairs = pq.read_table(run_dir / "pairs").to_pylist()
     assert len(pairs) >= 10
@@ -294,7 +298,7 @@ def _engine_actor_logs(since: float, timeout: float = 90.0) -> list[Path]:
 
 
 def test_the_llm_steps_end_without_a_traceback_or_a_left_engine(synth_run):
-    """Each vLLM engine actor of the run (a describe try, its retry, instruct) shuts down in
+    """Each vLLM engine actor of the run (a describe try, its retry, instruct's one) shuts down in
     order: its log holds no traceback (vLLM's output loop racing the engine's shutdown, the
     resource tracker's KeyErrors) and no engine process outlives it."""
     doc = synth_run[3]

@@ -1,3 +1,4 @@
+import faiss
 import numpy as np
 import pytest
 
@@ -95,6 +96,9 @@ def test_approximate_kinds_find_most_true_neighbours(tmp_path, kind, params):
     _, want = _exact(x, q, ids, 10)
     recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
     assert recall > 0.9, recall
+    if kind == "ivf_pq":  # trained without the polysemous code order no search of ours reads
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(shards[0].index))
+        assert not ivf.do_polysemous_training and ivf.polysemous_ht == 0
 
 
 def test_k_beyond_the_corpus_returns_padding_never_invented_ids(tmp_path):

@@ -179,6 +179,14 @@ def _triplets(b: int = 4, h: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
             "negative_pixels": px(b, h, 3, SIDE, SIDE)}
 
 
+def _query_batch(twin: str, m: MMRetMLLM, texts: list[str]) -> dict[str, torch.Tensor]:
+    """``_triplets()`` with ``texts`` as the queries' instructions, tokenized as training does."""
+    batch = _triplets()
+    ids, mask = tokenize_queries(load_tokenizer(twin), m.model_input, texts, [True] * len(texts))
+    batch["input_ids"], batch["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+    return batch
+
+
 def _grads(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int | None,
            ) -> tuple[float, dict[str, torch.Tensor]]:
     model = copy.deepcopy(model).train()
@@ -198,10 +206,7 @@ def test_grad_cache_gives_the_full_batch_loss_and_gradients(twin, dropout, chunk
     replays its first pass's masks: chunks as large as the batch then draw the one-pass masks,
     and the gradients are equal only because they are replayed."""
     m = _model(twin, lora=True, dropout=dropout)
-    batch = _triplets()
-    ids, mask = tokenize_queries(load_tokenizer(twin), m.model_input,
-                                 ["red", "a blue car", "night", "a bigger dog please"], [True] * 4)
-    batch["input_ids"], batch["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+    batch = _query_batch(twin, m, ["red", "a blue car", "night", "a bigger dog please"])
     full_loss, full = _grads(m, batch, None)
     cached_loss, cached = _grads(m, batch, chunk)
     assert cached_loss == pytest.approx(full_loss, abs=1e-6)
@@ -220,10 +225,7 @@ def test_lora_under_grad_cache_learns(twin):
     m = MMRetMLLM.from_pretrained(twin, trainable=True)
     m.add_lora(r=8, alpha=16, dropout=0.0, target_modules=DEFAULT_LORA_TARGETS)
     m.train()
-    batch = _triplets()
-    ids, mask = tokenize_queries(load_tokenizer(twin), m.model_input,
-                                 ["red", "a blue car", "night", "a bigger dog please"], [True] * 4)
-    batch["input_ids"], batch["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+    batch = _query_batch(twin, m, ["red", "a blue car", "night", "a bigger dog please"])
     cfg = OptimConfig(max_steps=12, batch_size=4, warmup_steps=2, lr=3e-3, grad_cache_chunk=2,
                       temperature=0.05)
     step = TrainStep(m, m, cfg, 2, m.model_input, torch.device("cpu"))
@@ -258,10 +260,7 @@ def test_gradient_checkpointing_keeps_the_gradients(twin):
     """Activations recomputed in the backward pass (the 7B recipe's memory saving), under
     GradCache: the same gradients."""
     m = _model(twin, lora=True)
-    batch = _triplets()
-    ids, mask = tokenize_queries(load_tokenizer(twin), m.model_input, ["red", "blue", "a", "b"],
-                                 [True] * 4)
-    batch["input_ids"], batch["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+    batch = _query_batch(twin, m, ["red", "blue", "a", "b"])
     _, plain = _grads(m, batch, 3)
     m.gradient_checkpointing_enable()
     assert m.base_llava().model.language_model.gradient_checkpointing

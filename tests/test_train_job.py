@@ -20,16 +20,12 @@ from .train_helpers import kill_at_first_checkpoint, train_config
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def _cfg(tmp_path, annotations, storage_path=None, name="run", **sections) -> TrainConfig:
-    return TrainConfig.model_validate(train_config(
-        str(annotations), storage_path or str(tmp_path / "store"), name, **sections))
-
-
 def test_too_few_triplets_for_one_batch_is_a_clear_error(tmp_path):
     root = tmp_path / "ds"
     write_jsonl(root / "a.jsonl", write_triplet_set(root)[:5])
     with pytest.raises(TrainDataError, match="cannot fill one batch of 8"):
-        run_training(_cfg(tmp_path, root))
+        run_training(TrainConfig.model_validate(
+            train_config(str(root), str(tmp_path / "store"), "run")))
 
 
 def _bad_triplet_set(root):

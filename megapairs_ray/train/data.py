@@ -520,12 +520,24 @@ class CaptionLoader:
                 "input_ids": ids, "attention_mask": mask}
 
 
+def passes_needed(cfg: TrainConfig, usable: int) -> int:
+    """Passes over ``usable`` rows that a run of ``optim.max_steps`` steps consumes."""
+    o = cfg.optim
+    per_step = o.batch_size * o.grad_accum_steps * cfg.scaling.num_workers
+    return max(1, math.ceil(o.max_steps * per_step / usable))
+
+
 def training_dataset(cfg: TrainConfig, prepared: str, model_input: ModelInput,
-                     tokenizer_path: str | None, tally: str | None) -> ray.data.Dataset:
-    # One read task per prepared file, at the loaders' CPU share: Ray Data's own file listing
-    # asks for a whole CPU, which a small cluster busy with trainers may never have free.
+                     tokenizer_path: str | None, tally: str | None,
+                     passes: int = 1) -> ray.data.Dataset:
+    """The loaders' stream: ``passes`` passes over the prepared files, each file read in a fresh
+    order each time, in one execution. (One execution a pass would start the loader actors
+    again on every pass: seconds each, more than a pass over a small set takes.)"""
+    # One read task per prepared file and pass, at the loaders' CPU share: Ray Data's own file
+    # listing asks for a whole CPU, which a small cluster busy with trainers may never have free.
     files = storage.list_files(prepared, suffix=".parquet")
-    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    items = [{"file": f} for _ in range(passes) for f in files]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_usable, batch_size=1, num_cpus=cfg.data.loader_num_cpus)
     loader = CaptionLoader if cfg.data.captions_from else TripletLoader
     return ds.map_batches(

@@ -47,6 +47,7 @@ from megapairs_ray.models.towers import MMRetTowers, image_statistics, towers_mo
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.data import (
     RejectTally,
+    passes_needed,
     prepare_data,
     tally_name,
     training_dataset,
@@ -181,8 +182,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     samples_per_step = opt.batch_size * opt.grad_accum_steps * world
     window_start, window_steps = time.perf_counter(), 0
     window_loss = torch.zeros((), device=device)
-    passes = 0
+    usable = loop_config["usable"]
     model.train()
+    # The stream holds every pass the run needs (``passes_needed``); it is read again only if
+    # the run's last batches fall short (a resumed run, rows dropped while loading).
     while train_step.step < opt.max_steps:
         batches_this_pass = 0
         for batch in shard.iter_torch_batches(batch_size=opt.batch_size, drop_last=True,
@@ -203,7 +206,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     mean_loss /= world
                 elapsed = time.perf_counter() - window_start
                 metrics = {"step": step, "loss": float(mean_loss.item()),
-                           "lr": train_step.scheduler.get_last_lr()[0], "passes": passes,
+                           "lr": train_step.scheduler.get_last_lr()[0],
+                           "passes": step * samples_per_step // usable,  # full passes so far
                            "samples_per_s": samples_per_step * window_steps / elapsed}
                 if is_ckpt:
                     _report_with_checkpoint(metrics, core, tokenizer, train_step, rank)
@@ -217,7 +221,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             raise TrainDataError(
                 f"worker {rank} received no full batch of {opt.batch_size} triplets in a pass "
                 f"over the data: too few usable triplets for {world} workers")
-        passes += 1
 
 
 def _report_with_checkpoint(metrics: dict[str, Any], model: Any, tokenizer: Any,
@@ -322,7 +325,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=True)).remote()
     model_input = model_input_for(cfg)
-    ds = training_dataset(cfg, prepared, model_input, tokenizer_source(cfg), tally_name(cfg))
+    ds = training_dataset(cfg, prepared, model_input, tokenizer_source(cfg), tally_name(cfg),
+                          passes=passes_needed(cfg, usable))
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker or 1
@@ -333,7 +337,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"),
                            "model_input": model_input.__dict__,
-                           "tokenizer": tokenizer_source(cfg)},
+                           "tokenizer": tokenizer_source(cfg), "usable": usable},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
                                      use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),

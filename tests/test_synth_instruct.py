@@ -57,6 +57,26 @@ def test_the_engine_stage_leaves_the_jobs_own_env_vars_to_the_job():
     assert "\n" not in str(e.value) and not is_internal_fault(e.value)
 
 
+def test_an_engine_on_cpus_runs_its_model_in_its_engine_process():
+    """vLLM's CPU backend would start a third process for the model (``llm.py``,
+    ``CPU_ENGINE_IN_ONE_PROCESS``); a GPU engine and a tensor-parallel one keep vLLM's choice,
+    and so does a job that sets the variable itself."""
+    from megapairs_ray.synth.llm import CPU_ENGINE_IN_ONE_PROCESS, stage_runtime_env
+
+    def env(cfg: InstructConfig, job: dict[str, str]) -> dict[str, str]:
+        return stage_runtime_env(cfg, job)["env_vars"]
+
+    cpu = InstructConfig(model="x", engine_num_gpus=0)
+    assert env(cpu, {})[CPU_ENGINE_IN_ONE_PROCESS] == "0"
+    assert CPU_ENGINE_IN_ONE_PROCESS not in env(cpu, {CPU_ENGINE_IN_ONE_PROCESS: "1"})
+    for other in (InstructConfig(model="x"),
+                  InstructConfig(model="x", engine_num_gpus=0, tensor_parallel_size=2)):
+        assert CPU_ENGINE_IN_ONE_PROCESS not in env(other, {})
+    # A section's own setting stands.
+    mine = InstructConfig(model="x", engine_num_gpus=0, env_vars={CPU_ENGINE_IN_ONE_PROCESS: "1"})
+    assert env(mine, {})[CPU_ENGINE_IN_ONE_PROCESS] == "1"
+
+
 def test_a_tiny_models_path_is_absolute_for_the_processes_that_load_it(tmp_path, monkeypatch):
     """Engine actors and preprocessing tasks have working directories of their own under
     ``ray job submit``: a relative tiny-model folder was found by none of them."""

@@ -310,7 +310,7 @@ def test_mllm_training_on_two_nodes_survives_losing_one_and_restores_its_checkpo
     import s3fs
 
     annotations = write_toy_dataset(tmp_path / "toy")
-    steps, every = 24, 8
+    steps, every = 16, 8
     doc = train_config(str(annotations), f"s3://{bucket}/train", "multi",
                        model={"init": "tiny-random-llava-next", "family": "mllm",
                               "mllm": {"image_size": 56, "max_text_len": 96,

@@ -114,6 +114,9 @@ def autoscaling() -> Iterator[Autoscaling]:
         yield Autoscaling(root, address, f"http://127.0.0.1:{dash}", env)
     finally:
         subprocess.run(["pkill", "-9", "-f", str(root)], check=False)
+        # The head's Ray client server names the GCS address, not the temp dir.
+        subprocess.run(["pkill", "-9", "-f", f"ray.util.client.server --address=[^ ]+:{gcs} "],
+                       check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -85,6 +85,9 @@ def cluster(s3_endpoint: str) -> Iterator[Cluster]:
         yield c
     finally:
         subprocess.run(["pkill", "-9", "-f", str(root)], check=False)
+        # The head's Ray client server names the GCS address, not the temp dir.
+        subprocess.run(["pkill", "-9", "-f", f"ray.util.client.server --address=[^ ]+:{gcs} "],
+                       check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 

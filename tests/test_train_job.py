@@ -30,8 +30,8 @@ def test_too_few_triplets_for_one_batch_is_a_clear_error(tmp_path):
 
 def _bad_triplet_set(root):
     """The toy triplets, half in a JSON-lines file with broken lines among them and half in a
-    parquet file. (All of them: a pass over 120 is 15 steps, and each pass restarts the
-    loaders.)"""
+    parquet file. (All of them: a pass over 120 is 15 steps, and the 64-step run makes
+    several passes in one loader stream.)"""
     recs = write_triplet_set(root)
     bad_lines = [
         "{not json",

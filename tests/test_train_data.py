@@ -12,7 +12,13 @@ from PIL import Image
 from megapairs_ray.io.triplets import ImageStore, triplet_problem
 from megapairs_ray.models.tokenizer import CLIP_VOCAB_SIZE, load_tokenizer
 from megapairs_ray.train.config import TrainConfig
-from megapairs_ray.train.data import ModelInput, TripletLoader
+from megapairs_ray.train.data import (
+    MAX_STREAM_READS,
+    ModelInput,
+    TripletLoader,
+    passes_needed,
+    stream_passes,
+)
 from megapairs_ray.train.toy_triplets import shape_image, write_triplet_set
 
 from .train_helpers import train_config
@@ -142,3 +148,16 @@ def test_loader_drops_a_row_whose_image_is_broken_and_keeps_the_rest(tmp_path):
     assert out["query_pixels"].shape[0] == 2
     assert out["negative_pixels"].shape == (2, 4, 3, 32, 32)
     assert out["input_ids"].shape[0] == 2
+
+
+def test_one_loader_stream_holds_the_runs_passes_within_its_read_budget(tmp_path):
+    """A run's passes go in one stream (each stream starts the loader actors again), up to
+    ``MAX_STREAM_READS`` file reads; a set bigger than a run's steps is one pass."""
+    doc = train_config(str(tmp_path), str(tmp_path / "store"), "run",
+                       optim={"max_steps": 64, "batch_size": 4, "grad_accum_steps": 2})
+    cfg = TrainConfig.model_validate(doc)  # 2 workers: 16 rows a step, 1,024 in the run
+    assert passes_needed(cfg, 120) == 9  # 1,024 / 120 = 8.5
+    assert passes_needed(cfg, 1024) == 1 and passes_needed(cfg, 5000) == 1
+    assert stream_passes(9, 2) == 9
+    assert stream_passes(10_000, 4) == MAX_STREAM_READS // 4
+    assert stream_passes(3, MAX_STREAM_READS * 2) == 1  # a big set: one pass a stream

@@ -520,11 +520,22 @@ class CaptionLoader:
                 "input_ids": ids, "attention_mask": mask}
 
 
+# The most file reads one loader stream plans: a long run over a small set would otherwise plan
+# tens of thousands of read tasks up front. The trainers start another stream when one runs out.
+MAX_STREAM_READS = 1024
+
+
 def passes_needed(cfg: TrainConfig, usable: int) -> int:
     """Passes over ``usable`` rows that a run of ``optim.max_steps`` steps consumes."""
     o = cfg.optim
     per_step = o.batch_size * o.grad_accum_steps * cfg.scaling.num_workers
     return max(1, math.ceil(o.max_steps * per_step / usable))
+
+
+def stream_passes(passes: int, files: int) -> int:
+    """The passes one stream holds: ``passes``, within ``MAX_STREAM_READS`` reads of ``files``
+    files, and at least one."""
+    return max(1, min(passes, MAX_STREAM_READS // max(1, files)))
 
 
 def training_dataset(cfg: TrainConfig, prepared: str, model_input: ModelInput,
@@ -536,7 +547,7 @@ def training_dataset(cfg: TrainConfig, prepared: str, model_input: ModelInput,
     # One read task per prepared file and pass, at the loaders' CPU share: Ray Data's own file
     # listing asks for a whole CPU, which a small cluster busy with trainers may never have free.
     files = storage.list_files(prepared, suffix=".parquet")
-    items = [{"file": f} for _ in range(passes) for f in files]
+    items = [{"file": f} for _ in range(stream_passes(passes, len(files))) for f in files]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_usable, batch_size=1, num_cpus=cfg.data.loader_num_cpus)
     loader = CaptionLoader if cfg.data.captions_from else TripletLoader

@@ -165,3 +165,16 @@ def pair_rejects(path: Path | str) -> list[dict[str, Any]]:
         out.append({**detail, "pair_id": pair_id, "reason": r["reason"],
                     "reject_reason": detail.pop("message")})
     return out
+
+
+def stop_local_cluster(root: Path, gcs_port: int) -> None:
+    """SIGKILL a cluster started here with ``ray start`` under temp dirs in ``root`` (never
+    ``ray stop``, which stops every Ray on the machine): the processes naming ``root``, and the
+    head's Ray client server, which names only the GCS address."""
+    import shutil
+    import subprocess
+
+    subprocess.run(["pkill", "-9", "-f", str(root)], check=False)
+    subprocess.run(["pkill", "-9", "-f", f"ray.util.client.server --address=[^ ]+:{gcs_port} "],
+                   check=False)
+    shutil.rmtree(root, ignore_errors=True)

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ import yaml
 
 from megapairs_ray.train.evaluate import run_eval
 from megapairs_ray.train.toy_triplets import write_toy_dataset
-from tests.helpers import good_samples, write_tar
+from tests.helpers import good_samples, stop_local_cluster, write_tar
 from tests.serve_helpers import free_port
 from tests.test_evaluate import make_circo
 from tests.train_helpers import train_config
@@ -84,11 +83,7 @@ def cluster(s3_endpoint: str) -> Iterator[Cluster]:
         assert len(c.worker_nodes) == 2
         yield c
     finally:
-        subprocess.run(["pkill", "-9", "-f", str(root)], check=False)
-        # The head's Ray client server names the GCS address, not the temp dir.
-        subprocess.run(["pkill", "-9", "-f", f"ray.util.client.server --address=[^ ]+:{gcs} "],
-                       check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        stop_local_cluster(root, gcs)
 
 
 def _ports() -> list[str]:

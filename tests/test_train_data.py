@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -35,6 +37,17 @@ def test_tokenizer_is_openai_clip_bpe():
     for a, b in zip(ours, ref):
         n = a.index(49407) + 1  # up to end-of-text; padding differs (eot vs 0) by design
         assert a[:n] == b[:n]
+
+
+def test_the_default_tokenizer_reads_open_clip_s_vocabulary_without_importing_open_clip():
+    """Importing open_clip costs every training, loader and encoder process seconds of CPU for
+    models it never builds; the vocabulary file is all the tokenizer needs."""
+    code = ("import sys; from megapairs_ray.models.tokenizer import load_tokenizer; "
+            "assert len(load_tokenizer(None)) == 49408; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'timm')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.strip() == "[]", out
 
 
 GOOD = {"q_img": "images/00000/a.jpg", "q_text": ["x", "y"], "t_img": "images/00000/b.jpg",

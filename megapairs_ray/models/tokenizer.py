@@ -11,6 +11,7 @@ is needed.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import tempfile
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerBase
 from megapairs_ray.models.family import register_with_transformers
 
 CLIP_VOCAB_SIZE = 49408
+OPEN_CLIP_VOCABULARY = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI's file, as open_clip ships it
 
 
 def load_tokenizer(path: str | None) -> PreTrainedTokenizerBase:
@@ -39,11 +41,22 @@ def _has_tokenizer_files(path: str) -> bool:
     return any((p / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
 
 
+def _open_clip_vocabulary() -> Path:
+    """The BPE vocabulary file inside the installed ``open_clip``, found without importing it:
+    its ``__init__`` imports every model it has (timm, transformers' model code), about 4 s of
+    CPU in each training, loader and encoder process that only needs this one file."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("open_clip is not installed: a random-initialised model takes "
+                                  "OpenAI CLIP's vocabulary from it")
+    return Path(spec.origin).parent / OPEN_CLIP_VOCABULARY
+
+
 @lru_cache(maxsize=1)
 def _openai_clip_bpe() -> PreTrainedTokenizerBase:
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    with gzip.open(default_bpe()) as f:
+    with gzip.open(_open_clip_vocabulary()) as f:
         lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]  # the slice OpenAI's tokenizer uses
     byte_tokens = list(bytes_to_unicode().values())

@@ -101,7 +101,6 @@ class RetrieverEncoder:
         self.tokenizer = load_tokenizer(checkpoint)
         model_input = self.model.model_input
         self.model_input = model_input
-        self.max_len = model_input.max_text_len
         self.dim = self.model.dim
         # The family's own preprocessing (models/inputs.py): for CLIP checkpoints, the released
         # processor's pixels, so released models rank here as they do in their authors' code.
@@ -129,10 +128,13 @@ class RetrieverEncoder:
                 raise UndecodableImage(f"{name} cannot be decoded: {d}")
         return self.pixels(decoded)  # type: ignore[arg-type]
 
-    def tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                             max_length=self.max_len, return_tensors="pt")
-        return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+    def tokens(self, texts: Sequence[str], has_image: Sequence[bool] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and masks of queries' texts, on the device, as the training loaders make
+        them (``inputs.tokenize_queries``); ``has_image`` matters to prompt families only."""
+        flags = [False] * len(texts) if has_image is None else list(has_image)
+        ids, mask = tokenize_queries(self.tokenizer, self.model_input, texts, flags)
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -187,10 +189,7 @@ class RetrieverEncoder:
             raise ValueError(f"query {missing[0]} has neither an image nor a text")
         if self.model_input.query_formats is not None:  # one prompt per query (mllm)
             has_image = set(with_image)
-            ids_np, mask_np = tokenize_queries(self.tokenizer, self.model_input, texts,
-                                               [i in has_image for i in range(n)])
-            ids = torch.from_numpy(ids_np).to(self.device)
-            mask = torch.from_numpy(mask_np).to(self.device)
+            ids, mask = self.tokens(texts, [i in has_image for i in range(n)])  # type: ignore[arg-type]
             return self.model.embed_queries(px, ids, mask).float().cpu().numpy()
         total = torch.zeros((n, self.dim), dtype=torch.float32, device=self.device)
         if px is not None:

@@ -128,7 +128,7 @@ class RetrieverEncoder:
                 raise UndecodableImage(f"{name} cannot be decoded: {d}")
         return self.pixels(decoded)  # type: ignore[arg-type]
 
-    def tokens(self, texts: Sequence[str], has_image: Sequence[bool] | None = None,
+    def tokens(self, texts: Sequence[str | None], has_image: Sequence[bool] | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and masks of queries' texts, on the device, as the training loaders make
         them (``inputs.tokenize_queries``); ``has_image`` matters to prompt families only."""
@@ -189,12 +189,12 @@ class RetrieverEncoder:
             raise ValueError(f"query {missing[0]} has neither an image nor a text")
         if self.model_input.query_formats is not None:  # one prompt per query (mllm)
             has_image = set(with_image)
-            ids, mask = self.tokens(texts, [i in has_image for i in range(n)])  # type: ignore[arg-type]
+            ids, mask = self.tokens(texts, [i in has_image for i in range(n)])
             return self.model.embed_queries(px, ids, mask).float().cpu().numpy()
         total = torch.zeros((n, self.dim), dtype=torch.float32, device=self.device)
         if px is not None:
             total[with_image] += self.model.image_features(px).float()
         if with_text:
-            ids, mask = self.tokens([texts[i] for i in with_text])  # type: ignore[misc]
+            ids, mask = self.tokens([texts[i] for i in with_text])
             total[with_text] += self.model.text_features(ids, mask).float()
         return F.normalize(total, dim=-1).cpu().numpy()

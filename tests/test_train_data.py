@@ -43,7 +43,7 @@ def test_the_default_tokenizer_reads_open_clip_s_vocabulary_without_importing_op
     """Importing open_clip costs every training, loader and encoder process seconds of CPU for
     models it never builds; the vocabulary file is all the tokenizer needs."""
     code = ("import sys; from megapairs_ray.models.tokenizer import load_tokenizer; "
-            "assert len(load_tokenizer(None)) == 49408; "
+            f"assert len(load_tokenizer(None)) == {CLIP_VOCAB_SIZE}; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'timm')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120).stdout

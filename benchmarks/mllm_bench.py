@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megapairs_ray.models.mllm import MLLMSettings, MMRetMLLM, anyres
+from megapairs_ray.models.mllm import MMRetMLLM, anyres
+from megapairs_ray.models.mllm_settings import MLLMSettings
 
 TWIN_SIDE = 56
 # LLaVA-1.6-Mistral-7B's shape: Mistral-7B language model, CLIP ViT-L/14-336 vision tower.
@@ -296,7 +297,7 @@ def bench_vllm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from PIL import Image
     from vllm import LLM
 
-    from megapairs_ray.models.mllm import RELEASED_CANDIDATE
+    from megapairs_ray.models.mllm_settings import RELEASED_CANDIDATE
     from megapairs_ray.models.mllm_twin import build_tiny_llava_next
 
     twin = build_tiny_llava_next(work / "twin")

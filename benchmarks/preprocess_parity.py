@@ -52,11 +52,12 @@ import torch
 import transformers
 from PIL import Image, ImageDraw
 
+from megapairs_ray.imaging import ImageSpec
 from megapairs_ray.models.inputs import ModelInput
 from megapairs_ray.models.mmret import MMRetCLIP
 from megapairs_ray.models.retriever import RetrieverEncoder
 from megapairs_ray.models.tokenizer import load_tokenizer
-from megapairs_ray.pixels import ImageSpec, decode_cpu, to_model_input
+from megapairs_ray.pixels import decode_cpu, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_K = 10

@@ -33,9 +33,10 @@ import torch
 from megapairs_ray.models.mmret import MMRetCLIP
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.data import TripletLoader
+from megapairs_ray.train.entry import read_metrics
 from megapairs_ray.train.step import TrainStep
 from megapairs_ray.train.toy_triplets import write_toy_dataset
-from megapairs_ray.train.trainer import model_input_for, read_metrics, run_training
+from megapairs_ray.train.trainer import model_input_for, run_training
 
 MODEL = {
     "projection_dim": 128,

@@ -168,3 +168,43 @@ def decode_rgb(data: bytes, min_short_side: int | None = None, transparency: str
         if factor >= 2:
             im = im.reduce(factor)
     return np.array(im, dtype=np.uint8)  # owned and writable: torch wraps it without a copy
+
+
+# How an image model wants its pixels: a plain description, here beside the decoding so that
+# the model side (``models/inputs.py``) can name it without importing torch.
+CROP_OFFSETS = ("round", "floor")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How one image model wants its pixels, as torchvision's eval transforms define it:
+    ``shortest`` resizes the short side to ``size / crop_fraction`` and centre-crops
+    ``size`` x ``size``; ``squash`` resizes straight to ``size`` x ``size``. Then normalised with
+    ``mean``/``std`` (in [0, 1] units).
+
+    ``crop_offset``: where the centre crop starts when the margin is odd. ``round`` rounds half
+    the margin (torchvision's CenterCrop); ``floor`` floors it (the Hugging Face image
+    processors): a one-pixel shift between the two on about a quarter of non-square images.
+
+    ``resize_8bit``: resize as Pillow resizes an 8-bit image (the PIL-based processors, which
+    produced the released CLIP models' numbers): the horizontal pass, then the vertical one,
+    each rounded to whole levels and clamped to 0..255. Off: one float pass, nothing rounded."""
+
+    size: int
+    crop_fraction: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    crop_offset: str = "round"
+    resize_8bit: bool = False
+
+    def __post_init__(self) -> None:
+        if self.crop_offset not in CROP_OFFSETS:
+            raise ValueError(f"crop_offset must be one of {CROP_OFFSETS}, "
+                             f"not {self.crop_offset!r}")
+
+    @property
+    def min_source_side(self) -> int:
+        """The short side a decoded image needs so that resizing only ever shrinks."""
+        return round(self.size / self.crop_fraction)

@@ -20,50 +20,13 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from megapairs_ray.imaging import decode_rgb
-
-CROP_OFFSETS = ("round", "floor")
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How one image model wants its pixels, as torchvision's eval transforms define it:
-    ``shortest`` resizes the short side to ``size / crop_fraction`` and centre-crops
-    ``size`` x ``size``; ``squash`` resizes straight to ``size`` x ``size``. Then normalised with
-    ``mean``/``std`` (in [0, 1] units).
-
-    ``crop_offset``: where the centre crop starts when the margin is odd. ``round`` rounds half
-    the margin (torchvision's CenterCrop); ``floor`` floors it (the Hugging Face image
-    processors): a one-pixel shift between the two on about a quarter of non-square images.
-
-    ``resize_8bit``: resize as Pillow resizes an 8-bit image (the PIL-based processors, which
-    produced the released CLIP models' numbers): the horizontal pass, then the vertical one,
-    each rounded to whole levels and clamped to 0..255. Off: one float pass, nothing rounded."""
-
-    size: int
-    crop_fraction: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize_mode: str = "shortest"
-    interpolation: str = "bicubic"
-    crop_offset: str = "round"
-    resize_8bit: bool = False
-
-    def __post_init__(self) -> None:
-        if self.crop_offset not in CROP_OFFSETS:
-            raise ValueError(f"crop_offset must be one of {CROP_OFFSETS}, "
-                             f"not {self.crop_offset!r}")
-
-    @property
-    def min_source_side(self) -> int:
-        """The short side a decoded image needs so that resizing only ever shrinks."""
-        return round(self.size / self.crop_fraction)
+from megapairs_ray.imaging import ImageSpec, decode_rgb
 
 
 class DecodeBudget:
@@ -204,6 +167,15 @@ def to_model_input(images: Sequence[torch.Tensor], spec: ImageSpec, dtype: torch
             x = x[:, :, top : top + spec.size, left : left + spec.size]
         out[torch.tensor(idx, device=device)] = ((x.clamp_(0, 255) - mean) / std).to(dtype)
     return out
+
+
+def to_uint8_input(images: Sequence[torch.Tensor], spec: ImageSpec) -> np.ndarray:
+    """``to_model_input`` kept in 0..255 as uint8 [n,3,S,S] (``spec`` unnormalised): a quarter
+    of the bytes of floats, for pixels that travel (the training loaders' batches) and are
+    normalised where they are used."""
+    if not images:
+        return np.zeros((0, 3, spec.size, spec.size), np.uint8)
+    return to_model_input(images, spec, torch.float32).round_().to(torch.uint8).numpy()
 
 
 def _resize_8bit(x: torch.Tensor, new_h: int, new_w: int, mode: str, left: int, width: int,

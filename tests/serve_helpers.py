@@ -57,7 +57,7 @@ def make_mllm_checkpoint(folder: Path) -> str:
     two 28-pixel tiles a side, prompts of up to 96 tokens."""
     import json
 
-    from megapairs_ray.models.mllm import MLLMSettings
+    from megapairs_ray.models.mllm_settings import MLLMSettings
     from megapairs_ray.models.mllm_twin import build_tiny_llava_next
 
     build_tiny_llava_next(folder)

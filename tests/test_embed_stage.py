@@ -5,7 +5,7 @@ from PIL import Image
 
 from megapairs_ray import pixels
 from megapairs_ray.config import EmbedConfig
-from megapairs_ray.pixels import ImageSpec
+from megapairs_ray.imaging import ImageSpec
 from megapairs_ray.stages.embed import EmbedStage
 from tests.helpers import TINY_EMBED, awkward_images, jpeg, photo
 

@@ -14,16 +14,14 @@ from PIL import Image
 
 from megapairs_ray.models.family import checkpoint_family, load_retriever
 from megapairs_ray.models.inputs import PromptTooLong, tokenize_queries
-from megapairs_ray.models.mllm import (
+from megapairs_ray.models.mllm import MMRetMLLM, NotLlavaNext, settings_model_input
+from megapairs_ray.models.mllm_settings import (
     DEFAULT_LORA_TARGETS,
     RELEASED_CANDIDATE,
     RELEASED_INSTRUCTION,
     RELEASED_QUERY,
     MLLMConfigError,
     MLLMSettings,
-    MMRetMLLM,
-    NotLlavaNext,
-    settings_model_input,
 )
 from megapairs_ray.models.mllm_twin import build_tiny_llava_next
 from megapairs_ray.models.retriever import RetrieverEncoder

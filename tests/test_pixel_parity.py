@@ -28,13 +28,13 @@ import pytest
 import torch
 from PIL import Image
 
-from megapairs_ray.imaging import decode_rgb
+from megapairs_ray.imaging import ImageSpec, decode_rgb
 from megapairs_ray.models.inputs import ModelInput
 from megapairs_ray.models.mmret import MMRetCLIP
 from megapairs_ray.models.retriever import RetrieverEncoder
 from megapairs_ray.models.tokenizer import load_tokenizer
 from megapairs_ray.models.towers import towers_model_input
-from megapairs_ray.pixels import ImageSpec, decode_cpu, to_model_input
+from megapairs_ray.pixels import decode_cpu, to_model_input
 
 from .helpers import encode
 from .train_helpers import TINY_CLIP

@@ -18,9 +18,10 @@ from megapairs_ray.models.family import load_retriever
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.data import prepare_data
+from megapairs_ray.train.entry import read_metrics
 from megapairs_ray.train.probe import ProbeConfig, ProbeError, held_out_set
 from megapairs_ray.train.toy_triplets import write_toy_dataset
-from megapairs_ray.train.trainer import read_metrics, run_training
+from megapairs_ray.train.trainer import run_training
 
 from .train_helpers import kill_at_first_checkpoint
 

@@ -50,6 +50,19 @@ def test_the_default_tokenizer_reads_open_clip_s_vocabulary_without_importing_op
     assert out.strip() == "[]", out
 
 
+def test_what_ray_train_s_controller_unpickles_imports_no_torch():
+    """Ray Train's controller, and Ray Data's coordinators of the loaders' stream, unpickle the
+    loop's entry, the metrics callback, the config and the loaders; none of them runs a model.
+    Importing torch and transformers there cost each launch seconds of CPU before its first
+    worker started. (The loaders import them where they run: tested above.)"""
+    code = ("import sys; import megapairs_ray.train.entry, megapairs_ray.train.data, "
+            "megapairs_ray.train.config; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.strip() == "[]", out
+
+
 GOOD = {"q_img": "images/00000/a.jpg", "q_text": ["x", "y"], "t_img": "images/00000/b.jpg",
         "hns": ["images/00000/a.jpg", "c", "d", "e"]}
 

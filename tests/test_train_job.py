@@ -12,8 +12,9 @@ import pytest
 from megapairs_ray.io import storage
 from megapairs_ray.io.rejects import detail_of
 from megapairs_ray.train.config import TrainConfig
+from megapairs_ray.train.entry import read_metrics
 from megapairs_ray.train.toy_triplets import write_jsonl, write_triplet_set
-from megapairs_ray.train.trainer import TrainDataError, read_metrics, run_training
+from megapairs_ray.train.trainer import TrainDataError, run_training
 
 from .train_helpers import kill_at_first_checkpoint, train_config
 

@@ -37,7 +37,7 @@ from megapairs_ray.config import (
     TransformersTextEncoder,
 )
 from megapairs_ray.errors import MegapairsError
-from megapairs_ray.pixels import ImageSpec
+from megapairs_ray.imaging import ImageSpec
 
 OPEN_CLIP_CONFIGS = Path(__file__).parent / "open_clip_configs"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from megapairs_ray.imaging import TRANSPARENCY_MODES
-from megapairs_ray.pixels import ImageSpec
+from megapairs_ray.imaging import TRANSPARENCY_MODES, ImageSpec
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,7 +25,7 @@ class ModelInput:
     the same way, so they travel with the model input rather than being chosen per caller. The
     defaults are CLIP's released processor, as the statistics are OpenAI CLIP's:
     ``transparency`` (``imaging.TRANSPARENCY_MODES``) "drop", Pillow's plain RGB conversion;
-    ``crop_offset`` (``pixels.CROP_OFFSETS``) "floor"; ``resize_8bit``, Pillow's 8-bit resize."""
+    ``crop_offset`` (``imaging.CROP_OFFSETS``) "floor"; ``resize_8bit``, Pillow's 8-bit resize."""
 
     image_size: int
     max_text_len: int
@@ -35,7 +34,7 @@ class ModelInput:
     transparency: str = "drop"
     crop_offset: str = "floor"
     resize_8bit: bool = True
-    resize_mode: str = "shortest"  # or "squash" (``pixels.ImageSpec``)
+    resize_mode: str = "shortest"  # or "squash" (``imaging.ImageSpec``)
     # Families that embed a query as one prompt (``mllm``): the prompt of a composed, a
     # text-only and an image-only query, ``{text}`` to fill, the image's tokens already in.
     # None: the query's text is tokenized as it is.

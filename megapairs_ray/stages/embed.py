@@ -22,13 +22,13 @@ import torch
 
 from megapairs_ray import pixels
 from megapairs_ray.config import EmbedConfig
+from megapairs_ray.imaging import ImageSpec
 from megapairs_ray.models.encoders import (
     DTYPES,
     ImageEncoder,
     TextEncoder,
     build_encoders,
 )
-from megapairs_ray.pixels import ImageSpec
 from megapairs_ray.reasons import Reason
 
 BASE_COLUMNS = ("image_id", "shard", "status", "detail", "has_text")

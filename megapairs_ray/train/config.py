@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from megapairs_ray.config import RayConfig, Strict
-from megapairs_ray.models import mllm
+from megapairs_ray.models import mllm_settings
 
 
 class HeldOutSplit(Strict):
@@ -85,21 +85,21 @@ class LoraSpec(Strict):
     alpha: int = Field(default=64, gt=0)
     dropout: float = Field(default=0.1, ge=0, lt=1)
     # A regex over module names (peft's form), or a list of module-name suffixes.
-    target_modules: str | list[str] = mllm.DEFAULT_LORA_TARGETS
+    target_modules: str | list[str] = mllm_settings.DEFAULT_LORA_TARGETS
 
 
 class MLLMPromptSpec(Strict):
     """The prompts (``models/mllm.py``); the defaults are the released BGE-VL-MLLM's."""
 
-    query: str = mllm.RELEASED_QUERY
-    text_query: str = mllm.RELEASED_TEXT_QUERY
-    image_query: str = mllm.RELEASED_IMAGE_QUERY
-    candidate: str = mllm.RELEASED_CANDIDATE
-    instruction: str = mllm.RELEASED_INSTRUCTION
+    query: str = mllm_settings.RELEASED_QUERY
+    text_query: str = mllm_settings.RELEASED_TEXT_QUERY
+    image_query: str = mllm_settings.RELEASED_IMAGE_QUERY
+    candidate: str = mllm_settings.RELEASED_CANDIDATE
+    instruction: str = mllm_settings.RELEASED_INSTRUCTION
 
     @model_validator(mode="after")
     def _placeholders(self) -> MLLMPromptSpec:
-        mllm.MLLMPrompts(**self.model_dump()).check()
+        mllm_settings.MLLMPrompts(**self.model_dump()).check()
         return self
 
 
@@ -108,13 +108,14 @@ class MLLMSpec(Strict):
     own (a released checkpoint); a checkpoint this project wrote keeps its own."""
 
     prompts: MLLMPromptSpec = MLLMPromptSpec()
-    image_size: int = Field(default=mllm.RELEASED_IMAGE_SIZE, ge=28)
+    image_size: int = Field(default=mllm_settings.RELEASED_IMAGE_SIZE, ge=28)
     max_text_len: int = Field(default=3072, gt=0)
     lora: LoraSpec = LoraSpec()
 
-    def settings(self) -> mllm.MLLMSettings:
-        return mllm.MLLMSettings(prompts=mllm.MLLMPrompts(**self.prompts.model_dump()),
-                                 image_size=self.image_size, max_text_len=self.max_text_len)
+    def settings(self) -> mllm_settings.MLLMSettings:
+        prompts = mllm_settings.MLLMPrompts(**self.prompts.model_dump())
+        return mllm_settings.MLLMSettings(prompts=prompts, image_size=self.image_size,
+                                          max_text_len=self.max_text_len)
 
 
 class TrainModelConfig(Strict):

@@ -12,6 +12,10 @@ every pass, read the images (grouped by tar), decode and resize them to the mode
 Pixels leave the loaders as uint8 — a quarter of the bytes of floats — and are normalised on the
 trainer's device. A row whose image fails to decode is dropped and tallied by reason in a small
 actor the driver reads at the end.
+
+Ray Train's controller and Ray Data's coordinators unpickle the loaders with the dataset, so
+importing this module is part of their start-up: it imports no torch and no pixel code. The
+loaders load those where they run (``_pixels``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-import torch
 
 from megapairs_ray.ids import held_out, id_of_path, image_ids
 from megapairs_ray.io import layout, storage
@@ -45,7 +48,6 @@ from megapairs_ray.io.triplets import (
     triplet_problem,
 )
 from megapairs_ray.models.inputs import ModelInput, tokenize_queries
-from megapairs_ray.pixels import decode_cpu, to_model_input
 from megapairs_ray.reasons import Reason
 from megapairs_ray.train.config import HeldOutSplit, TrainConfig, TrainDataConfig
 
@@ -401,6 +403,23 @@ def tally_name(cfg: TrainConfig) -> str:
     return f"megapairs-train-rejects-{cfg.checkpoint.name}"
 
 
+def _pixels(num_threads: float) -> Any:
+    """The pixel code (``megapairs_ray.pixels``, and torch with it), for a loader actor: its
+    import costs seconds of CPU, which the processes that only unpickle a loader never pay."""
+    import torch
+
+    from megapairs_ray import pixels
+
+    torch.set_num_threads(max(1, math.floor(num_threads)))
+    return pixels
+
+
+def _decoded(x: Any) -> bool:
+    """Whether ``pixels.decode_cpu`` decoded it (it returns the error for an image it could
+    not); ``None`` for an image that was never read."""
+    return x is not None and not isinstance(x, Exception)
+
+
 class TripletLoader:
     """Ray Data stage: annotation rows -> uint8 pixels and token ids for one training step.
 
@@ -413,7 +432,7 @@ class TripletLoader:
                  tally: str | None = None) -> None:
         from megapairs_ray.models.tokenizer import load_tokenizer
 
-        torch.set_num_threads(max(1, math.floor(data.loader_num_cpus)))
+        self.pixels = _pixels(data.loader_num_cpus)
         self.data = data
         self.store = ImageStore(image_root(data))
         self.tokenizer = load_tokenizer(tokenizer_path)
@@ -442,11 +461,12 @@ class TripletLoader:
         unique = sorted({p for row in per_row for p in row})
         raw = dict(zip(unique, self.store.read_many(unique)))
         ok_paths = [p for p in unique if isinstance(raw[p], bytes)]
-        decoded = dict(zip(ok_paths, decode_cpu([raw[p] for p in ok_paths], self.input.image_size,
-                                                self.pool, self.input.transparency)))
+        decoded = dict(zip(ok_paths, self.pixels.decode_cpu(
+            [raw[p] for p in ok_paths], self.input.image_size, self.pool,
+            self.input.transparency)))
         keep, dropped = [], Counter()
         for i, row in enumerate(per_row):
-            bad = next((p for p in row if not isinstance(decoded.get(p), torch.Tensor)), None)
+            bad = next((p for p in row if not _decoded(decoded.get(p))), None)
             if bad is None:
                 keep.append(i)
             else:
@@ -456,13 +476,10 @@ class TripletLoader:
             log.warning("dropped %d of %d triplets: %s", sum(dropped.values()), n, dict(dropped))
             if self.tally is not None:
                 self.tally.add.remote(dict(dropped))
-        pixels = {p: t for p, t in decoded.items() if isinstance(t, torch.Tensor)}
         needed = sorted({p for i in keep for p in per_row[i]})
         slot = {p: j for j, p in enumerate(needed)}
-        stack = (to_model_input([pixels[p] for p in needed], self.spec, torch.float32)
-                 .round_().to(torch.uint8).numpy() if needed else
-                 np.zeros((0, 3, self.input.image_size, self.input.image_size), np.uint8))
         s, h = self.input.image_size, self.data.num_hard_negatives
+        stack = self.pixels.to_uint8_input([decoded[p] for p in needed], self.spec)
         ids, mask = tokenize_queries(self.tokenizer, self.input, [texts[i] for i in keep],
                                      [True] * len(keep))
         return {
@@ -489,7 +506,7 @@ class CaptionLoader:
                  tally: str | None = None) -> None:
         from megapairs_ray.models.tokenizer import load_tokenizer
 
-        torch.set_num_threads(max(1, math.floor(data.loader_num_cpus)))
+        self.pixels = _pixels(data.loader_num_cpus)
         _, self.input_cfg = ingested_images(str(data.captions_from), "data.captions_from")
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.input = model_input
@@ -501,21 +518,19 @@ class CaptionLoader:
         n = len(batch["caption"])
         rows = [{c: batch[c][i] for c in LOCATION_COLUMNS} for i in range(n)]
         raw = fetch_bytes_tolerant(rows, self.input_cfg)
-        decoded = decode_cpu([r or b"\0" for r in raw], self.input.image_size, self.pool,
-                             self.input.transparency)
-        keep = [i for i in range(n) if isinstance(decoded[i], torch.Tensor)]
+        decoded = self.pixels.decode_cpu([r or b"\0" for r in raw], self.input.image_size,
+                                         self.pool, self.input.transparency)
+        keep = [i for i in range(n) if _decoded(decoded[i])]
         if len(keep) < n:
             dropped = Counter("unreadable_image" if not raw[i] else "undecodable_image"
-                              for i in range(n) if not isinstance(decoded[i], torch.Tensor))
+                              for i in range(n) if not _decoded(decoded[i]))
             log.warning("dropped %d of %d captioned images: %s", n - len(keep), n, dict(dropped))
             if self.tally is not None:
                 self.tally.add.remote(dict(dropped))
-        s = self.input.image_size
-        pixels = (to_model_input([decoded[i] for i in keep], self.spec, torch.float32)  # type: ignore[misc]
-                  .round_().to(torch.uint8).numpy() if keep else np.zeros((0, 3, s, s), np.uint8))
+        stack = self.pixels.to_uint8_input([decoded[i] for i in keep], self.spec)
         ids, mask = tokenize_queries(self.tokenizer, self.input,
                                      [str(batch["caption"][i]) for i in keep], [False] * len(keep))
-        return {"target_pixels": pixels,
+        return {"target_pixels": stack,
                 "target_keys": np.asarray(batch["image_id"], np.int64)[keep],
                 "input_ids": ids, "attention_mask": mask}
 

@@ -3,7 +3,8 @@
 The driver prepares the data once (``data.prepare_data``), then hands Ray Train a dataset that
 Ray Data streams into every worker: checked triplets, or for an alignment run a pipeline run's
 (image, caption) pairs. The model is any retriever family (``models/family.py``). Each worker
-runs ``train_loop_per_worker``: ``TrainStep`` (AdamW with linear warm-up and decay, optional
+runs ``run_worker`` (entered through ``entry.train_loop_per_worker``, which keeps the model code
+out of Ray Train's controller): ``TrainStep`` (AdamW with linear warm-up and decay, optional
 bf16 autocast, gradient accumulation, the gathered InfoNCE loss) under DDP. Rank 0
 checkpoints in the family's own form (model + tokenizer) plus ``trainer_state.pt`` (optimiser,
 scheduler, step) through ``ray.train.report``; relaunching the same run (same
@@ -51,6 +52,11 @@ from megapairs_ray.train.data import (
     prepare_data,
     tally_name,
     training_dataset,
+)
+from megapairs_ray.train.entry import (
+    MetricsLog,
+    checkpoint_uri,
+    train_loop_per_worker,
 )
 from megapairs_ray.train.step import TrainStep
 
@@ -144,7 +150,8 @@ def tokenizer_source(cfg: TrainConfig) -> str | None:
     return None
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def run_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker's loop (``entry.train_loop_per_worker`` calls it)."""
     import torch.distributed as dist
     from ray.train.torch import get_device, prepare_model
 
@@ -235,56 +242,6 @@ def _report_with_checkpoint(metrics: dict[str, Any], model: Any, tokenizer: Any,
         torch.save(train_step.state_dict(), Path(d) / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=name)
-
-
-class MetricsLog(ray.train.UserCallback):
-    """Keeps every report's metrics (rank 0's) as ``metrics.jsonl`` beside the checkpoints;
-    a resumed run appends to what the earlier attempt logged.
-
-    On a local or mounted disk each report appends one line. Object storage has no append, so
-    there the file is rewritten whole, once per report: reports come once per checkpoint or
-    log interval, so the file stays small."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.rows: list[dict[str, Any]] | None = None
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
-                     checkpoint: ray.train.Checkpoint | None) -> None:
-        row = dict(metrics[0])
-        if checkpoint is not None:
-            row["checkpoint"] = checkpoint_uri(self.uri, checkpoint)
-        if not storage.is_remote(self.uri):
-            path = storage.filesystem(self.uri)[1]
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            return
-        if self.rows is None:
-            self.rows = read_metrics(self.uri)
-        self.rows.append(row)
-        with storage.open_atomic(self.uri, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
-
-
-def checkpoint_uri(storage_uri: str, checkpoint: ray.train.Checkpoint) -> str:
-    """A checkpoint's full URI (Ray gives object-store paths without their scheme)."""
-    if storage.is_remote(storage_uri) and "://" not in checkpoint.path:
-        return f"{storage_uri.split('://', 1)[0]}://{checkpoint.path}"
-    return checkpoint.path
-
-
-def read_metrics(uri: str) -> list[dict[str, Any]]:
-    if not storage.exists(uri):
-        return []
-    fs, path = storage.filesystem(uri)
-    rows = []
-    for line in fs.cat_file(path).decode().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the half line a killed writer left: skipped
-            continue
-    return rows
 
 
 def run_dir(cfg: TrainConfig) -> str:

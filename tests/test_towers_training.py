@@ -1,7 +1,8 @@
-"""The towers family trained on Ray Train: alignment on a run's captions, killed at its first
-checkpoint and relaunched, then MMRet on triplets from the aligned checkpoint (kill and resume
-of MMRet training itself: tests/test_train_job.py, the same trainer); a held-out split that no
-training row crosses; the shuffled-target control; the probe's errors."""
+"""The towers family trained on Ray Train: alignment on a run's captions, then MMRet on triplets
+from the aligned checkpoint; a held-out split that no training row crosses; an alignment
+checkpoint that resumes exactly where its run stopped; the shuffled-target control; the probe's
+errors. (A killed driver relaunched: tests/test_train_job.py, the same trainer; a lost node
+restored: tests/test_cluster_jobs.py.)"""
 
 from __future__ import annotations
 
@@ -18,12 +19,9 @@ from megapairs_ray.models.family import load_retriever
 from megapairs_ray.models.retriever import resolve_checkpoint
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.data import prepare_data
-from megapairs_ray.train.entry import read_metrics
 from megapairs_ray.train.probe import ProbeConfig, ProbeError, held_out_set
 from megapairs_ray.train.toy_triplets import write_toy_dataset
 from megapairs_ray.train.trainer import run_training
-
-from .train_helpers import kill_at_first_checkpoint
 
 SPLIT = {"fraction": 0.3, "seed": 5}
 TOWERS = {"family": "towers", "towers": {"image_size": 64, "projection_dim": 32,
@@ -50,26 +48,14 @@ def _usable(prepared: str) -> list[dict]:
     return storage.read_parquet_dir(prepared).to_pylist()
 
 
-def _kill_then_resume(doc: dict, tmp_path: Path) -> dict:
-    run = Path(doc["checkpoint"]["storage_path"]) / doc["checkpoint"]["name"]
-    saved = kill_at_first_checkpoint(doc, tmp_path / f"{doc['checkpoint']['name']}.yaml")
-    before = read_metrics(str(run / "metrics.jsonl"))
-    assert saved and before[-1]["step"] < doc["optim"]["max_steps"]
-    summary = run_training(TrainConfig.model_validate(doc))
-    after = read_metrics(str(run / "metrics.jsonl"))[len(before):]
-    assert after[0]["step"] == saved[-1] + 2, (saved, [r["step"] for r in after])
-    assert summary["metrics"]["step"] == doc["optim"]["max_steps"]
-    return summary
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_alignment_resumes_after_a_kill_then_mmret_and_neither_sees_held_out_images(
-        retriever_gallery, tmp_path):
+def test_alignment_then_mmret_and_neither_sees_held_out_images(retriever_gallery, tmp_path):
     run_dir = retriever_gallery["gallery_dir"]  # an ingested folder of captioned photos
     store = tmp_path / "store"
     align = _doc(store, "align", {"captions_from": run_dir, "num_hard_negatives": 0}, TOWERS)
-    summary = _kill_then_resume(align, tmp_path)
+    summary = run_training(TrainConfig.model_validate(align))
+    assert summary["metrics"]["step"] == align["optim"]["max_steps"]
     counts = summary["triplets"]
     assert counts["reject:held_out"] > 0 and counts["usable"] > 0
     images = storage.read_parquet_dir(storage.join(run_dir, "images")).to_pylist()
@@ -97,6 +83,58 @@ def test_alignment_resumes_after_a_kill_then_mmret_and_neither_sees_held_out_ima
                             trained.image_tower.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(aligned.image_projection.weight, trained.image_projection.weight)
+
+
+def test_an_alignment_checkpoint_resumes_where_its_run_stopped(tmp_path):
+    """The family's half of resuming, without Ray: the folder a worker checkpoints
+    (``save_checkpoint``) restores (``restore_checkpoint``) to the run it came from, frozen
+    tower, feature cache, optimiser, schedule and step: two more steps from it equal two more
+    steps of the run that never stopped."""
+    from megapairs_ray.models.tokenizer import load_tokenizer
+    from megapairs_ray.train.step import TrainStep
+    from megapairs_ray.train.trainer import (
+        build_model,
+        restore_checkpoint,
+        save_checkpoint,
+        tokenizer_source,
+    )
+
+    from .test_towers import _captioned_batch
+
+    cfg = TrainConfig.model_validate(_doc(tmp_path / "store", "align", {
+        "captions_from": str(tmp_path / "run"), "num_hard_negatives": 0}, TOWERS))
+    batches = [_captioned_batch(4) for _ in range(5)]
+    for b, batch in enumerate(batches):  # each batch its own pairs (the keys name the images)
+        batch["target_pixels"] = batch["target_pixels"].roll(b, 0)
+        batch["target_keys"] = batch["target_keys"].roll(b, 0)
+
+    def train_step(model):
+        return TrainStep(model, model, cfg.optim, 0, model.model_input, torch.device("cpu"))
+
+    model = build_model(cfg)
+    step = train_step(model)
+    model.train()
+    for batch in batches[:3]:
+        step(batch)
+    save_checkpoint(tmp_path / "ckpt", model, load_tokenizer(tokenizer_source(cfg)), step)
+    saved = model.text_projection.weight.detach().clone()
+    torch.manual_seed(7)  # the text tower's dropout: the same draws on both sides
+    for batch in batches[3:]:
+        step(batch)
+
+    restored, state = restore_checkpoint(cfg, tmp_path / "ckpt")
+    again = train_step(restored)
+    again.load_state_dict(state)
+    restored.train()
+    assert again.step == 3 and restored.feature_cache is not None
+    torch.manual_seed(7)
+    for batch in batches[3:]:
+        again(batch)
+    assert again.step == step.step == 5
+    assert again.scheduler.get_last_lr() == step.scheduler.get_last_lr()
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+    assert not torch.equal(saved, model.text_projection.weight)  # the two steps trained
 
 
 @pytest.mark.ray

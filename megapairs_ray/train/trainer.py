@@ -170,8 +170,7 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            core = build_model(cfg, d)
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            core, state = restore_checkpoint(cfg, d)
     else:
         core = build_model(cfg)
     if opt.gradient_checkpointing:
@@ -230,6 +229,21 @@ def run_worker(loop_config: dict[str, Any]) -> None:
                 f"over the data: too few usable triplets for {world} workers")
 
 
+def save_checkpoint(folder: str | Path, model: Any, tokenizer: Any, train_step: TrainStep,
+                    ) -> None:
+    """A checkpoint folder: the model in its family's own form, its tokenizer, and the trainer's
+    state (optimiser, scheduler, step) that a resumed run restores (``restore_checkpoint``)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save(train_step.state_dict(), Path(folder) / STATE_FILE)
+
+
+def restore_checkpoint(cfg: TrainConfig, folder: str | Path) -> tuple[Any, dict[str, Any]]:
+    """The model and the trainer's state of a ``save_checkpoint`` folder, for ``cfg``'s run."""
+    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    return build_model(cfg, str(folder)), state
+
+
 def _report_with_checkpoint(metrics: dict[str, Any], model: Any, tokenizer: Any,
                             train_step: TrainStep, rank: int) -> None:
     name = f"step_{train_step.step:08d}"
@@ -237,9 +251,7 @@ def _report_with_checkpoint(metrics: dict[str, Any], model: Any, tokenizer: Any,
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        tokenizer.save_pretrained(d)
-        torch.save(train_step.state_dict(), Path(d) / STATE_FILE)
+        save_checkpoint(d, model, tokenizer, train_step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=name)
 

@@ -53,11 +53,7 @@ from megapairs_ray.train.data import (
     tally_name,
     training_dataset,
 )
-from megapairs_ray.train.entry import (
-    MetricsLog,
-    checkpoint_uri,
-    train_loop_per_worker,
-)
+from megapairs_ray.train.entry import MetricsLog, checkpoint_uri, train_loop_per_worker
 from megapairs_ray.train.step import TrainStep
 
 log = logging.getLogger(__name__)

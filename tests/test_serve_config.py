@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,17 @@ from megapairs_ray.serve.config import (
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_FILES = sorted((REPO / "configs").glob("serve-*.yaml"))
+
+
+def test_the_application_module_imports_no_torch():
+    """Serve's controller imports the application to build it, and every replica imports it;
+    only the replicas that encode need torch and the model code (they load it themselves).
+    Imported with the module, it cost the search and routing replicas seconds of CPU each."""
+    code = ("import sys; import megapairs_ray.serve.app; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.strip() == "[]", out
 
 
 def _doc(name: str = "serve-tiny.yaml") -> dict:

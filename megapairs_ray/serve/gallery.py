@@ -15,6 +15,9 @@ run's tables instead of copying them.
 
 This module imports no Ray: ``GalleryEncoder`` is a callable stage (the constructor loads the
 model once per actor, ``__call__`` maps a batch) that a test or a GPU benchmark calls directly.
+Nor does it import torch: the service's replicas that only search or route, and Serve's
+controller building the application, read galleries through it; the model code loads in
+``GalleryEncoder``.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from megapairs_ray.config import InputConfig
 from megapairs_ray.errors import MegapairsError
 from megapairs_ray.io import layout, storage
 from megapairs_ray.io.shards import fetch_bytes_tolerant
-from megapairs_ray.models.retriever import RetrieverEncoder
-from megapairs_ray.pixels import set_decode_budget
 from megapairs_ray.reasons import Reason
 from megapairs_ray.serve.config import SPACE
 
@@ -87,6 +88,9 @@ class GalleryEncoder:
     def __init__(self, checkpoint: str, device: str = "cpu", precision: str = "fp32",
                  batch_size: int = 64, threads: int = 4,
                  decode_budget_bytes: int | None = None) -> None:
+        from megapairs_ray.models.retriever import RetrieverEncoder
+        from megapairs_ray.pixels import set_decode_budget
+
         if decode_budget_bytes is not None:
             set_decode_budget(decode_budget_bytes)
         self.encoder = RetrieverEncoder(checkpoint, device=device, batch_size=batch_size,

@@ -17,11 +17,21 @@ from megapairs_ray.ids import held_out, id_of_path
 from megapairs_ray.io import storage
 from megapairs_ray.models.family import load_retriever
 from megapairs_ray.models.retriever import resolve_checkpoint
+from megapairs_ray.models.tokenizer import load_tokenizer
 from megapairs_ray.train.config import TrainConfig
 from megapairs_ray.train.data import prepare_data
 from megapairs_ray.train.probe import ProbeConfig, ProbeError, held_out_set
+from megapairs_ray.train.step import TrainStep
 from megapairs_ray.train.toy_triplets import write_toy_dataset
-from megapairs_ray.train.trainer import run_training
+from megapairs_ray.train.trainer import (
+    build_model,
+    restore_checkpoint,
+    run_training,
+    save_checkpoint,
+    tokenizer_source,
+)
+
+from .test_towers import _captioned_batch
 
 SPLIT = {"fraction": 0.3, "seed": 5}
 TOWERS = {"family": "towers", "towers": {"image_size": 64, "projection_dim": 32,
@@ -90,17 +100,6 @@ def test_an_alignment_checkpoint_resumes_where_its_run_stopped(tmp_path):
     (``save_checkpoint``) restores (``restore_checkpoint``) to the run it came from, frozen
     tower, feature cache, optimiser, schedule and step: two more steps from it equal two more
     steps of the run that never stopped."""
-    from megapairs_ray.models.tokenizer import load_tokenizer
-    from megapairs_ray.train.step import TrainStep
-    from megapairs_ray.train.trainer import (
-        build_model,
-        restore_checkpoint,
-        save_checkpoint,
-        tokenizer_source,
-    )
-
-    from .test_towers import _captioned_batch
-
     cfg = TrainConfig.model_validate(_doc(tmp_path / "store", "align", {
         "captions_from": str(tmp_path / "run"), "num_hard_negatives": 0}, TOWERS))
     batches = [_captioned_batch(4) for _ in range(5)]
